@@ -1,0 +1,33 @@
+# Set-up and entry points. Every step installs what is missing and reuses what is there.
+SHELL := /bin/bash
+QUAD := target/release/quad
+JOB ?= dataflows/demo.toml
+WORKERS ?= 2
+
+.PHONY: demo test torch assets build corpus bench clean
+
+# The main job on the embedded default: demo corpus, random baseline selection.
+demo: build assets
+	$(QUAD) corpus demo $(JOB)
+	$(QUAD) run $(JOB) -w $(WORKERS)
+	$(QUAD) inspect out/demo/part-000000.parquet -n 3
+
+# Everything CI runs.
+test: torch assets
+	cargo build --release
+	cargo test --release
+
+torch:
+	bash scripts/setup-torch.sh
+
+assets:
+	bash scripts/fetch-assets.sh
+
+build: torch
+	cargo build --release
+
+bench: build assets
+	cargo bench --bench ingest
+
+clean:
+	rm -rf out data/demo

@@ -1,0 +1,138 @@
+//! The command line. `main.rs` maps errors to exit codes.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::JobSpec;
+use crate::dataflow::{run_job, RunOptions};
+
+/// Exit codes: what a script driving quad can rely on.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// The job failed (I/O, state store, internal error).
+    pub const FAILED: i32 = 1;
+    /// Bad usage or an invalid job spec: nothing was done.
+    pub const USAGE: i32 = 2;
+    /// The job finished, but some shards were quarantined (see the summary).
+    pub const QUARANTINED: i32 = 3;
+    /// Interrupted by a second Ctrl-C.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "quad",
+    version,
+    about = "Quality- and diversity-aware pretraining data selection (Quad) as a timely-dataflow ETL job"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a job spec: read the shards, select, write Parquet. Resumes where a previous run stopped.
+    Run {
+        /// The job spec (TOML), e.g. dataflows/demo.toml.
+        job: PathBuf,
+        /// Timely worker threads. The output does not depend on it.
+        #[arg(short = 'w', long, default_value_t = 1)]
+        workers: usize,
+        /// Process the shards found now and exit, even if the spec says `watch`.
+        #[arg(long)]
+        once: bool,
+        /// Delete the job's output files and state first, and start over.
+        #[arg(long)]
+        reset: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the libtorch in use, whether CUDA works and which device quad uses.
+    Doctor,
+    /// Build corpora from the fetched assets.
+    Corpus {
+        #[command(subcommand)]
+        which: CorpusCommand,
+    },
+    /// Print a Parquet file's schema, row count and first rows.
+    Inspect {
+        file: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 5)]
+        rows: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CorpusCommand {
+    /// The demo corpus: shards, reference set and eval split, as the job's [corpus] section says.
+    Demo { job: PathBuf },
+}
+
+/// Runs a command; returns the exit code for a completed command.
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run {
+            job,
+            workers,
+            once,
+            reset,
+            json,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            if workers == 0 {
+                anyhow::bail!("--workers must be at least 1");
+            }
+            if reset {
+                reset_job(&spec)?;
+            }
+            tracing::info!(job = %job.display(), workers, "starting");
+            let summary = run_job(&spec, &RunOptions { workers, once })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                eprintln!("{summary}");
+            }
+            Ok(if summary.shards_quarantined > 0 {
+                exit::QUARANTINED
+            } else {
+                exit::OK
+            })
+        }
+        Command::Doctor => {
+            println!("{}", crate::doctor::report()?);
+            Ok(exit::OK)
+        }
+        Command::Corpus {
+            which: CorpusCommand::Demo { job },
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let corpus = spec.corpus.as_ref().with_context(|| {
+                format!("{}: the job spec has no [corpus] section", job.display())
+            })?;
+            let report = crate::corpus::build_demo(corpus, spec.seed)?;
+            println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::Inspect { file, rows } => {
+            print!("{}", crate::inspect::inspect(&file, rows)?);
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Removes the job's output files and state store.
+fn reset_job(spec: &JobSpec) -> Result<()> {
+    let state = spec.state_path();
+    if state.exists() {
+        std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
+    }
+    let removed = crate::sink::remove_uncommitted(&spec.sink.path, &Default::default())?;
+    tracing::info!(
+        files = removed.len(),
+        "reset: removed output files and state"
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Typed errors of the library; the binary turns them into messages and exit codes.
+use std::path::PathBuf;
+
+/// Why a shard could not be used. The shard is quarantined and the job goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("{path}: not a readable Parquet file: {reason}")]
+    NotParquet { path: PathBuf, reason: String },
+    #[error("{path}: row group {row_group} is corrupt or truncated: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        row_group: usize,
+        reason: String,
+    },
+    #[error("{path}: column '{column}' ({role}) is missing; the shard has columns [{present}]")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        role: &'static str,
+        present: String,
+    },
+    #[error("{path}: column '{column}' has type {found}, expected one of {expected}")]
+    WrongType {
+        path: PathBuf,
+        column: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: column '{column}' uses the reserved output prefix 'quad_'")]
+    ReservedColumn { path: PathBuf, column: String },
+    #[error("{path}: cannot open: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A job spec that cannot be used. The job does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{path}: cannot read the job spec: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid job spec: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Failures of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("state store {path} belongs to a different job spec (its selection settings changed: {changed}); use a new sink path or `quad run --reset`")]
+    SpecChanged { path: PathBuf, changed: String },
+}
+
+impl StateError {
+    pub fn store(path: &std::path::Path, err: impl std::fmt::Display) -> Self {
+        StateError::Store {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        }
+    }
+}

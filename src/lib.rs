@@ -1,0 +1,21 @@
+//! quad: quality- and diversity-aware selection of LLM pretraining data (the "Quad" method)
+//! as a long-lived timely-dataflow ETL job from Parquet shards to Parquet output.
+//!
+//! One module a stage: `source` reads shards, `select` decides which documents are kept,
+//! `sink` writes the output, `state` holds the transactional job state, and `dataflow` wires
+//! them into a timely graph. `config` is the job spec, `schema` the file formats.
+
+pub mod cli;
+pub mod config;
+pub mod corpus;
+pub mod dataflow;
+pub mod doctor;
+pub mod error;
+pub mod inspect;
+pub mod progress;
+pub mod schema;
+pub mod select;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod tokens;

@@ -1,0 +1,156 @@
+//! Progress while a job runs (a bar on a terminal, tracing events otherwise) and the summary
+//! printed at the end.
+use std::fmt;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// What a run did, summed over workers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub job: String,
+    pub workers: usize,
+    pub shards_found: u64,
+    pub shards_already_done: u64,
+    pub shards_done: u64,
+    pub shards_quarantined: u64,
+    pub rows_read: u64,
+    pub documents: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub selected: u64,
+    pub tokens: u64,
+    pub selected_tokens: u64,
+    pub files_written: u64,
+    pub removed_uncommitted: Vec<String>,
+    pub quarantined: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+impl Summary {
+    pub fn nothing_to_do(&self) -> bool {
+        self.shards_done == 0
+            && self.shards_quarantined == 0
+            && self.shards_found > 0
+            && self.shards_found == self.shards_already_done
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "quad run '{}' ({} worker{})",
+            self.job,
+            self.workers,
+            if self.workers == 1 { "" } else { "s" }
+        )?;
+        if self.nothing_to_do() {
+            writeln!(
+                f,
+                "  nothing to do: all {} shards were already committed",
+                self.shards_found
+            )?;
+        }
+        writeln!(
+            f,
+            "  shards     {} found, {} processed, {} already done, {} quarantined",
+            self.shards_found, self.shards_done, self.shards_already_done, self.shards_quarantined
+        )?;
+        writeln!(
+            f,
+            "  documents  {} rows read, {} documents, {} rejected rows, {} duplicate ids",
+            self.rows_read, self.documents, self.rejected, self.duplicates
+        )?;
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                0.0
+            } else {
+                100.0 * a as f64 / b as f64
+            }
+        };
+        writeln!(
+            f,
+            "  selected   {} documents ({:.1}%) in {} files",
+            self.selected,
+            pct(self.selected, self.documents),
+            self.files_written
+        )?;
+        writeln!(
+            f,
+            "  tokens     {} in, {} selected ({:.1}%)",
+            self.tokens,
+            self.selected_tokens,
+            pct(self.selected_tokens, self.tokens)
+        )?;
+        if !self.removed_uncommitted.is_empty() {
+            writeln!(
+                f,
+                "  recovered  removed {} uncommitted output file(s): {}",
+                self.removed_uncommitted.len(),
+                self.removed_uncommitted.join(", ")
+            )?;
+        }
+        for (shard, reason) in &self.quarantined {
+            writeln!(f, "  quarantined {shard}: {reason}")?;
+        }
+        write!(f, "  time       {:.2} s", self.seconds)
+    }
+}
+
+/// Epoch-level progress: a bar when stderr is a terminal, `tracing` events otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    start: Instant,
+}
+
+impl Progress {
+    pub fn new(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} shards {msg}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn add_total(&self, more: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc_length(more);
+        }
+    }
+
+    pub fn epoch_done(&self, epoch: u64, shard: &str, documents: u64, selected: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.set_message(format!("epoch {epoch}: {selected}/{documents} selected"));
+            }
+            None => tracing::info!(
+                epoch,
+                shard,
+                documents,
+                selected,
+                elapsed_s = self.start.elapsed().as_secs_f64(),
+                "epoch committed"
+            ),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

