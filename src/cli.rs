@@ -46,7 +46,7 @@ pub enum Command {
         /// Delete the job's output files and state first, and start over.
         #[arg(long)]
         reset: bool,
-        /// Print the summary as JSON on stdout.
+        /// Also print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -90,10 +90,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             tracing::info!(job = %job.display(), workers, "starting");
             let summary = run_job(&spec, &RunOptions { workers, once })?;
+            eprintln!("{summary}");
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else {
-                eprintln!("{summary}");
             }
             Ok(if summary.shards_quarantined > 0 {
                 exit::QUARANTINED

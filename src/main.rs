@@ -1,4 +1,5 @@
 //! The `quad` binary: anyhow at the edge, exit codes that mean something (see `cli::exit`).
+use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
@@ -12,6 +13,7 @@ fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let handler = ctrlc::set_handler(|| {
         if quad::dataflow::STOP.swap(true, Ordering::SeqCst) {

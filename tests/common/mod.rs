@@ -71,9 +71,15 @@ limit = {SLICE_DOCS}
     })
 }
 
-/// Writes a job spec reading `shards` (a glob) into `sink`; `extra` is appended to [select].
+/// Writes a job spec reading `shards` (a glob) into `dir/name`; `select_extra` goes into
+/// [select], whose ratio is 0.2 unless it sets one.
 pub fn write_job(dir: &Path, name: &str, shards: &str, seed: u64, select_extra: &str) -> PathBuf {
     let job = dir.join(format!("{name}.toml"));
+    let ratio = if select_extra.contains("ratio") {
+        ""
+    } else {
+        "ratio = 0.2"
+    };
     std::fs::write(
         &job,
         format!(
@@ -84,7 +90,7 @@ shards = "{shards}"
 [tokens]
 tokenizer = "whitespace"
 [select]
-ratio = 0.2
+{ratio}
 {select_extra}
 [sink]
 path = "{}"

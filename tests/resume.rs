@@ -1,0 +1,91 @@
+//! Exactly-once output: a job killed with SIGKILL (or crashing between writing a file and
+//! committing it) and restarted ends with exactly the rows of an uninterrupted run.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn uninterrupted(dir: &std::path::Path, glob: &str) -> Vec<Vec<String>> {
+    let job = write_job(dir, "reference", glob, 9, "");
+    let out = run(&job, 2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    output_rows(&dir.join("reference"))
+}
+
+#[test]
+fn sigkill_in_the_middle_then_resume_gives_the_uninterrupted_output() {
+    let slice = demo_slice();
+    let dir = tempfile::tempdir().unwrap();
+    let glob = format!("{}/shards/*.parquet", slice.display());
+    let expected = uninterrupted(dir.path(), &glob);
+
+    let job = write_job(dir.path(), "killed", &glob, 9, "");
+    let sink = dir.path().join("killed");
+    // Slow every commit down so the kill lands mid-job.
+    let mut child = quad()
+        .args(["run", "-w", "2"])
+        .arg(&job)
+        .env("QUAD_TEST_EPOCH_DELAY_MS", "700")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Three files mean at least one epoch committed (a worker's sink handles its epochs in turn).
+    while output_files(&sink).len() < 3 {
+        assert!(Instant::now() < deadline, "job made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "job finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        output_files(&sink).len() < SLICE_SHARDS,
+        "the kill came too late to test anything"
+    );
+
+    let out = run(&job, 2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = summary(&out);
+    assert!(s["shards_already_done"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["shards_done"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(
+        output_rows(&sink),
+        expected,
+        "resumed output differs from the uninterrupted run"
+    );
+}
+
+#[test]
+fn a_crash_between_rename_and_commit_leaves_no_duplicate() {
+    let slice = demo_slice();
+    let dir = tempfile::tempdir().unwrap();
+    let glob = format!("{}/shards/*.parquet", slice.display());
+    let expected = uninterrupted(dir.path(), &glob);
+
+    let job = write_job(dir.path(), "crashed", &glob, 9, "");
+    let out = quad()
+        .args(["run", "-w", "1"])
+        .arg(&job)
+        .env("QUAD_TEST_CRASH_AFTER_RENAME", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the crash hook must abort the job");
+    let sink = dir.path().join("crashed");
+    assert!(
+        sink.join("part-000002.parquet").exists(),
+        "the file of the crashed epoch was renamed"
+    );
+
+    let out = run(&job, 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removed 1 uncommitted output file(s): part-000002.parquet"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(summary(&out)["shards_already_done"], 2);
+    assert_eq!(output_rows(&sink), expected);
+}
