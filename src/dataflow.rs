@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::config::JobSpec;
@@ -232,20 +232,35 @@ fn run_worker(
             .unary_frontier::<CapacityContainerBuilder<Vec<u64>>, _, _, _>(
                 Exchange::new(move |v: &Verdicts| owner(v.epoch)),
                 "Sink",
-                move |_capability, _info| {
-                    let mut stash: BTreeMap<
-                        u64,
-                        (
-                            timely::dataflow::operators::Capability<u64>,
-                            Option<Verdicts>,
-                        ),
-                    > = BTreeMap::new();
+                move |_capability, info| {
+                    // Compression, fsync and the store commit run on a writer thread, so the
+                    // worker reads the next shard meanwhile. An epoch's capability is held until
+                    // its commit is done, so the probe only passes committed epochs.
+                    let (jobs, writer_jobs) =
+                        std::sync::mpsc::channel::<(u64, LocalShard, Verdicts)>();
+                    let (writer_done, done) = std::sync::mpsc::channel::<u64>();
+                    let writer_shared = sink_shared.clone();
+                    std::thread::spawn(move || {
+                        for (epoch, shard, verdicts) in writer_jobs {
+                            if let Err(e) = commit_epoch(&writer_shared, epoch, shard, verdicts) {
+                                writer_shared.fail(e);
+                            }
+                            if writer_done.send(epoch).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let activator = scope.activator_for(info.address);
+                    let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                    let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
+                    let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
                     move |(input, frontier), output| {
                         input.for_each_stamp(|cap, data| {
                             if let Some(cap) = cap.retain_least(output.output_index()) {
                                 for container in data {
                                     for v in container.drain(..) {
-                                        stash.insert(v.epoch, (cap.delayed(&v.epoch), Some(v)));
+                                        stash.insert(v.epoch, cap.delayed(&v.epoch));
+                                        verdicts_of.insert(v.epoch, v);
                                     }
                                 }
                             }
@@ -254,21 +269,29 @@ fn run_worker(
                             if frontier.less_equal(&epoch) {
                                 break;
                             }
-                            let (cap, verdicts) = stash.remove(&epoch).expect("first key");
+                            let cap = stash.remove(&epoch).expect("first key");
                             let shard = sink_local.borrow_mut().remove(&epoch);
-                            match (shard, verdicts) {
+                            match (shard, verdicts_of.remove(&epoch)) {
                                 (Some(shard), Some(verdicts)) => {
-                                    if let Err(e) =
-                                        commit_epoch(&sink_shared, epoch, shard, verdicts)
-                                    {
-                                        sink_shared.fail(e);
+                                    if jobs.send((epoch, shard, verdicts)).is_err() {
+                                        sink_shared
+                                            .fail(anyhow::anyhow!("the writer thread stopped"));
                                     }
+                                    writing.insert(epoch, cap);
                                 }
                                 _ => sink_shared.fail(anyhow::anyhow!(
                                     "internal: epoch {epoch} reached the sink without its shard"
                                 )),
                             }
-                            output.session(&cap).give(epoch);
+                        }
+                        for epoch in done.try_iter() {
+                            if let Some(cap) = writing.remove(&epoch) {
+                                output.session(&cap).give(epoch);
+                            }
+                        }
+                        if !writing.is_empty() {
+                            // Look again shortly for commits the writer finished.
+                            activator.activate_after(Duration::from_millis(1));
                         }
                     }
                 },
@@ -297,7 +320,7 @@ fn run_worker(
             if sent.len() > in_flight {
                 let back = sent[sent.len() - 1 - in_flight];
                 while probe.less_equal(&back) && !shared.failed.load(Ordering::SeqCst) {
-                    worker.step();
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                 }
             }
         }
@@ -332,7 +355,7 @@ fn run_worker(
     }
     drop(input);
     while !probe.done() && !shared.failed.load(Ordering::SeqCst) {
-        worker.step();
+        worker.step_or_park(Some(Duration::from_millis(1)));
     }
 }
 

@@ -82,12 +82,10 @@ impl Admitter {
             epoch,
             ..Default::default()
         };
-        for doc in docs.iter() {
+        let committed = self.store.first_seen(docs.iter().map(|d| d.id.as_str()))?;
+        for (doc, committed) in docs.iter().zip(committed) {
             let here = (epoch, doc.row);
-            let first = match self.seen.get(&doc.id) {
-                Some(&at) => Some(at),
-                None => self.store.first_seen(&doc.id)?,
-            };
+            let first = self.seen.get(&doc.id).copied().or(committed);
             if let Some(first) = first.filter(|&at| at < here) {
                 verdicts.duplicates.push(Duplicate {
                     row: doc.row,

@@ -19,8 +19,8 @@ use crate::error::ShardError;
 use crate::schema;
 use crate::tokens::TokenCounter;
 
-/// Largest batch read at once; big row groups come in several batches.
-const MAX_BATCH_ROWS: usize = 65_536;
+/// Rows decoded at once.
+const BATCH_ROWS: usize = 8_192;
 
 /// A document as it travels the dataflow: its location and what selection needs, never the
 /// whole row (rows stay with the worker that read them and are fetched back by location).
@@ -200,55 +200,57 @@ pub fn read_shard(
         parquet_meta.file_metadata().schema_descr(),
         indices.iter().copied(),
     );
-    let mut batches = Vec::new();
-    let mut schema = None;
-    for row_group in 0..parquet_meta.num_row_groups() {
-        let rows = parquet_meta.row_group(row_group).num_rows().max(1) as usize;
-        let corrupt = |reason: String| ShardError::Corrupt {
-            path: path.to_path_buf(),
-            row_group,
-            reason,
-        };
-        let handle = file.try_clone().map_err(|source| ShardError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, metadata.clone())
-            .with_projection(mask.clone())
-            .with_row_groups(vec![row_group])
-            .with_batch_size(rows.min(MAX_BATCH_ROWS))
-            .build()
-            .map_err(|e| corrupt(e.to_string()))?;
-        schema.get_or_insert_with(|| reader.schema());
-        for batch in reader {
-            batches.push((row_group as u32, batch.map_err(|e| corrupt(e.to_string()))?));
-        }
-    }
-    let schema = match schema {
-        Some(schema) => schema,
-        // No row groups: the projected schema still names the columns.
-        None => ParquetRecordBatchReaderBuilder::new_with_metadata(
-            file.try_clone().map_err(|source| ShardError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?,
-            metadata.clone(),
-        )
+    // One reader over all row groups; a row's row group follows from the row-group sizes.
+    let group_ends: Vec<u64> = parquet_meta
+        .row_groups()
+        .iter()
+        .scan(0u64, |end, rg| {
+            *end += rg.num_rows().max(0) as u64;
+            Some(*end)
+        })
+        .collect();
+    let group_of = |row: u64| group_ends.partition_point(|&end| end <= row);
+    let handle = file.try_clone().map_err(|source| ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, metadata.clone())
         .with_projection(mask)
+        .with_batch_size(BATCH_ROWS)
         .build()
         .map_err(|e| ShardError::NotParquet {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })?
-        .schema(),
-    };
+        })?;
+    let schema = reader.schema();
+    let mut batches = Vec::new();
+    let mut read: u64 = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: group_of(read),
+            reason: e.to_string(),
+        })?;
+        read += batch.num_rows() as u64;
+        batches.push(batch);
+    }
+    if read != group_ends.last().copied().unwrap_or(0) {
+        return Err(ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: group_of(read),
+            reason: format!(
+                "read {read} rows, the footer promises {}",
+                group_ends.last().copied().unwrap_or(0)
+            ),
+        });
+    }
     let id_index = root_index(&schema, &config.id_column).expect("projected id column");
     let text_index = root_index(&schema, &config.text_column).expect("projected text column");
 
     let mut docs = Vec::new();
     let mut rejects = Vec::new();
     let mut row: u64 = 0;
-    for (row_group, batch) in &batches {
+    for batch in &batches {
         let ids = batch.column(id_index);
         let texts = batch.column(text_index);
         for i in 0..batch.num_rows() {
@@ -265,7 +267,7 @@ pub fn read_shard(
                 }
                 (Some(id), Some(text)) => docs.push(DocMeta {
                     row,
-                    row_group: *row_group,
+                    row_group: group_of(row) as u32,
                     id,
                     tokens: counter.count(text),
                 }),
@@ -276,7 +278,7 @@ pub fn read_shard(
     Ok(ShardData {
         path: path.to_path_buf(),
         schema,
-        batches: batches.into_iter().map(|(_, b)| b).collect(),
+        batches,
         docs,
         rejects,
         rows: row,

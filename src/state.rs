@@ -15,7 +15,13 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
 const EPOCHS: TableDefinition<u64, &str> = TableDefinition::new("epochs");
 const OUTPUTS: TableDefinition<&str, u64> = TableDefinition::new("outputs");
-const IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("ids");
+/// Accepted ids by their 128-bit hash (`id_key`): fixed-size keys keep the table small and fast.
+const IDS: TableDefinition<u128, (u64, u64)> = TableDefinition::new("ids");
+
+/// The key of a document id in the id table. A collision needs about 2^64 ids.
+pub fn id_key(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
 const REJECTS: TableDefinition<(u64, u64), &str> = TableDefinition::new("rejects");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,8 +234,15 @@ impl StateStore {
                 .insert(commit.record.shard.as_str(), json.as_str())
                 .map_err(|e| self.err(e))?;
             let mut ids = txn.open_table(IDS).map_err(|e| self.err(e))?;
-            for (id, row) in &commit.accepted {
-                ids.insert(id.as_str(), (commit.epoch, *row))
+            // Inserting in key order keeps the B-tree writes local.
+            let mut keyed: Vec<(u128, u64)> = commit
+                .accepted
+                .iter()
+                .map(|(id, row)| (id_key(id), *row))
+                .collect();
+            keyed.sort_unstable();
+            for (key, row) in keyed {
+                ids.insert(key, (commit.epoch, row))
                     .map_err(|e| self.err(e))?;
             }
             let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
@@ -243,11 +256,22 @@ impl StateStore {
         txn.commit().map_err(|e| self.err(e))
     }
 
-    /// Where an id was first accepted in a committed epoch: (epoch, row).
-    pub fn first_seen(&self, id: &str) -> Result<Option<(u64, u64)>, StateError> {
+    /// Where each id was first accepted in a committed epoch: (epoch, row). One read
+    /// transaction for the whole batch.
+    pub fn first_seen<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Option<(u64, u64)>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let ids = txn.open_table(IDS).map_err(|e| self.err(e))?;
-        Ok(ids.get(id).map_err(|e| self.err(e))?.map(|v| v.value()))
+        let table = txn.open_table(IDS).map_err(|e| self.err(e))?;
+        ids.into_iter()
+            .map(|id| {
+                Ok(table
+                    .get(id_key(id))
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value()))
+            })
+            .collect()
     }
 
     pub fn epochs(&self) -> Result<BTreeMap<u64, EpochRecord>, StateError> {
@@ -340,7 +364,10 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(store.first_seen("x").unwrap(), Some((0, 3)));
+        assert_eq!(
+            store.first_seen(["x", "y"]).unwrap(),
+            vec![Some((0, 3)), None]
+        );
         assert!(store.outputs().unwrap().contains("part-000000.parquet"));
         drop(store);
         let err = StateStore::open(&path, &serde_json::json!({"seed": 2}))
