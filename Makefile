@@ -1,6 +1,6 @@
 # Set-up and entry points. Every step installs what is missing and reuses what is there.
 SHELL := /bin/bash
-QUAD := target/release/quad
+QUAD := $(or $(CARGO_TARGET_DIR),target)/release/quad
 JOB ?= dataflows/demo.toml
 WORKERS ?= 2
 

@@ -155,6 +155,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         return Err(err);
     }
     let mut summary = shared.summary.lock().expect("summary lock").clone();
+    summary.quarantined.sort();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
