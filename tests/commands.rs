@@ -24,9 +24,21 @@ fn ids_and_sources(path: &std::path::Path) -> Vec<(String, String)> {
     read_parquet(path)
         .iter()
         .flat_map(|b| {
-            let ids = b.column(0).as_any().downcast_ref::<arrow::array::StringArray>().unwrap().clone();
-            let sources = b.column(2).as_any().downcast_ref::<arrow::array::StringArray>().unwrap().clone();
-            (0..b.num_rows()).map(move |i| (ids.value(i).to_string(), sources.value(i).to_string())).collect::<Vec<_>>()
+            let ids = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap()
+                .clone();
+            let sources = b
+                .column(2)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap()
+                .clone();
+            (0..b.num_rows())
+                .map(move |i| (ids.value(i).to_string(), sources.value(i).to_string()))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -35,28 +47,60 @@ fn ids_and_sources(path: &std::path::Path) -> Vec<(String, String)> {
 fn the_demo_corpus_is_real_mixed_and_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     for (out, seed) in [("a", 3), ("b", 3), ("c", 4)] {
-        let status = quad().args(["corpus", "demo"]).arg(corpus_job(dir.path(), out, seed)).output().unwrap();
+        let status = quad()
+            .args(["corpus", "demo"])
+            .arg(corpus_job(dir.path(), out, seed))
+            .output()
+            .unwrap();
         assert!(status.status.success(), "{}", stderr(&status));
     }
-    let shard = |out: &str, i: usize| dir.path().join(out).join(format!("shards/shard-{i:05}.parquet"));
+    let shard = |out: &str, i: usize| {
+        dir.path()
+            .join(out)
+            .join(format!("shards/shard-{i:05}.parquet"))
+    };
     for i in 0..4 {
-        assert_eq!(std::fs::read(shard("a", i)).unwrap(), std::fs::read(shard("b", i)).unwrap(), "same seed, same bytes");
+        assert_eq!(
+            std::fs::read(shard("a", i)).unwrap(),
+            std::fs::read(shard("b", i)).unwrap(),
+            "same seed, same bytes"
+        );
     }
-    assert_ne!(std::fs::read(shard("a", 0)).unwrap(), std::fs::read(shard("c", 0)).unwrap(), "another seed shuffles differently");
+    assert_ne!(
+        std::fs::read(shard("a", 0)).unwrap(),
+        std::fs::read(shard("c", 0)).unwrap(),
+        "another seed shuffles differently"
+    );
 
-    let pool: Vec<(String, String)> = (0..4).flat_map(|i| ids_and_sources(&shard("a", i))).collect();
+    let pool: Vec<(String, String)> = (0..4)
+        .flat_map(|i| ids_and_sources(&shard("a", i)))
+        .collect();
     assert!(pool.len() >= 20_000, "only {} documents", pool.len());
     let domains: std::collections::BTreeSet<&str> = pool.iter().map(|(_, s)| s.as_str()).collect();
     assert_eq!(domains.len(), 8, "{domains:?}");
     // Every shard mixes domains.
-    assert!(ids_and_sources(&shard("a", 0)).iter().map(|(_, s)| s).collect::<std::collections::BTreeSet<_>>().len() >= 6);
+    assert!(
+        ids_and_sources(&shard("a", 0))
+            .iter()
+            .map(|(_, s)| s)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 6
+    );
     let reference = ids_and_sources(&dir.path().join("a/reference.parquet"));
     let eval = ids_and_sources(&dir.path().join("a/eval.parquet"));
     assert_eq!(reference.len(), 100);
     assert!(reference.iter().all(|(_, s)| s == "python-docs"));
-    let pool_ids: std::collections::HashSet<&str> = pool.iter().map(|(id, _)| id.as_str()).collect();
+    let pool_ids: std::collections::HashSet<&str> =
+        pool.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(pool_ids.len(), pool.len(), "ids are unique");
-    assert!(reference.iter().chain(&eval).all(|(id, _)| !pool_ids.contains(id.as_str())), "held-out documents are not in the pool");
+    assert!(
+        reference
+            .iter()
+            .chain(&eval)
+            .all(|(id, _)| !pool_ids.contains(id.as_str())),
+        "held-out documents are not in the pool"
+    );
     assert!(eval.len() > 500);
 }
 
@@ -73,11 +117,21 @@ fn doctor_reports_libtorch_and_a_working_device() {
 #[test]
 fn inspect_prints_schema_rows_and_first_rows() {
     let slice = demo_slice();
-    let out = quad().args(["inspect", "-n", "2"]).arg(slice.join("shards/shard-00000.parquet")).output().unwrap();
+    let out = quad()
+        .args(["inspect", "-n", "2"])
+        .arg(slice.join("shards/shard-00000.parquet"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("rows: {}", SLICE_DOCS / SLICE_SHARDS)), "{text}");
-    assert!(text.contains("text: Utf8") && text.contains("first 2 rows"), "{text}");
+    assert!(
+        text.contains(&format!("rows: {}", SLICE_DOCS / SLICE_SHARDS)),
+        "{text}"
+    );
+    assert!(
+        text.contains("text: Utf8") && text.contains("first 2 rows"),
+        "{text}"
+    );
     let bad = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(bad.path(), "nope").unwrap();
     let out = quad().arg("inspect").arg(bad.path()).output().unwrap();
@@ -91,12 +145,30 @@ fn watch_mode_picks_up_new_shards_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     std::fs::create_dir(&input).unwrap();
-    std::fs::copy(slice.join("shards/shard-00000.parquet"), input.join("s0.parquet")).unwrap();
-    let job = write_job(dir.path(), "watch", &format!("{}/*.parquet", input.display()), 2, "");
-    let spec = std::fs::read_to_string(&job).unwrap().replace("[tokens]", "[tokens]").replace("shards = ", "watch = true\npoll_seconds = 1\nshards = ");
+    std::fs::copy(
+        slice.join("shards/shard-00000.parquet"),
+        input.join("s0.parquet"),
+    )
+    .unwrap();
+    let job = write_job(
+        dir.path(),
+        "watch",
+        &format!("{}/*.parquet", input.display()),
+        2,
+        "",
+    );
+    let spec = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("[tokens]", "[tokens]")
+        .replace("shards = ", "watch = true\npoll_seconds = 1\nshards = ");
     std::fs::write(&job, spec).unwrap();
     let sink = dir.path().join("watch");
-    let mut child = quad().args(["run", "--json", "-w", "2"]).arg(&job).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = quad()
+        .args(["run", "--json", "-w", "2"])
+        .arg(&job)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let wait_for = |name: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !sink.join(name).exists() {
@@ -106,10 +178,17 @@ fn watch_mode_picks_up_new_shards_and_stops_cleanly_on_sigterm() {
     };
     wait_for("part-000000.parquet");
     // Shards arrive atomically: written under another name, then renamed into the glob.
-    std::fs::copy(slice.join("shards/shard-00001.parquet"), input.join("s1.tmp")).unwrap();
+    std::fs::copy(
+        slice.join("shards/shard-00001.parquet"),
+        input.join("s1.tmp"),
+    )
+    .unwrap();
     std::fs::rename(input.join("s1.tmp"), input.join("s1.parquet")).unwrap();
     wait_for("part-000001.parquet");
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));

@@ -27,9 +27,7 @@ fn input_rows(glob: &str) -> HashMap<String, Vec<String>> {
 
 #[test]
 fn one_and_two_workers_select_the_same_rows_and_pass_rows_through() {
-    let slice = demo_slice();
-    let dir = tempfile::tempdir().unwrap();
-    let glob = format!("{}/shards/*.parquet", slice.display());
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
     let one = write_job(dir.path(), "one", &glob, 11, "");
     let two = write_job(dir.path(), "two", &glob, 11, "");
     let out1 = run(&one, 1);
@@ -78,6 +76,24 @@ fn one_and_two_workers_select_the_same_rows_and_pass_rows_through() {
             "quad_round"
         ]
     );
+    // Types and nullability follow schemas/output.json; the file is zstd-compressed.
+    let first_output = &output_files(&dir.path().join("one"))[0];
+    let first_input = glob::glob(&glob).unwrap().next().unwrap().unwrap();
+    let expected = quad::schema::output_schema(&read_parquet(&first_input)[0].schema());
+    assert_eq!(
+        read_parquet(first_output)[0].schema().fields(),
+        expected.fields()
+    );
+    let reader = parquet::file::reader::SerializedFileReader::new(
+        std::fs::File::open(first_output).unwrap(),
+    )
+    .unwrap();
+    use parquet::file::reader::FileReader;
+    let codec = reader.metadata().row_group(0).column(0).compression();
+    assert!(
+        matches!(codec, parquet::basic::Compression::ZSTD(_)),
+        "{codec:?}"
+    );
     // Every output row is its input row, unchanged, plus the quad columns.
     let input = input_rows(&glob);
     for row in &rows1 {
@@ -112,9 +128,7 @@ fn one_and_two_workers_select_the_same_rows_and_pass_rows_through() {
 
 #[test]
 fn the_seed_fixes_the_selection() {
-    let slice = demo_slice();
-    let dir = tempfile::tempdir().unwrap();
-    let glob = format!("{}/shards/*.parquet", slice.display());
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
     let a = write_job(dir.path(), "a", &glob, 1, "");
     let b = write_job(dir.path(), "b", &glob, 2, "");
     assert!(run(&a, 1).status.success());
@@ -137,9 +151,7 @@ fn the_seed_fixes_the_selection() {
 
 #[test]
 fn a_token_budget_is_respected() {
-    let slice = demo_slice();
-    let dir = tempfile::tempdir().unwrap();
-    let glob = format!("{}/shards/*.parquet", slice.display());
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
     let budget = 20_000u64;
     let job = write_job(
         dir.path(),

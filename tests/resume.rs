@@ -15,9 +15,7 @@ fn uninterrupted(dir: &std::path::Path, glob: &str) -> Vec<Vec<String>> {
 
 #[test]
 fn sigkill_in_the_middle_then_resume_gives_the_uninterrupted_output() {
-    let slice = demo_slice();
-    let dir = tempfile::tempdir().unwrap();
-    let glob = format!("{}/shards/*.parquet", slice.display());
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
     let expected = uninterrupted(dir.path(), &glob);
 
     let job = write_job(dir.path(), "killed", &glob, 9, "");
@@ -60,9 +58,7 @@ fn sigkill_in_the_middle_then_resume_gives_the_uninterrupted_output() {
 
 #[test]
 fn a_crash_between_rename_and_commit_leaves_no_duplicate() {
-    let slice = demo_slice();
-    let dir = tempfile::tempdir().unwrap();
-    let glob = format!("{}/shards/*.parquet", slice.display());
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
     let expected = uninterrupted(dir.path(), &glob);
 
     let job = write_job(dir.path(), "crashed", &glob, 9, "");

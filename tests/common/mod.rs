@@ -71,6 +71,11 @@ limit = {SLICE_DOCS}
     })
 }
 
+/// The glob of the slice's shards.
+pub fn slice_glob() -> String {
+    format!("{}/shards/*.parquet", demo_slice().display())
+}
+
 /// Writes a job spec reading `shards` (a glob) into `dir/name`; `select_extra` goes into
 /// [select], whose ratio is 0.2 unless it sets one.
 pub fn write_job(dir: &Path, name: &str, shards: &str, seed: u64, select_extra: &str) -> PathBuf {
