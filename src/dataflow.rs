@@ -192,10 +192,10 @@ fn run_worker(
                             None
                         }
                     };
-                    let mut stash: BTreeMap<
-                        u64,
-                        (timely::dataflow::operators::Capability<u64>, Vec<DocMeta>),
-                    > = BTreeMap::new();
+                    let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DocMeta>)> =
+                        BTreeMap::new();
+                    let mut decided: std::collections::BTreeSet<u64> = Default::default();
+                    let mut halted = false;
                     move |(input, frontier), output| {
                         input.for_each_stamp(|cap, data| {
                             if let Some(cap) = cap.retain_least(output.output_index()) {
@@ -219,6 +219,24 @@ fn run_worker(
                             let Some(admitter) = admitter.as_mut() else {
                                 continue;
                             };
+                            // After a stop request some worker may not have read an earlier
+                            // epoch. Deciding later epochs without it would break shard order
+                            // (dedup, budget), so they are left for the next run.
+                            if STOP.load(Ordering::SeqCst) && !halted {
+                                match admit_shared.store.pending_epochs() {
+                                    Ok(pending) => {
+                                        if let Some(missing) = pending.range(..epoch).find(|e| !decided.contains(e)) {
+                                            tracing::warn!("epoch {missing} was not read before the stop; epoch {epoch} and later are left for the next run");
+                                            halted = true;
+                                        }
+                                    }
+                                    Err(e) => admit_shared.fail(e.into()),
+                                }
+                            }
+                            if halted {
+                                continue;
+                            }
+                            decided.insert(epoch);
                             match admitter.admit(epoch, &mut docs) {
                                 Ok(v) => output.session(&cap).give(v),
                                 Err(e) => admit_shared.fail(e.into()),
@@ -306,6 +324,9 @@ fn run_worker(
         for planned in plan.drain(..) {
             if shared.failed.load(Ordering::SeqCst) {
                 return;
+            }
+            if STOP.load(Ordering::SeqCst) {
+                break;
             }
             input.advance_to(planned.epoch);
             if owner(planned.epoch) == index as u64 {

@@ -193,6 +193,21 @@ impl StateStore {
         Ok(planned)
     }
 
+    /// Epochs of shards registered but not yet committed.
+    pub fn pending_epochs(&self) -> Result<std::collections::BTreeSet<u64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+        let mut out = std::collections::BTreeSet::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            let record: ShardRecord = serde_json::from_str(v.value()).map_err(|e| self.err(e))?;
+            if record.status == ShardStatus::Pending {
+                out.insert(record.epoch);
+            }
+        }
+        Ok(out)
+    }
+
     /// Records an epoch: its summary, its output file, the shard's new status, accepted ids and
     /// rejected rows, all in one transaction.
     pub fn commit_epoch(&self, commit: &EpochCommit) -> Result<(), StateError> {

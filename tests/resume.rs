@@ -85,3 +85,47 @@ fn a_crash_between_rename_and_commit_leaves_no_duplicate() {
     assert_eq!(summary(&out)["shards_already_done"], 2);
     assert_eq!(output_rows(&sink), expected);
 }
+
+#[test]
+fn sigterm_stops_cleanly_and_the_next_run_finishes_the_same_selection() {
+    let (dir, glob) = (tempfile::tempdir().unwrap(), slice_glob());
+    // A token budget makes the selection depend on shard order across the stop.
+    let budget = "max_tokens = 30000";
+    let reference = write_job(dir.path(), "reference", &glob, 9, budget);
+    assert!(run(&reference, 2).status.success());
+    let expected = output_rows(&dir.path().join("reference"));
+
+    let job = write_job(dir.path(), "stopped", &glob, 9, budget);
+    let sink = dir.path().join("stopped");
+    let mut child = quad()
+        .args(["run", "-w", "2"])
+        .arg(&job)
+        .env("QUAD_TEST_EPOCH_DELAY_MS", "500")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while output_files(&sink).is_empty() {
+        assert!(Instant::now() < deadline, "job made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = child.wait().unwrap();
+    assert_eq!(
+        stopped.code(),
+        Some(0),
+        "a stop request ends the run normally"
+    );
+    assert!(
+        output_files(&sink).len() < SLICE_SHARDS,
+        "the stop came too late to test anything"
+    );
+
+    let out = run(&job, 2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(summary(&out)["shards_already_done"].as_u64().unwrap() >= 1);
+    assert_eq!(output_rows(&sink), expected);
+}
