@@ -10,6 +10,7 @@ pub mod config;
 pub mod corpus;
 pub mod dataflow;
 pub mod doctor;
+pub mod embed;
 pub mod error;
 pub mod inspect;
 pub mod progress;
