@@ -2,7 +2,6 @@
 //! `quad inspect`, and the long-lived watch mode of `quad run`.
 mod common;
 
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -163,20 +162,13 @@ fn watch_mode_picks_up_new_shards_and_stops_cleanly_on_sigterm() {
         .replace("shards = ", "watch = true\npoll_seconds = 1\nshards = ");
     std::fs::write(&job, spec).unwrap();
     let sink = dir.path().join("watch");
-    let mut child = quad()
+    let child = quad()
         .args(["run", "--json", "-w", "2"])
         .arg(&job)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let wait_for = |name: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !sink.join(name).exists() {
-            assert!(Instant::now() < deadline, "{name} never appeared");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for("part-000000.parquet");
+    wait_for_outputs(&sink, 1);
     // Shards arrive atomically: written under another name, then renamed into the glob.
     std::fs::copy(
         slice.join("shards/shard-00001.parquet"),
@@ -184,12 +176,8 @@ fn watch_mode_picks_up_new_shards_and_stops_cleanly_on_sigterm() {
     )
     .unwrap();
     std::fs::rename(input.join("s1.tmp"), input.join("s1.parquet")).unwrap();
-    wait_for("part-000001.parquet");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_for_outputs(&sink, 2);
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

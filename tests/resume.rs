@@ -21,12 +21,7 @@ fn sigkill_in_the_middle_then_resume_gives_the_uninterrupted_output() {
     let job = write_job(dir.path(), "killed", &glob, 9, "");
     let sink = dir.path().join("killed");
     // Slow every commit down so the kill lands mid-job.
-    let mut child = quad()
-        .args(["run", "-w", "2"])
-        .arg(&job)
-        .env("QUAD_TEST_EPOCH_DELAY_MS", "700")
-        .spawn()
-        .unwrap();
+    let mut child = spawn_slow_run(&job, 700);
     let deadline = Instant::now() + Duration::from_secs(120);
     // Three files mean at least one epoch committed (a worker's sink handles its epochs in turn).
     while output_files(&sink).len() < 3 {
@@ -97,22 +92,9 @@ fn sigterm_stops_cleanly_and_the_next_run_finishes_the_same_selection() {
 
     let job = write_job(dir.path(), "stopped", &glob, 9, budget);
     let sink = dir.path().join("stopped");
-    let mut child = quad()
-        .args(["run", "-w", "2"])
-        .arg(&job)
-        .env("QUAD_TEST_EPOCH_DELAY_MS", "500")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while output_files(&sink).is_empty() {
-        assert!(Instant::now() < deadline, "job made no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let mut child = spawn_slow_run(&job, 500);
+    wait_for_outputs(&sink, 1);
+    sigterm(&child);
     let stopped = child.wait().unwrap();
     assert_eq!(
         stopped.code(),

@@ -180,3 +180,35 @@ pub fn output_columns(sink: &Path) -> Vec<String> {
         .map(|f| f.name().clone())
         .collect()
 }
+
+/// Starts `quad run -w 2 JOB` with every commit slowed down by `delay_ms`, so that a test can
+/// interrupt it mid-job.
+pub fn spawn_slow_run(job: &Path, delay_ms: u64) -> std::process::Child {
+    quad()
+        .args(["run", "-w", "2"])
+        .arg(job)
+        .env("QUAD_TEST_EPOCH_DELAY_MS", delay_ms.to_string())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (at most two minutes) until the sink folder holds at least `n` output files.
+pub fn wait_for_outputs(sink: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while output_files(sink).len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job wrote fewer than {n} files in two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGTERM (a stop request) to a child process.
+pub fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
