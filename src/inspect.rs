@@ -27,7 +27,14 @@ pub fn inspect(path: &Path, rows: usize) -> Result<String> {
     ));
     if let Some(rg) = metadata.row_groups().first() {
         if let Some(col) = rg.columns().first() {
-            out.push_str(&format!("compression: {:?}\n", col.compression()));
+            out.push_str(&format!(
+                "compression: {} (the level is not stored in the file)\n",
+                format!("{:?}", col.compression())
+                    .split('(')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            ));
         }
     }
     out.push_str("schema:\n");

@@ -2,7 +2,6 @@
 //! `quad inspect`, and the long-lived watch mode of `quad run`.
 mod common;
 
-
 use common::*;
 
 fn corpus_job(dir: &std::path::Path, out: &str, seed: u64) -> std::path::PathBuf {
