@@ -57,7 +57,6 @@ fn bare_loop(shards: &[PathBuf], out: &Path, sink: &quad::config::SinkConfig) ->
         std::hint::black_box(tokens);
         docs += row;
         let data = ShardData {
-            path: path.clone(),
             schema,
             batches,
             docs: Vec::new(),

@@ -41,15 +41,6 @@ pub struct RunOptions {
     pub once: bool,
 }
 
-impl Default for RunOptions {
-    fn default() -> Self {
-        RunOptions {
-            workers: 1,
-            once: false,
-        }
-    }
-}
-
 /// The documents of one epoch, sent to the admit operator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct EpochDocs {

@@ -43,7 +43,6 @@ pub struct Reject {
 
 /// One shard read into memory: its projected rows and the documents found in them.
 pub struct ShardData {
-    pub path: PathBuf,
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub docs: Vec<DocMeta>,
@@ -276,7 +275,6 @@ pub fn read_shard(
         }
     }
     Ok(ShardData {
-        path: path.to_path_buf(),
         schema,
         batches,
         docs,

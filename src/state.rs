@@ -132,10 +132,6 @@ impl StateStore {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn err(&self, e: impl std::fmt::Display) -> StateError {
         StateError::store(&self.path, e)
     }
@@ -309,21 +305,6 @@ impl StateStore {
         let mut out = HashSet::new();
         for entry in table.iter().map_err(|e| self.err(e))? {
             out.insert(entry.map_err(|e| self.err(e))?.0.value().to_string());
-        }
-        Ok(out)
-    }
-
-    /// Rejected rows of committed epochs, by (epoch, row).
-    pub fn rejects(&self) -> Result<Vec<(u64, Reject)>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            out.push((
-                k.value().0,
-                serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
-            ));
         }
         Ok(out)
     }
