@@ -1,0 +1,303 @@
+//! Small, dependency-free SVG charts for the tuning commands and the run report.
+//!
+//! The output is a self-contained `<svg>` element (no scripts, no external fonts), so it can be
+//! written as a file or inlined into an HTML page.
+use std::fmt::Write;
+
+/// Canvas size and margins, in SVG user units.
+const WIDTH: f64 = 640.0;
+const HEIGHT: f64 = 400.0;
+const LEFT: f64 = 72.0;
+const RIGHT: f64 = 24.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 56.0;
+
+/// Series colours (colour-blind safe, Okabe–Ito).
+const PALETTE: [&str; 7] = [
+    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
+];
+
+/// A named polyline.
+pub type Series<'a> = (&'a str, Vec<(f64, f64)>);
+
+/// A line chart: each series is drawn as a polyline with point markers; each marker is a
+/// vertical dashed line at an x value with a label (e.g. the chosen knee).
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+    markers: &[(f64, &str)],
+) -> String {
+    let points = series.iter().flat_map(|(_, p)| p.iter().copied());
+    let (x_range, y_range) = data_ranges(points, markers.iter().map(|m| m.0));
+    let frame = Frame::new(x_range, y_range);
+    let mut svg = frame.open(title, x_label, y_label);
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&(x, y)| format!("{:.2},{:.2}", frame.px(x), frame.py(y)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline class="series" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        for p in &path {
+            let (cx, cy) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{cx}" cy="{cy}" r="3" fill="{colour}"/>"#
+            );
+        }
+        if series.len() > 1 {
+            let ly = TOP + 14.0 + 16.0 * i as f64;
+            let lx = WIDTH - RIGHT - 150.0;
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
+                ly - 9.0,
+                lx + 14.0,
+                ly,
+                escape(name)
+            );
+        }
+    }
+    for &(x, label) in markers {
+        frame.vertical_marker(&mut svg, x, label);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The extent of the data, padded so that no point sits on the frame, and never empty.
+pub fn data_ranges(
+    points: impl Iterator<Item = (f64, f64)>,
+    extra_x: impl Iterator<Item = f64>,
+) -> ((f64, f64), (f64, f64)) {
+    let mut xs = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut ys = (f64::INFINITY, f64::NEG_INFINITY);
+    for (x, y) in points.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        xs = (xs.0.min(x), xs.1.max(x));
+        ys = (ys.0.min(y), ys.1.max(y));
+    }
+    for x in extra_x.filter(|x| x.is_finite()) {
+        xs = (xs.0.min(x), xs.1.max(x));
+    }
+    (pad(xs), pad(ys))
+}
+
+fn pad((lo, hi): (f64, f64)) -> (f64, f64) {
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let d = if lo.abs() > 1e-12 {
+            lo.abs() * 0.1
+        } else {
+            1.0
+        };
+        return (lo - d, hi + d);
+    }
+    let d = (hi - lo) * 0.05;
+    (lo - d, hi + d)
+}
+
+/// Axes, ticks and labels of one chart, and the data-to-pixel mapping.
+pub struct Frame {
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Frame {
+    pub fn new(x: (f64, f64), y: (f64, f64)) -> Frame {
+        Frame { x, y }
+    }
+
+    pub fn px(&self, x: f64) -> f64 {
+        LEFT + (x - self.x.0) / (self.x.1 - self.x.0) * (WIDTH - LEFT - RIGHT)
+    }
+
+    pub fn py(&self, y: f64) -> f64 {
+        HEIGHT - BOTTOM - (y - self.y.0) / (self.y.1 - self.y.0) * (HEIGHT - TOP - BOTTOM)
+    }
+
+    /// The plot's bottom edge in pixels (the baseline of bars).
+    pub fn bottom(&self) -> f64 {
+        HEIGHT - BOTTOM
+    }
+
+    /// Opens the `<svg>` element and draws the frame, ticks, title and axis labels.
+    pub fn open(&self, title: &str, x_label: &str, y_label: &str) -> String {
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif">"#
+        );
+        let _ = writeln!(
+            svg,
+            r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="24" font-size="16" text-anchor="middle">{}</text>"#,
+            WIDTH / 2.0,
+            escape(title)
+        );
+        let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM);
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{x0}" y="{y0}" width="{:.1}" height="{:.1}" fill="none" stroke="#444"/>"##,
+            x1 - x0,
+            y1 - y0
+        );
+        for t in ticks(self.x.0, self.x.1) {
+            let x = self.px(t);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{y1}" x2="{x:.1}" y2="{:.1}" stroke="#444"/><text x="{x:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"##,
+                y1 + 5.0,
+                y1 + 18.0,
+                tick_label(t)
+            );
+        }
+        for t in ticks(self.y.0, self.y.1) {
+            let y = self.py(t);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{:.1}" y1="{y:.1}" x2="{x0}" y2="{y:.1}" stroke="#444"/><line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"##,
+                x0 - 5.0,
+                x0 - 8.0,
+                y + 4.0,
+                tick_label(t)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="middle">{}</text>"#,
+            (x0 + x1) / 2.0,
+            HEIGHT - 14.0,
+            escape(x_label)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="16" y="{:.1}" font-size="13" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
+            (y0 + y1) / 2.0,
+            (y0 + y1) / 2.0,
+            escape(y_label)
+        );
+        svg
+    }
+
+    /// A dashed vertical line at data x with a label at its top.
+    pub fn vertical_marker(&self, svg: &mut String, x: f64, label: &str) {
+        if !x.is_finite() {
+            return;
+        }
+        let px = self.px(x);
+        let _ = writeln!(
+            svg,
+            r##"<line class="marker" x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="#D55E00" stroke-dasharray="5,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}" font-size="12" fill="#D55E00">{}</text>"##,
+            HEIGHT - BOTTOM,
+            px + 4.0,
+            TOP + 14.0,
+            escape(label)
+        );
+    }
+}
+
+/// About five round tick values covering [lo, hi].
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return vec![lo];
+    }
+    let raw = span / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| span / s <= 6.0)
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() * step;
+    (0..)
+        .map(|i| first + i as f64 * step)
+        .take_while(|t| *t <= hi + step * 1e-9)
+        .collect()
+}
+
+fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e6).contains(&a) {
+        format!("{v:.1e}")
+    } else if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// Escapes text for SVG/HTML content and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_chart_draws_every_series_and_marker() {
+        let a = ("wcss", vec![(1.0, 10.0), (2.0, 5.0), (4.0, 3.0)]);
+        let b = ("other", vec![(1.0, 1.0), (4.0, 2.0)]);
+        let svg = line_chart("WCSS <k>", "k", "WCSS", &[a, b], &[(2.0, "knee k=2")]);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 5);
+        assert_eq!(svg.matches(r#"class="marker""#).count(), 1);
+        assert!(svg.contains("WCSS &lt;k&gt;"), "title is escaped");
+    }
+
+    #[test]
+    fn points_land_inside_the_frame() {
+        let f = Frame::new(pad((0.0, 10.0)), pad((-1.0, 1.0)));
+        for (x, y) in [(0.0, -1.0), (10.0, 1.0), (5.0, 0.0)] {
+            let (px, py) = (f.px(x), f.py(y));
+            assert!((LEFT..=WIDTH - RIGHT).contains(&px), "x {x} -> {px}");
+            assert!((TOP..=HEIGHT - BOTTOM).contains(&py), "y {y} -> {py}");
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        let t = ticks(0.013, 0.087);
+        assert!(t.len() >= 3 && t.len() <= 7, "{t:?}");
+        assert!(t.iter().all(|v| (0.013..=0.087).contains(v)));
+        assert_eq!(tick_label(2.5), "2.5");
+        assert_eq!(tick_label(1_000_000.0), "1.0e6");
+    }
+
+    #[test]
+    fn degenerate_data_still_gives_a_frame() {
+        let svg = line_chart("t", "x", "y", &[("s", vec![(3.0, 3.0)])], &[]);
+        assert!(!svg.contains("NaN"));
+        let empty = line_chart("t", "x", "y", &[], &[]);
+        assert!(!empty.contains("NaN"));
+    }
+}
