@@ -57,6 +57,11 @@ pub enum Command {
         #[command(subcommand)]
         which: CorpusCommand,
     },
+    /// Tuning commands (DESIGN 1.2): each prints a table and writes an SVG plot.
+    Tune {
+        #[command(subcommand)]
+        which: TuneCommand,
+    },
     /// Print a Parquet file's schema, row count and first rows.
     Inspect {
         file: PathBuf,
@@ -69,6 +74,24 @@ pub enum Command {
 pub enum CorpusCommand {
     /// The demo corpus: shards, reference set and eval split, as the job's [corpus] section says.
     Demo { job: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TuneCommand {
+    /// WCSS of spherical k-means over a grid of k on an embedded sample; picks the knee
+    /// (Kneedle) and writes tune-k.svg and tune-k.json.
+    K {
+        job: PathBuf,
+        /// Documents in the sample (default: cluster.tune.sample).
+        #[arg(long)]
+        sample: Option<usize>,
+        /// The grid of k, e.g. 8,16,32 (default: cluster.tune.ks).
+        #[arg(long, value_delimiter = ',')]
+        ks: Option<Vec<usize>>,
+        /// Output folder (default: <sink.path>/tune).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Runs a command; returns the exit code for a completed command.
@@ -113,6 +136,20 @@ pub fn run(cli: Cli) -> Result<i32> {
             })?;
             let report = crate::corpus::build_demo(corpus, spec.seed)?;
             println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::Tune {
+            which:
+                TuneCommand::K {
+                    job,
+                    sample,
+                    ks,
+                    out,
+                },
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::cluster::tune::TuneKOptions { sample, ks, out };
+            println!("{}", crate::cluster::tune::tune_k(&spec, &options)?);
             Ok(exit::OK)
         }
         Command::Inspect { file, rows } => {

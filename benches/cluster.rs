@@ -1,0 +1,158 @@
+//! Clustering speed: streaming assignment docs/s at d = 384 for k = 1,000 and 10,000, and the
+//! spherical k-means fit of 100,000 x 384 at k = 1,000 (seeding, then Lloyd steps by linfa
+//! and by tch). Prints a table. `cargo bench --bench cluster`; QUAD_BENCH_QUICK=1 for a small
+//! smoke run; QUAD_BENCH_LINFA_STEPS (default 1) and QUAD_BENCH_TCH_STEPS (default 3).
+use std::time::Instant;
+
+use quad::cluster::{
+    lloyd_step, seed_plus_plus, Centroids, KMeansBackend, StreamConfig, StreamingClusterer,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::Device;
+
+const DIM: usize = 384;
+
+/// `n` unit rows around `centres` random directions (noise 0.05 a coordinate): clustered like
+/// real embeddings, so k-means steps do real work.
+fn data(n: usize, centres: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = move || {
+        let u: f32 = rng.random::<f32>().max(1e-30);
+        let v: f32 = rng.random();
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    };
+    let dirs: Vec<f32> = (0..centres * DIM).map(|_| normal()).collect();
+    let mut x = Vec::with_capacity(n * DIM);
+    for i in 0..n {
+        let c = &dirs[(i * 7919 % centres) * DIM..][..DIM];
+        let mut row: Vec<f32> = c
+            .iter()
+            .map(|v| v / (DIM as f32).sqrt() + 0.05 * normal())
+            .collect();
+        quad::cluster::normalize(&mut row);
+        x.extend_from_slice(&row);
+    }
+    x
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let quick = std::env::var("QUAD_BENCH_QUICK").is_ok();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# clustering benchmark, d = {DIM}, {cores} cores visible, no GPU unless named");
+    println!();
+    println!("## Streaming assignment (nearest = matrix product + exact winner; assign = nearest + opening + Sculley update)");
+    println!("| k | threads | docs | nearest docs/s | assign_batch docs/s | docs/s per thread (nearest) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &k in &[1_000usize, 10_000] {
+        let docs = if quick {
+            2_000
+        } else if k == 1_000 {
+            40_000
+        } else {
+            8_000
+        };
+        let centroids = data(k, k, 1);
+        let x = data(docs, 300, 2);
+        for threads in [1, cores as i32] {
+            tch::set_num_threads(threads);
+            let init = Centroids {
+                dim: DIM,
+                data: centroids.clone(),
+                counts: vec![10; k],
+            };
+            let cfg = StreamConfig {
+                k_max: k,
+                new_cluster_floor: -1.0,
+                learning_rate_floor: 0.0,
+            };
+            let mut s = StreamingClusterer::new(init, cfg);
+            let _ = s.nearest(&x[..256 * DIM]); // warm-up
+            let t = Instant::now();
+            let near = s.nearest(&x);
+            let nearest_s = t.elapsed().as_secs_f64();
+            assert_eq!(near.len(), docs);
+            let t = Instant::now();
+            for batch in x.chunks(4096 * DIM) {
+                s.assign_batch(batch);
+            }
+            let assign_s = t.elapsed().as_secs_f64();
+            println!(
+                "| {k} | {threads} | {docs} | {:.0} | {:.0} | {:.0} |",
+                docs as f64 / nearest_s,
+                docs as f64 / assign_s,
+                docs as f64 / nearest_s / threads as f64
+            );
+        }
+    }
+    tch::set_num_threads(cores as i32);
+
+    let (n, k) = if quick {
+        (5_000, 100)
+    } else {
+        (100_000, 1_000)
+    };
+    let linfa_steps = env("QUAD_BENCH_LINFA_STEPS", 1);
+    let tch_steps = env("QUAD_BENCH_TCH_STEPS", 3);
+    println!();
+    println!("## Spherical k-means fit, n = {n}, d = {DIM}, k = {k}, {cores} threads");
+    let x = data(n, k, 3);
+    // Seeding is timed on the first `seed_rows` rows (its cost is linear in n); the Lloyd steps
+    // start from evenly spaced rows, which costs the same per step as seeded centroids.
+    let seed_rows = env("QUAD_BENCH_SEED_ROWS", if quick { n } else { 10_000 }).min(n);
+    let t = Instant::now();
+    let _ = seed_plus_plus(&x[..seed_rows * DIM], DIM, k, 7);
+    let seeding_part = t.elapsed().as_secs_f64();
+    let seeding = seeding_part * n as f64 / seed_rows as f64;
+    let seeds: Vec<f32> = (0..k)
+        .flat_map(|c| x[(c * n / k) * DIM..][..DIM].to_vec())
+        .collect();
+    println!("| stage | backend | steps timed | seconds per step |");
+    println!("|---|---|---:|---:|");
+    println!(
+        "| greedy k-means++ seeding (shared), {seed_rows} rows | rust | 1 | {seeding_part:.2} (scaled to n: {seeding:.1}) |"
+    );
+    let mut per_step = Vec::new();
+    for (backend, steps) in [
+        (KMeansBackend::Tch(Device::Cpu), tch_steps),
+        (KMeansBackend::Linfa, linfa_steps),
+    ] {
+        let mut c = seeds.clone();
+        let t = Instant::now();
+        for _ in 0..steps {
+            c = lloyd_step(&x, DIM, &c, &backend).expect("lloyd step");
+        }
+        let s = t.elapsed().as_secs_f64() / steps as f64;
+        println!("| Lloyd step | {} | {steps} | {s:.2} |", backend.name());
+        per_step.push(s);
+    }
+    if tch::Cuda::is_available() {
+        let mut c = seeds.clone();
+        let backend = KMeansBackend::Tch(Device::Cuda(0));
+        c = lloyd_step(&x, DIM, &c, &backend).expect("warm-up");
+        let t = Instant::now();
+        for _ in 0..tch_steps {
+            c = lloyd_step(&x, DIM, &c, &backend).expect("lloyd step");
+        }
+        let s = t.elapsed().as_secs_f64() / tch_steps as f64;
+        println!("| Lloyd step | tch-cuda | {tch_steps} | {s:.3} |");
+    }
+    let ratio = per_step[1] / per_step[0];
+    println!();
+    println!("per Lloyd step: tch-cpu is {ratio:.1}x faster than linfa");
+    for iters in [10usize, 20] {
+        let tch_fit = seeding + iters as f64 * per_step[0] + per_step[0];
+        let linfa_fit = seeding + iters as f64 * per_step[1] + per_step[0];
+        println!(
+            "fit of {iters} steps (seeding + steps + final assignment): tch-cpu {tch_fit:.1} s, linfa {linfa_fit:.1} s ({:.1}x)",
+            linfa_fit / tch_fit
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! Batch spherical k-means: seeded k-means++ seeding, then Lloyd steps on unit centroids by
+//! linfa or by tch matrix products. Both backends share the seeding, the final assignment and
+//! the WCSS, so they differ only in how a Lloyd step is computed.
+use std::time::Instant;
+
+use linfa::prelude::*;
+use linfa::DatasetBase;
+use linfa_clustering::{KMeans, KMeansInit};
+use ndarray::{Array2, ArrayView2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::Device;
+
+use super::{
+    check_rows, nearest_rows, normalize, Centroids, ClusterError, KMeansBackend, KMeansConfig,
+    KMeansFit,
+};
+
+/// Fixed-order f32 dot product with eight lanes (vectorises, same bits everywhere).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Rows per work unit of the seeding passes. Fixed (not derived from the thread count), and
+/// partial sums are added in unit order, so the result does not depend on threads.
+const SEED_CHUNK: usize = 4096;
+
+/// For each candidate j, the potential sum_i min(dist_i, 1 - cos(x_i, cand_j)) (f64), and the
+/// candidates' distances per row (row-major n x L), on all cores.
+fn candidate_potentials(
+    x: &[f32],
+    dim: usize,
+    cands: &[&[f32]],
+    dist: &[f32],
+) -> (Vec<f64>, Vec<f32>) {
+    let l = cands.len();
+    let n = dist.len();
+    let mut cand_dist = vec![0.0f32; n * l];
+    let units = n.div_ceil(SEED_CHUNK);
+    let mut partial = vec![0.0f64; units * l];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let units_per = units.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for ((cd, part), (xs, ds)) in cand_dist
+            .chunks_mut(units_per * SEED_CHUNK * l)
+            .zip(partial.chunks_mut(units_per * l))
+            .zip(
+                x.chunks(units_per * SEED_CHUNK * dim)
+                    .zip(dist.chunks(units_per * SEED_CHUNK)),
+            )
+        {
+            s.spawn(move || {
+                for (u, ((cd, xs), ds)) in cd
+                    .chunks_mut(SEED_CHUNK * l)
+                    .zip(xs.chunks(SEED_CHUNK * dim))
+                    .zip(ds.chunks(SEED_CHUNK))
+                    .enumerate()
+                {
+                    let sums = &mut part[u * l..(u + 1) * l];
+                    for ((row, d), out) in xs.chunks_exact(dim).zip(ds).zip(cd.chunks_exact_mut(l))
+                    {
+                        for (j, c) in cands.iter().enumerate() {
+                            let v = (1.0 - dot8(row, c)).max(0.0).min(*d);
+                            out[j] = v;
+                            sums[j] += f64::from(v);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut potentials = vec![0.0f64; l];
+    for unit in partial.chunks_exact(l) {
+        for (p, v) in potentials.iter_mut().zip(unit) {
+            *p += v;
+        }
+    }
+    (potentials, cand_dist)
+}
+
+/// Greedy k-means++ seeding for cosine distance (Arthur & Vassilvitskii 2007, with the local
+/// trials of scikit-learn's implementation): the first centroid is a uniformly chosen row;
+/// each next one is the best (lowest resulting potential sum_i min_c (1 - cos)) of
+/// 2 + ln(k) rows drawn with probability proportional to their distance `1 - cos` to the
+/// nearest chosen centroid. Plain k-means++ often puts two seeds into one of several well
+/// separated clusters of high-dimensional data; the trials make that rare. Seeded ChaCha8;
+/// rows of `x` must be unit. Same bits for any thread count.
+pub fn seed_plus_plus(x: &[f32], dim: usize, k: usize, seed: u64) -> Vec<f32> {
+    let n = x.len() / dim;
+    let trials = 2 + (k as f64).ln().floor() as usize;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut centroids = Vec::with_capacity(k * dim);
+    let first = rng.random_range(0..n);
+    centroids.extend_from_slice(&x[first * dim..(first + 1) * dim]);
+    let inf = vec![f32::INFINITY; n];
+    let (_, mut dist) = candidate_potentials(x, dim, &[&x[first * dim..(first + 1) * dim]], &inf);
+    while centroids.len() < k * dim {
+        let total: f64 = dist.iter().map(|&d| f64::from(d)).sum();
+        let picks: Vec<usize> = if total <= 0.0 {
+            // Fewer distinct rows than k: repeat uniformly drawn rows.
+            vec![rng.random_range(0..n)]
+        } else {
+            let mut targets: Vec<(f64, usize)> = (0..trials)
+                .map(|t| (rng.random::<f64>() * total, t))
+                .collect();
+            targets.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut picks = vec![n - 1; trials];
+            let mut acc = 0.0f64;
+            let mut next = targets.iter().peekable();
+            for (i, &d) in dist.iter().enumerate() {
+                acc += f64::from(d);
+                while let Some(&&(target, t)) = next.peek() {
+                    if acc > target && d > 0.0 {
+                        picks[t] = i;
+                        next.next();
+                    } else {
+                        break;
+                    }
+                }
+            }
+            picks
+        };
+        let cands: Vec<&[f32]> = picks.iter().map(|&i| &x[i * dim..(i + 1) * dim]).collect();
+        let (potentials, cand_dist) = candidate_potentials(x, dim, &cands, &dist);
+        let mut best = 0;
+        for (j, p) in potentials.iter().enumerate() {
+            if *p < potentials[best] {
+                best = j;
+            }
+        }
+        centroids.extend_from_slice(cands[best]);
+        let l = cands.len();
+        for (d, row) in dist.iter_mut().zip(cand_dist.chunks_exact(l)) {
+            *d = row[best];
+        }
+    }
+    centroids
+}
+
+/// Largest squared move of a centroid.
+fn max_shift(old: &[f32], new: &[f32], dim: usize) -> f64 {
+    old.chunks_exact(dim)
+        .zip(new.chunks_exact(dim))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The spherical update: each centroid becomes its members' normalised sum (f64, in row
+/// order). An empty cluster takes the row farthest from its own centroid (lowest cosine, ties
+/// to the lowest row), each such row used once.
+fn spherical_update(x: &[f32], dim: usize, k: usize, near: &[(u32, f32)]) -> Vec<f32> {
+    let mut sums = vec![0.0f64; k * dim];
+    let mut counts = vec![0u64; k];
+    for (row, &(c, _)) in x.chunks_exact(dim).zip(near) {
+        let c = c as usize;
+        counts[c] += 1;
+        for (s, v) in sums[c * dim..(c + 1) * dim].iter_mut().zip(row) {
+            *s += f64::from(*v);
+        }
+    }
+    let mut farthest: Vec<usize> = Vec::new();
+    if counts.contains(&0) {
+        farthest = (0..near.len()).collect();
+        farthest.sort_by(|&a, &b| near[a].1.total_cmp(&near[b].1).then(a.cmp(&b)));
+    }
+    let mut spare = farthest.into_iter();
+    let mut out = vec![0.0f32; k * dim];
+    for c in 0..k {
+        let dst = &mut out[c * dim..(c + 1) * dim];
+        if counts[c] == 0 {
+            if let Some(r) = spare.next() {
+                dst.copy_from_slice(&x[r * dim..(r + 1) * dim]);
+            }
+        } else {
+            for (o, s) in dst.iter_mut().zip(&sums[c * dim..(c + 1) * dim]) {
+                *o = *s as f32;
+            }
+            normalize(dst);
+        }
+    }
+    out
+}
+
+/// One Lloyd step by linfa: linfa assigns by Euclidean distance, which on unit rows and unit
+/// centroids is the cosine order (|x - c|^2 = 2 - 2 cos), and returns its "m_k-means" mean
+/// (members plus the old centroid); re-normalising that mean makes the step spherical.
+fn linfa_step(
+    data: &LinfaData<'_>,
+    centroids: &[f32],
+    dim: usize,
+) -> Result<Vec<f32>, ClusterError> {
+    let k = centroids.len() / dim;
+    let init = Array2::from_shape_vec((k, dim), centroids.to_vec())
+        .map_err(|e| ClusterError::Linfa(e.to_string()))?;
+    let model = KMeans::params(k)
+        .n_runs(1)
+        .max_n_iterations(1)
+        .tolerance(f32::MIN_POSITIVE)
+        .init_method(KMeansInit::Precomputed(init))
+        .fit(data)
+        .map_err(|e| ClusterError::Linfa(e.to_string()))?;
+    let mut out: Vec<f32> = model.centroids().iter().copied().collect();
+    for row in out.chunks_exact_mut(dim) {
+        normalize(row);
+    }
+    Ok(out)
+}
+
+type LinfaData<'a> = DatasetBase<ArrayView2<'a, f32>, ndarray::Array1<()>>;
+
+fn linfa_data<'a>(
+    x: &'a [f32],
+    n: usize,
+    dim: usize,
+    backend: &KMeansBackend,
+) -> Result<Option<LinfaData<'a>>, ClusterError> {
+    match backend {
+        KMeansBackend::Linfa => Ok(Some(DatasetBase::from(
+            ArrayView2::from_shape((n, dim), x).map_err(|e| ClusterError::Linfa(e.to_string()))?,
+        ))),
+        KMeansBackend::Tch(_) => Ok(None),
+    }
+}
+
+fn step(
+    x: &[f32],
+    dim: usize,
+    centroids: &[f32],
+    backend: &KMeansBackend,
+    data: Option<&LinfaData<'_>>,
+) -> Result<Vec<f32>, ClusterError> {
+    match (backend, data) {
+        (KMeansBackend::Tch(device), _) => {
+            let near = nearest_rows(x, dim, centroids, *device);
+            Ok(spherical_update(x, dim, centroids.len() / dim, &near))
+        }
+        (KMeansBackend::Linfa, Some(data)) => linfa_step(data, centroids, dim),
+        (KMeansBackend::Linfa, None) => {
+            let n = x.len() / dim;
+            let data = linfa_data(x, n, dim, backend)?;
+            step(x, dim, centroids, backend, data.as_ref())
+        }
+    }
+}
+
+/// One Lloyd step (assign, then re-normalised means) of the unit rows of `x` from `centroids`
+/// on `backend`; what a fit repeats. Public for benchmarks.
+pub fn lloyd_step(
+    x: &[f32],
+    dim: usize,
+    centroids: &[f32],
+    backend: &KMeansBackend,
+) -> Result<Vec<f32>, ClusterError> {
+    step(x, dim, centroids, backend, None)
+}
+
+/// Spherical k-means of the unit rows of `x` (row-major, width `dim`): k-means++ seeding from
+/// `cfg.seed`, then Lloyd steps on `cfg.backend` until no centroid moves by more than `cfg.tol`
+/// (squared) or `cfg.max_iter` steps. Same seed and rows give the same result bit for bit.
+pub fn fit_spherical_kmeans(
+    x: &[f32],
+    dim: usize,
+    cfg: &KMeansConfig,
+) -> Result<KMeansFit, ClusterError> {
+    let n = check_rows(x, dim)?;
+    if cfg.k == 0 || cfg.k > n {
+        return Err(ClusterError::Invalid(format!(
+            "k = {} must be between 1 and the number of rows ({n})",
+            cfg.k
+        )));
+    }
+    let start = Instant::now();
+    let mut centroids = seed_plus_plus(x, dim, cfg.k, cfg.seed);
+    let seeded = start.elapsed().as_secs_f64();
+    let data = linfa_data(x, n, dim, &cfg.backend)?;
+    let mut iterations = 0;
+    while iterations < cfg.max_iter {
+        let next = step(x, dim, &centroids, &cfg.backend, data.as_ref())?;
+        iterations += 1;
+        let shift = max_shift(&centroids, &next, dim);
+        centroids = next;
+        tracing::debug!(iteration = iterations, shift, "k-means step");
+        if shift <= cfg.tol {
+            break;
+        }
+    }
+    let device = match cfg.backend {
+        KMeansBackend::Tch(device) => device,
+        KMeansBackend::Linfa => Device::Cpu,
+    };
+    let near = nearest_rows(x, dim, &centroids, device);
+    let mut counts = vec![0u64; cfg.k];
+    let mut wcss = 0.0f64;
+    for &(c, cos) in &near {
+        counts[c as usize] += 1;
+        wcss += 2.0 * (1.0 - f64::from(cos));
+    }
+    let fit = KMeansFit {
+        centroids: Centroids {
+            dim,
+            data: centroids,
+            counts,
+        },
+        labels: near.iter().map(|&(c, _)| c).collect(),
+        wcss: wcss.max(0.0),
+        iterations,
+        backend_used: cfg.backend.name(),
+    };
+    tracing::info!(
+        backend = fit.backend_used,
+        n,
+        k = cfg.k,
+        dim,
+        iterations,
+        wcss = fit.wcss,
+        seeding_s = seeded,
+        seconds = start.elapsed().as_secs_f64(),
+        "spherical k-means fitted"
+    );
+    Ok(fit)
+}
