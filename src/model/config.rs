@@ -179,6 +179,7 @@ impl LlamaConfig {
             None => None,
         };
         let heads = int("num_attention_heads")?;
+        let hidden = int("hidden_size")?;
         let rope_theta = match v.get("rope_theta") {
             Some(x) => x
                 .as_f64()
@@ -191,12 +192,13 @@ impl LlamaConfig {
                 .unwrap_or(10_000.0),
         };
         let cfg = LlamaConfig {
-            hidden_size: int("hidden_size")?,
+            hidden_size: hidden,
             intermediate_size: int("intermediate_size")?,
             num_hidden_layers: int("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: opt_int("num_key_value_heads").unwrap_or(heads),
-            head_dim: opt_int("head_dim"),
+            // Kept only where it differs from the default, so configs compare equal.
+            head_dim: opt_int("head_dim").filter(|&hd| hd * heads != hidden),
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
