@@ -185,17 +185,8 @@ fn f16_to_f32(bits: u16) -> f32 {
     let mant = (bits & 0x3ff) as u32;
     let out = match (exp, mant) {
         (0, 0) => sign,
-        (0, m) => {
-            // subnormal: renormalise
-            let mut e: i32 = -1;
-            let mut m = m;
-            while m & 0x400 == 0 {
-                m <<= 1;
-                e -= 1;
-            }
-            let m = m & 0x3ff;
-            sign | (((127 - 15 + 1 + e) as u32) << 23) | (m << 13)
-        }
+        // subnormal: m * 2^-24, exact in f32
+        (0, m) => sign | ((m as f32) * 2f32.powi(-24)).to_bits(),
         (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
         (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
     };
