@@ -17,5 +17,14 @@ if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.sp
     exit 3
   fi
 fi
+# The Python reference of the causal LM (scripts/reference_lm.py): transformers reads GGUF
+# through the gguf package (and needs accelerate for it). Pinned, and on one line with torch so pip never moves torch.
+if ! "$venv/bin/python" -c "import transformers, gguf, accelerate" 2>/dev/null; then
+  echo "installing transformers and gguf into $venv (once)" >&2
+  if ! "$venv/bin/pip" install --disable-pip-version-check -q "torch==$TORCH_VERSION" transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0; then
+    echo "error: could not install transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0 from PyPI" >&2
+    exit 3
+  fi
+fi
 ln -sfn "$venv" "$root/.venv"
 "$venv/bin/python" -c "import torch; print('torch', torch.__version__, 'at', torch.__path__[0])"

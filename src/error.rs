@@ -74,4 +74,57 @@ pub enum ClusterError {
     Linfa(String),
     #[error("clustering: tch: {0}")]
     Tch(#[from] tch::TchError),
+/// A causal LM that cannot be loaded, saved or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: unsupported model: {message}")]
+    Unsupported { path: PathBuf, message: String },
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{context}: {source}")]
+    Torch {
+        context: String,
+        source: tch::TchError,
+    },
+}
+
+impl ModelError {
+    pub fn invalid(path: &std::path::Path, message: impl std::fmt::Display) -> Self {
+        ModelError::Invalid {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+    pub fn unsupported(path: &std::path::Path, message: impl std::fmt::Display) -> Self {
+        ModelError::Unsupported {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+    pub fn tensor(path: &std::path::Path, tensor: &str, message: impl std::fmt::Display) -> Self {
+        ModelError::Tensor {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            message: message.to_string(),
+        }
+    }
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod embed;
 pub mod error;
 pub mod inspect;
+pub mod model;
 pub mod plot;
 pub mod progress;
 pub mod schema;
