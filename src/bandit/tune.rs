@@ -1,0 +1,1 @@
+//! Tuning procedures of DESIGN 1.2 that do not need the LM.
