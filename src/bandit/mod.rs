@@ -512,16 +512,35 @@ impl Bandit {
             }
             by_loc.insert((m.cluster, m.loc), *v);
         }
-        let planned: usize = plan
-            .iter()
-            .filter(|p| p.score)
-            .map(|p| p.members.len())
-            .sum();
+        // Check everything before changing anything: a refused round leaves the state as it was.
+        let mut values_of: Vec<Vec<f64>> = Vec::with_capacity(plan.len());
+        for pull in &plan {
+            let mut values = Vec::new();
+            if pull.score {
+                for m in &pull.members {
+                    values.push(by_loc.remove(&(m.cluster, m.loc)).ok_or(
+                        BanditError::MissingScore {
+                            round,
+                            cluster: m.cluster,
+                            member: m.loc,
+                        },
+                    )?);
+                }
+            }
+            values_of.push(values);
+        }
+        if let Some(((cluster, member), _)) = by_loc.into_iter().min_by_key(|(k, _)| *k) {
+            return Err(BanditError::NotPlanned {
+                round,
+                cluster,
+                member,
+            });
+        }
         let mut outcome = RoundOutcome {
             round,
             ..Default::default()
         };
-        for pull in &plan {
+        for (pull, values) in plan.iter().zip(values_of) {
             let Some(ci) = self.cluster_index(pull.cluster) else {
                 continue;
             };
@@ -537,17 +556,6 @@ impl Bandit {
                     }
                 }
                 continue;
-            }
-            let mut values = Vec::with_capacity(idx.len());
-            for m in &pull.members {
-                let v = by_loc
-                    .remove(&(m.cluster, m.loc))
-                    .ok_or(BanditError::MissingScore {
-                        round,
-                        cluster: m.cluster,
-                        member: m.loc,
-                    })?;
-                values.push(v);
             }
             for (&i, (m, &v)) in idx.iter().zip(pull.members.iter().zip(&values)) {
                 self.mark_scored(ci, i);
@@ -579,14 +587,6 @@ impl Bandit {
                 }
             }
         }
-        if let Some(((cluster, member), _)) = by_loc.into_iter().min_by_key(|(k, _)| *k) {
-            return Err(BanditError::NotPlanned {
-                round,
-                cluster,
-                member,
-            });
-        }
-        debug_assert_eq!(outcome.scored.len(), planned);
         if self.strategy == Strategy::TopkInfluence && self.clusters.iter().all(|c| c.fresh == 0) {
             self.take_best(&mut outcome);
         }
