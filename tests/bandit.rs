@@ -392,6 +392,7 @@ fn block_mode_takes_a_block_of_unscored_documents_when_the_sample_passes_tau() {
 fn observe_checks_its_input() {
     let mut b = planted::bandit(1, Strategy::Quad, BanditConfig::default());
     let pulls = b.plan_round(0);
+    let before = b.clone();
     assert!(matches!(
         b.observe(1, &[]),
         Err(BanditError::OutOfOrder { got: 1, want: 0 })
