@@ -4,7 +4,7 @@ QUAD := $(or $(CARGO_TARGET_DIR),target)/release/quad
 JOB ?= dataflows/demo.toml
 WORKERS ?= 2
 
-.PHONY: demo test torch assets build corpus bench clean
+.PHONY: demo test torch assets chromium build corpus bench clean
 
 # The main job on the embedded default: demo corpus, random baseline selection.
 demo: build assets
@@ -13,12 +13,16 @@ demo: build assets
 	$(QUAD) inspect out/demo/part-000000.parquet -n 3
 
 # Everything CI runs.
-test: torch assets
+test: torch assets chromium
 	cargo build --release
 	cargo test --release
 
 torch:
 	bash scripts/setup-torch.sh
+
+# Headless browser for the report test (tests/report.rs).
+chromium:
+	bash scripts/setup-chromium.sh
 
 assets:
 	bash scripts/fetch-assets.sh

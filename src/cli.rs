@@ -50,6 +50,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the run's HTML report (SVG plots of rewards, cluster scores, pulls, influence,
+    /// source mix and costs) from its state store.
+    Report {
+        /// The job spec (TOML) of the run.
+        job: PathBuf,
+        /// Where to write the page; default `<sink.path>/report.html`.
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
+    },
     /// Show the libtorch in use, whether CUDA works and which device quad uses.
     Doctor,
     /// Build corpora from the fetched assets.
@@ -105,6 +114,17 @@ pub fn run(cli: Cli) -> Result<i32> {
             json,
         } => {
             let spec = JobSpec::load(&job)?;
+            if spec.select.strategy != crate::config::Strategy::Random {
+                // The bandit is a library (src/bandit) until the loop is wired into the dataflow.
+                return Err(crate::error::SpecError::Invalid {
+                    path: job.clone(),
+                    message: format!(
+                        "select.strategy {:?} is not wired into `quad run` yet; only \"random\" runs",
+                        spec.select.strategy
+                    ),
+                }
+                .into());
+            }
             if workers == 0 {
                 anyhow::bail!("--workers must be at least 1");
             }
@@ -122,6 +142,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             } else {
                 exit::OK
             })
+        }
+        Command::Report { job, out } => {
+            let path = crate::report::write_report(&job, out.as_deref())?;
+            println!("{}", path.display());
+            Ok(exit::OK)
         }
         Command::Doctor => {
             println!("{}", crate::doctor::report()?);

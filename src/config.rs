@@ -20,6 +20,9 @@ pub struct JobSpec {
     pub tokens: TokensConfig,
     #[serde(default)]
     pub select: SelectConfig,
+    /// The Quad loop's parameters (strategies quad, exploit, explore, topk-influence).
+    #[serde(default)]
+    pub bandit: crate::bandit::BanditConfig,
     pub sink: SinkConfig,
     #[serde(default)]
     pub state: StateConfig,
@@ -76,6 +79,14 @@ impl Default for TokensConfig {
 pub enum Strategy {
     /// Seeded uniform sampling: each document is kept with probability `ratio`.
     Random,
+    /// The Quad bandit: UCB over clusters with influence rewards (`[bandit]` section).
+    Quad,
+    /// The bandit with alpha = 0: after every arm's first pull, always the best mean reward.
+    Exploit,
+    /// Clusters chosen uniformly at random, sampled documents taken without scoring.
+    Explore,
+    /// Every document scored; the best by influence taken until the budget.
+    TopkInfluence,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -456,6 +467,7 @@ impl JobSpec {
                 self.select.ratio
             ));
         }
+        self.bandit.validate()?;
         if self.sink.row_group_rows == 0 {
             return Err("sink.row_group_rows must be positive".into());
         }
@@ -517,6 +529,12 @@ impl JobSpec {
                 "dim": self.embed.dim,
                 "max_tokens": self.embed.max_tokens,
             });
+        }
+        // The bandit's settings decide the selection only when a bandit strategy runs.
+        if self.select.strategy != Strategy::Random {
+            if let Some(map) = fingerprint.as_object_mut() {
+                map.insert("bandit".into(), serde_json::json!(self.bandit));
+            }
         }
         fingerprint
     }

@@ -5,10 +5,12 @@
 //! `sink` writes the output, `state` holds the transactional job state, and `dataflow` wires
 //! them into a timely graph. `config` is the job spec, `schema` the file formats.
 
+pub mod bandit;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod corpus;
+pub mod cost;
 pub mod dataflow;
 pub mod doctor;
 pub mod embed;
@@ -17,6 +19,7 @@ pub mod inspect;
 pub mod model;
 pub mod plot;
 pub mod progress;
+pub mod report;
 pub mod schema;
 pub mod select;
 pub mod sink;

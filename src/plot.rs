@@ -53,16 +53,7 @@ pub fn line_chart(
             );
         }
         if series.len() > 1 {
-            let ly = TOP + 14.0 + 16.0 * i as f64;
-            let lx = WIDTH - RIGHT - 150.0;
-            let _ = writeln!(
-                svg,
-                r#"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
-                ly - 9.0,
-                lx + 14.0,
-                ly,
-                escape(name)
-            );
+            legend_entry(&mut svg, i, name, colour);
         }
     }
     for &(x, label) in markers {
@@ -70,6 +61,120 @@ pub fn line_chart(
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// A named series of bar heights, one per category.
+pub type Bars<'a> = (&'a str, Vec<f64>);
+
+/// A grouped bar chart: one group per category, one bar per series in each group, a legend
+/// when there are several series. Category labels are thinned out when there are many.
+pub fn bar_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[Bars<'_>],
+) -> String {
+    let n = categories.len().max(1) as f64;
+    let heights = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite());
+    let (lo, hi) = heights.fold((0.0f64, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (_, y_range) = data_ranges([(0.0, lo), (0.0, hi)].into_iter(), std::iter::empty());
+    let y_range = (if lo >= 0.0 { 0.0 } else { y_range.0 }, y_range.1);
+    let frame = Frame::new((0.0, n), y_range);
+    let mut svg = frame.open_with(title, x_label, y_label, false);
+    let group = frame.px(1.0) - frame.px(0.0);
+    let width = group * 0.8 / series.len().max(1) as f64;
+    let base = frame.py(0.0_f64.clamp(y_range.0, y_range.1));
+    for (s, (name, values)) in series.iter().enumerate() {
+        let colour = PALETTE[s % PALETTE.len()];
+        for (c, &v) in values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            let x = frame.px(c as f64) + group * 0.1 + width * s as f64;
+            let y = frame.py(v);
+            let _ = writeln!(
+                svg,
+                r#"<rect class="bar" x="{x:.2}" y="{:.2}" width="{:.2}" height="{:.2}" fill="{colour}"><title>{}: {}</title></rect>"#,
+                y.min(base),
+                width.max(0.5),
+                (y - base).abs().max(0.5),
+                escape(categories.get(c).map_or("", String::as_str)),
+                tick_label(v)
+            );
+        }
+        if series.len() > 1 {
+            legend_entry(&mut svg, s, name, colour);
+        }
+    }
+    let every = (categories.len() / 20).max(1);
+    for (c, label) in categories.iter().enumerate().step_by(every) {
+        let x = frame.px(c as f64 + 0.5);
+        let y = frame.bottom() + 14.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{x:.1}" y="{y:.1}" font-size="10" text-anchor="end" transform="rotate(-30 {x:.1} {y:.1})">{}</text>"#,
+            escape(label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// A histogram of `values` in `bins` equal-width bins, with labelled vertical markers (e.g. a
+/// threshold).
+pub fn histogram(
+    title: &str,
+    x_label: &str,
+    values: &[f64],
+    bins: usize,
+    markers: &[(f64, &str)],
+) -> String {
+    let bins = bins.max(1);
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    let (x_range, _) = data_ranges(
+        finite.iter().map(|&v| (v, 0.0)),
+        markers.iter().map(|m| m.0),
+    );
+    let step = (x_range.1 - x_range.0) / bins as f64;
+    let mut counts = vec![0u64; bins];
+    for v in &finite {
+        let b = (((v - x_range.0) / step) as usize).min(bins - 1);
+        counts[b] += 1;
+    }
+    let top = counts.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let frame = Frame::new(x_range, (0.0, top * 1.05));
+    let mut svg = frame.open(title, x_label, "documents");
+    for (b, &count) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
+        let x0 = frame.px(x_range.0 + step * b as f64);
+        let x1 = frame.px(x_range.0 + step * (b + 1) as f64);
+        let y = frame.py(count as f64);
+        let _ = writeln!(
+            svg,
+            r##"<rect class="bar" x="{x0:.2}" y="{y:.2}" width="{:.2}" height="{:.2}" fill="{}" stroke="white" stroke-width="0.5"><title>{count}</title></rect>"##,
+            (x1 - x0).max(0.5),
+            (frame.bottom() - y).max(0.5),
+            PALETTE[0]
+        );
+    }
+    for &(x, label) in markers {
+        frame.vertical_marker(&mut svg, x, label);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn legend_entry(svg: &mut String, i: usize, name: &str, colour: &str) {
+    let ly = TOP + 14.0 + 16.0 * i as f64;
+    let lx = WIDTH - RIGHT - 150.0;
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{lx}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
+        ly - 9.0,
+        lx + 14.0,
+        ly,
+        escape(name)
+    );
 }
 
 /// The extent of the data, padded so that no point sits on the frame, and never empty.
@@ -131,6 +236,12 @@ impl Frame {
 
     /// Opens the `<svg>` element and draws the frame, ticks, title and axis labels.
     pub fn open(&self, title: &str, x_label: &str, y_label: &str) -> String {
+        self.open_with(title, x_label, y_label, true)
+    }
+
+    /// As `open`; without numeric x ticks when `x_ticks` is false (categorical charts draw
+    /// their own labels).
+    fn open_with(&self, title: &str, x_label: &str, y_label: &str, x_ticks: bool) -> String {
         let mut svg = String::new();
         let _ = writeln!(
             svg,
@@ -153,7 +264,7 @@ impl Frame {
             x1 - x0,
             y1 - y0
         );
-        for t in ticks(self.x.0, self.x.1) {
+        for t in ticks(self.x.0, self.x.1).into_iter().filter(|_| x_ticks) {
             let x = self.px(t);
             let _ = writeln!(
                 svg,
@@ -291,6 +402,57 @@ mod tests {
         assert!(t.iter().all(|v| (0.013..=0.087).contains(v)));
         assert_eq!(tick_label(2.5), "2.5");
         assert_eq!(tick_label(1_000_000.0), "1.0e6");
+    }
+
+    #[test]
+    fn bar_chart_draws_one_bar_per_value_and_labels() {
+        let cats: Vec<String> = ["news", "tweets", "a<b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let svg = bar_chart(
+            "mix",
+            "source",
+            "share",
+            &cats,
+            &[
+                ("pool", vec![0.5, 0.3, 0.2]),
+                ("selected", vec![0.7, 0.1, 0.2]),
+            ],
+        );
+        assert_eq!(svg.matches(r#"class="bar""#).count(), 6);
+        assert!(svg.contains("a&lt;b"));
+        assert!(!svg.contains("NaN"));
+        // Taller value, taller bar: heights are proportional from a zero baseline.
+        let heights: Vec<f64> = svg
+            .match_indices(r#"class="bar""#)
+            .map(|(i, _)| {
+                let rest = &svg[i..];
+                let h = rest.split("height=\"").nth(1).unwrap();
+                h[..h.find('"').unwrap()].parse().unwrap()
+            })
+            .collect();
+        assert!(
+            (heights[0] / heights[1] - 0.5 / 0.3).abs() < 0.01,
+            "{heights:?}"
+        );
+    }
+
+    #[test]
+    fn histogram_counts_every_value_and_marks_tau() {
+        let values: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let svg = histogram("influence", "I(z)", &values, 10, &[(0.25, "tau")]);
+        let total: u64 = svg
+            .match_indices("<title>")
+            .map(|(i, _)| {
+                let rest = &svg[i + 7..];
+                rest[..rest.find('<').unwrap()].parse::<u64>().unwrap()
+            })
+            .sum();
+        assert_eq!(total, 100);
+        assert_eq!(svg.matches(r#"class="marker""#).count(), 1);
+        let empty = histogram("h", "x", &[], 20, &[]);
+        assert!(!empty.contains("NaN"));
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub fn id_key(id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id.as_bytes())
 }
 const REJECTS: TableDefinition<(u64, u64), &str> = TableDefinition::new("rejects");
+/// The Quad loop: one record per bandit round (JSON `report::RoundRecord`).
+const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
+/// Values of the run as a whole (JSON): the bandit state after the last round, the pool's mix,
+/// the costs.
+const RUN: TableDefinition<&str, &str> = TableDefinition::new("run");
+const BANDIT_KEY: &str = "bandit";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -307,6 +313,82 @@ impl StateStore {
             out.insert(entry.map_err(|e| self.err(e))?.0.value().to_string());
         }
         Ok(out)
+    }
+}
+
+/// The Quad loop's records (additions for the bandit; tables are created on first write).
+impl StateStore {
+    /// Records round `record.round` and the bandit state after it in one transaction, so a
+    /// resumed loop starts from exactly the state that matches the recorded rounds.
+    pub fn commit_round(
+        &self,
+        record: &crate::report::RoundRecord,
+        bandit: &crate::bandit::Bandit,
+    ) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut rounds = txn.open_table(ROUNDS).map_err(|e| self.err(e))?;
+            let json = serde_json::to_string(record).map_err(|e| self.err(e))?;
+            rounds
+                .insert(record.round, json.as_str())
+                .map_err(|e| self.err(e))?;
+            let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
+            let json = serde_json::to_string(bandit).map_err(|e| self.err(e))?;
+            run.insert(BANDIT_KEY, json.as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The bandit state of the last committed round, if any.
+    pub fn bandit(&self) -> Result<Option<crate::bandit::Bandit>, StateError> {
+        self.run_value(BANDIT_KEY)
+    }
+
+    /// Every round record, by round.
+    pub fn round_records(&self) -> Result<Vec<crate::report::RoundRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(ROUNDS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a value of the run (e.g. `report::COSTS_KEY`, `report::POOL_MIX_KEY`).
+    pub fn put_run_value<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
+            let json = serde_json::to_string(value).map_err(|e| self.err(e))?;
+            run.insert(key, json.as_str()).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn run_value<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(RUN) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let json = match table.get(key).map_err(|e| self.err(e))? {
+            Some(v) => v.value().to_string(),
+            None => return Ok(None),
+        };
+        serde_json::from_str(&json)
+            .map(Some)
+            .map_err(|e| self.err(format!("run value '{key}': {e}")))
     }
 }
 

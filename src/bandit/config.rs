@@ -1,0 +1,163 @@
+//! The `[bandit]` section of the job spec: the parameters of the Quad loop (DESIGN 1.2).
+//!
+//! Defaults: `rho = 0.2` (reward-sharing radius of the authors' code) and `gamma = 0.05` (the
+//! paper's sample ratio, about 5%) come from the paper/DESIGN; `alpha = 1` is UCB1's
+//! exploration weight (the paper's score is UCB1 with a weight); `n_min = 10` is the sample the
+//! authors' code scores per pull; `block_size = 20000` is what their code takes in block mode;
+//! `tau = 0` keeps documents whose influence is helpful (positive: a step on them lowers the
+//! reference loss). `clusters_per_round = 4` and the budget of 10% of the pool's tokens are
+//! this project's choices for the demo scale, to be tuned per job (`quad tune tau|gamma`).
+use serde::{Deserialize, Serialize};
+
+/// How tau is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TauMode {
+    /// Each sampled document whose influence is at least tau is selected.
+    PerDocument,
+    /// As `per-document`, and when the sample mean is at least tau a further block of unscored
+    /// documents of the cluster is taken (what the authors' code does).
+    Block,
+}
+
+/// How many tokens to select.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Budget {
+    /// A fixed number of tokens, e.g. `budget = { tokens = 1000000 }`.
+    Tokens(u64),
+    /// A fraction of the tokens ingested so far, e.g. `budget = { ratio = 0.1 }`; in streaming
+    /// mode the budget grows with the pool.
+    Ratio(f64),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BanditConfig {
+    /// Exploration weight of the UCB score (0 = exploitation only).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Reward-sharing radius in cosine distance between centroids.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+    /// Fraction of a cluster sampled per pull.
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+    /// At least this many documents are sampled per pull (fewer only when the cluster has fewer left).
+    #[serde(default = "default_n_min")]
+    pub n_min: u64,
+    /// R: clusters pulled per round.
+    #[serde(default = "default_clusters_per_round")]
+    pub clusters_per_round: usize,
+    /// Influence threshold for selection.
+    #[serde(default)]
+    pub tau: f64,
+    #[serde(default = "default_mode")]
+    pub mode: TauMode,
+    /// Unscored documents taken per passing sample in `block` mode.
+    #[serde(default = "default_block_size")]
+    pub block_size: u64,
+    #[serde(default = "default_budget")]
+    pub budget: Budget,
+}
+
+impl Default for BanditConfig {
+    fn default() -> Self {
+        BanditConfig {
+            alpha: default_alpha(),
+            rho: default_rho(),
+            gamma: default_gamma(),
+            n_min: default_n_min(),
+            clusters_per_round: default_clusters_per_round(),
+            tau: 0.0,
+            mode: default_mode(),
+            block_size: default_block_size(),
+            budget: default_budget(),
+        }
+    }
+}
+
+fn default_alpha() -> f64 {
+    1.0
+}
+fn default_rho() -> f64 {
+    0.2
+}
+fn default_gamma() -> f64 {
+    0.05
+}
+fn default_n_min() -> u64 {
+    10
+}
+fn default_clusters_per_round() -> usize {
+    4
+}
+fn default_mode() -> TauMode {
+    TauMode::PerDocument
+}
+fn default_block_size() -> u64 {
+    20_000
+}
+fn default_budget() -> Budget {
+    Budget::Ratio(0.1)
+}
+
+impl BanditConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |key: &str, want: &str, got: f64| {
+            Err(format!("bandit.{key} must be {want}, got {got}"))
+        };
+        if !(self.alpha.is_finite() && self.alpha >= 0.0) {
+            return bad("alpha", "finite and >= 0", self.alpha);
+        }
+        if !(self.rho.is_finite() && (0.0..=2.0).contains(&self.rho)) {
+            return bad("rho", "in [0, 2] (a cosine distance)", self.rho);
+        }
+        if !(self.gamma > 0.0 && self.gamma <= 1.0) {
+            return bad("gamma", "in (0, 1]", self.gamma);
+        }
+        if self.n_min == 0 {
+            return Err("bandit.n_min must be at least 1".into());
+        }
+        if self.clusters_per_round == 0 {
+            return Err("bandit.clusters_per_round must be at least 1".into());
+        }
+        if !self.tau.is_finite() {
+            return bad("tau", "finite", self.tau);
+        }
+        if self.mode == TauMode::Block && self.block_size == 0 {
+            return Err("bandit.block_size must be at least 1 in block mode".into());
+        }
+        match self.budget {
+            Budget::Tokens(0) => Err("bandit.budget.tokens must be at least 1".into()),
+            Budget::Ratio(r) if !(r > 0.0 && r <= 1.0) => bad("budget.ratio", "in (0, 1]", r),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_refuses_unknown_ones() {
+        let c: BanditConfig = toml::from_str(
+            "alpha = 0.5\nrho = 0.1\ngamma = 0.02\nn_min = 3\nclusters_per_round = 2\ntau = 0.01\nmode = \"block\"\nblock_size = 50\nbudget = { tokens = 1000 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.mode, TauMode::Block);
+        assert_eq!(c.budget, Budget::Tokens(1000));
+        assert_eq!(c.clusters_per_round, 2);
+        c.validate().unwrap();
+        let d: BanditConfig = toml::from_str("").unwrap();
+        assert_eq!(d, BanditConfig::default());
+        assert!(toml::from_str::<BanditConfig>("alpah = 1.0").is_err());
+        assert!(toml::from_str::<BanditConfig>("budget = { ratio = 0.1, tokens = 5 }").is_err());
+        let bad: BanditConfig = toml::from_str("gamma = 0.0").unwrap();
+        assert!(bad.validate().unwrap_err().contains("bandit.gamma"));
+        let bad: BanditConfig = toml::from_str("budget = { ratio = 1.5 }").unwrap();
+        assert!(bad.validate().unwrap_err().contains("budget.ratio"));
+    }
+}

@@ -1,0 +1,456 @@
+//! The run record of the Quad loop (per round: pulls, rewards, cluster scores, influences,
+//! selections by source; the pool's mix; the costs) and `quad report`, which renders it as a
+//! self-contained HTML page with inline SVG plots (no scripts, no external files).
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bandit::{Pull, RoundOutcome};
+use crate::cost::Costs;
+use crate::error::StateError;
+use crate::plot::{bar_chart, escape, histogram, line_chart, Series};
+use crate::state::StateStore;
+
+/// One cluster's part of a round, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRecord {
+    pub cluster: u32,
+    /// Members fetched (scored, or taken unscored).
+    pub sampled: u64,
+    /// CS_i when chosen; `None` for an untried arm or a strategy without scores.
+    pub cluster_score: Option<f64>,
+    /// r_i: mean influence of the sample; `None` when not scored.
+    pub reward: Option<f64>,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub pulls: Vec<PullRecord>,
+    /// Influence of every document scored in the round.
+    pub influences: Vec<f64>,
+    pub selected_docs: u64,
+    pub selected_tokens: u64,
+    /// Tokens selected by the end of this round, all rounds together.
+    pub total_selected_tokens: u64,
+    /// Selected tokens by the rows' source domain (filled by whoever fetched the rows).
+    pub selected_tokens_by_source: BTreeMap<String, u64>,
+}
+
+impl RoundRecord {
+    /// The record of a round from its plan and its outcome; `selected_tokens_by_source` is
+    /// left for the caller, which knows the rows.
+    pub fn new(pulls: &[Pull], outcome: &RoundOutcome) -> RoundRecord {
+        let rewards: BTreeMap<u32, f64> = outcome.rewards.iter().copied().collect();
+        RoundRecord {
+            round: outcome.round,
+            pulls: pulls
+                .iter()
+                .map(|p| PullRecord {
+                    cluster: p.cluster,
+                    sampled: p.members.len() as u64,
+                    cluster_score: p.cluster_score,
+                    reward: rewards.get(&p.cluster).copied(),
+                })
+                .collect(),
+            influences: outcome.scored.iter().map(|(_, v)| *v).collect(),
+            selected_docs: outcome.selected.len() as u64,
+            selected_tokens: outcome.selected.iter().map(|(m, _)| m.tokens).sum(),
+            total_selected_tokens: outcome.selected_tokens,
+            selected_tokens_by_source: BTreeMap::new(),
+        }
+    }
+}
+
+/// Everything `quad report` shows about a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub strategy: String,
+    /// The influence threshold, when the strategy uses one.
+    pub tau: Option<f64>,
+    pub rounds: Vec<RoundRecord>,
+    /// The pool's tokens by source domain.
+    pub pool_tokens_by_source: BTreeMap<String, u64>,
+    pub costs: Option<Costs>,
+}
+
+/// Keys of the run values in the state store.
+pub const POOL_MIX_KEY: &str = "pool_tokens_by_source";
+pub const COSTS_KEY: &str = "costs";
+
+impl RunRecord {
+    /// Reads a run's record from its state store.
+    pub fn load(
+        store: &StateStore,
+        name: &str,
+        strategy: &str,
+        tau: Option<f64>,
+    ) -> Result<RunRecord, StateError> {
+        Ok(RunRecord {
+            name: name.to_string(),
+            strategy: strategy.to_string(),
+            tau,
+            rounds: store.round_records()?,
+            pool_tokens_by_source: store.run_value(POOL_MIX_KEY)?.unwrap_or_default(),
+            costs: store.run_value(COSTS_KEY)?,
+        })
+    }
+
+    pub fn selected_tokens_by_source(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for r in &self.rounds {
+            for (s, t) in &r.selected_tokens_by_source {
+                *out.entry(s.clone()).or_insert(0) += t;
+            }
+        }
+        out
+    }
+}
+
+/// Writes the report of the job whose spec is at `job` to `out` (default
+/// `<sink.path>/report.html`) and returns its path.
+pub fn write_report(job: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let spec = crate::config::JobSpec::load(job)?;
+    let state = spec.state_path();
+    if !state.exists() {
+        anyhow::bail!(
+            "{}: no state store at {}; run the job first",
+            job.display(),
+            state.display()
+        );
+    }
+    let store = StateStore::open(&state, &spec.selection_fingerprint())?;
+    let strategy = serde_json::to_value(spec.select.strategy)?
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    let uses_tau = matches!(
+        spec.select.strategy,
+        crate::config::Strategy::Quad | crate::config::Strategy::Exploit
+    );
+    let record = RunRecord::load(
+        &store,
+        &spec.name,
+        &strategy,
+        uses_tau.then_some(spec.bandit.tau),
+    )?;
+    let path = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| spec.sink.path.join("report.html"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, render_html(&record))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Percentages of a token mix over `keys`.
+fn shares(mix: &BTreeMap<String, u64>, keys: &[String]) -> Vec<f64> {
+    let total: u64 = mix.values().sum();
+    keys.iter()
+        .map(|k| {
+            let t = mix.get(k).copied().unwrap_or(0);
+            if total == 0 {
+                0.0
+            } else {
+                100.0 * t as f64 / total as f64
+            }
+        })
+        .collect()
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = v.fold((0.0, 0u64), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+/// The page: a summary table, then one figure per plot that has data, and the costs.
+pub fn render_html(run: &RunRecord) -> String {
+    let mut figures: Vec<(String, String)> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    // Rewards over rounds.
+    let mean_reward: Vec<(f64, f64)> = run
+        .rounds
+        .iter()
+        .filter_map(|r| mean(r.pulls.iter().filter_map(|p| p.reward)).map(|m| (r.round as f64, m)))
+        .collect();
+    let max_reward: Vec<(f64, f64)> = run
+        .rounds
+        .iter()
+        .filter_map(|r| {
+            r.pulls
+                .iter()
+                .filter_map(|p| p.reward)
+                .reduce(f64::max)
+                .map(|m| (r.round as f64, m))
+        })
+        .collect();
+    if mean_reward.is_empty() {
+        notes.push("No rewards: this strategy does not score samples per cluster.".into());
+    } else {
+        let series: Vec<Series> = vec![("mean r_i", mean_reward), ("max r_i", max_reward)];
+        let markers: Vec<(f64, &str)> = Vec::new();
+        figures.push((
+            "Rewards over rounds".into(),
+            line_chart(
+                "Rewards per round",
+                "round",
+                "reward (mean influence)",
+                &series,
+                &markers,
+            ),
+        ));
+    }
+
+    // Cluster scores of the most pulled clusters, over the rounds they were chosen in.
+    let mut pulls_per_cluster: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in &run.rounds {
+        for p in &r.pulls {
+            *pulls_per_cluster.entry(p.cluster).or_insert(0) += 1;
+        }
+    }
+    let mut most: Vec<(u32, u64)> = pulls_per_cluster.iter().map(|(&c, &n)| (c, n)).collect();
+    most.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let names: Vec<String> = most
+        .iter()
+        .take(5)
+        .map(|(c, _)| format!("cluster {c}"))
+        .collect();
+    let score_series: Vec<Series> = most
+        .iter()
+        .take(5)
+        .zip(&names)
+        .map(|((c, _), name)| {
+            let pts = run
+                .rounds
+                .iter()
+                .flat_map(|r| {
+                    r.pulls
+                        .iter()
+                        .filter(|p| p.cluster == *c)
+                        .filter_map(move |p| p.cluster_score.map(|s| (r.round as f64, s)))
+                })
+                .collect();
+            (name.as_str(), pts)
+        })
+        .filter(|(_, pts): &(&str, Vec<(f64, f64)>)| !pts.is_empty())
+        .collect();
+    if score_series.is_empty() {
+        notes.push("No cluster scores: this strategy does not rank clusters by UCB.".into());
+    } else {
+        figures.push((
+            "Cluster scores over rounds".into(),
+            line_chart(
+                "UCB score CS_i when chosen (most pulled clusters)",
+                "round",
+                "CS_i",
+                &score_series,
+                &[],
+            ),
+        ));
+    }
+
+    // Pulls per cluster.
+    if !pulls_per_cluster.is_empty() {
+        let cats: Vec<String> = pulls_per_cluster.keys().map(|c| c.to_string()).collect();
+        let counts: Vec<f64> = pulls_per_cluster.values().map(|&n| n as f64).collect();
+        figures.push((
+            "Pulls per cluster".into(),
+            bar_chart(
+                "Pulls per cluster",
+                "cluster",
+                "pulls",
+                &cats,
+                &[("pulls", counts)],
+            ),
+        ));
+    }
+
+    // Influence distribution with tau.
+    let influences: Vec<f64> = run
+        .rounds
+        .iter()
+        .flat_map(|r| r.influences.iter().copied())
+        .collect();
+    if influences.is_empty() {
+        notes.push("No influence scores were recorded.".into());
+    } else {
+        let tau_label = run.tau.map(|t| format!("tau = {t}"));
+        let markers: Vec<(f64, &str)> = run
+            .tau
+            .iter()
+            .zip(tau_label.iter())
+            .map(|(&t, l)| (t, l.as_str()))
+            .collect();
+        figures.push((
+            "Influence distribution".into(),
+            histogram(
+                &format!("Influence of the {} scored documents", influences.len()),
+                "influence I(z)",
+                &influences,
+                30,
+                &markers,
+            ),
+        ));
+    }
+
+    // Selected tokens per source against the pool's mix.
+    let selected_mix = run.selected_tokens_by_source();
+    let mut sources: Vec<String> = run.pool_tokens_by_source.keys().cloned().collect();
+    for s in selected_mix.keys() {
+        if !sources.contains(s) {
+            sources.push(s.clone());
+        }
+    }
+    if sources.is_empty() {
+        notes.push("No source mix was recorded.".into());
+    } else {
+        figures.push((
+            "Selected tokens per source domain".into(),
+            bar_chart(
+                "Share of tokens per source domain",
+                "source",
+                "% of tokens",
+                &sources,
+                &[
+                    ("pool", shares(&run.pool_tokens_by_source, &sources)),
+                    ("selected", shares(&selected_mix, &sources)),
+                ],
+            ),
+        ));
+    }
+
+    // Costs.
+    let mut cost_table = String::new();
+    if let Some(c) = &run.costs {
+        let cats: Vec<String> = c.stages().iter().map(|(s, _)| s.to_string()).collect();
+        let flops: Vec<f64> = c.stages().iter().map(|(_, f)| *f).collect();
+        figures.push((
+            "Compute".into(),
+            bar_chart(
+                "FLOPs per stage",
+                "stage",
+                "FLOPs",
+                &cats,
+                &[("FLOPs", flops)],
+            ),
+        ));
+        let _ = write!(
+            cost_table,
+            "<table><tr><th>stage</th><th>FLOPs</th></tr>{}<tr><td>total</td><td>{:.3e}</td></tr></table>\
+             <p>Scored {} of {} documents ({:.2}% of the pool), {} tokens.</p>",
+            c.stages()
+                .iter()
+                .map(|(s, f)| format!("<tr><td>{s}</td><td>{f:.3e}</td></tr>"))
+                .collect::<String>(),
+            c.total_flops(),
+            c.docs_scored,
+            c.pool_docs,
+            100.0 * c.pool_fraction_scored(),
+            c.tokens_scored
+        );
+    } else {
+        notes.push("No cost figures were recorded.".into());
+    }
+
+    let selected_docs: u64 = run.rounds.iter().map(|r| r.selected_docs).sum();
+    let selected_tokens = run.rounds.last().map_or(0, |r| r.total_selected_tokens);
+    let scored: usize = influences.len();
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>quad report: {name}</title>\
+         <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:0.2em 0.6em;text-align:right}}figure{{margin:1.5em 0}}</style></head>\n<body>\n\
+         <h1>quad report: {name}</h1>\n<table><tr><th>strategy</th><td>{strategy}</td></tr>\
+         <tr><th>rounds</th><td>{rounds}</td></tr><tr><th>documents scored</th><td>{scored}</td></tr>\
+         <tr><th>documents selected</th><td>{selected_docs}</td></tr><tr><th>tokens selected</th><td>{selected_tokens}</td></tr>\
+         <tr><th>tau</th><td>{tau}</td></tr></table>\n",
+        name = escape(&run.name),
+        strategy = escape(&run.strategy),
+        rounds = run.rounds.len(),
+        tau = run.tau.map_or("-".to_string(), |t| t.to_string()),
+    );
+    for (heading, svg) in &figures {
+        let _ = write!(
+            html,
+            "<h2>{}</h2>\n<figure class=\"plot\">\n{svg}</figure>\n",
+            escape(heading)
+        );
+    }
+    html.push_str(&cost_table);
+    for note in &notes {
+        let _ = write!(html, "<p class=\"note\">{}</p>\n", escape(note));
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> RunRecord {
+        let round = |r: u64, reward: f64| RoundRecord {
+            round: r,
+            pulls: vec![PullRecord {
+                cluster: r as u32 % 3,
+                sampled: 4,
+                cluster_score: (r > 2).then_some(1.0 + reward),
+                reward: Some(reward),
+            }],
+            influences: vec![reward - 0.1, reward, reward + 0.1],
+            selected_docs: 2,
+            selected_tokens: 20,
+            total_selected_tokens: 20 * (r + 1),
+            selected_tokens_by_source: [("news".to_string(), 20)].into(),
+        };
+        RunRecord {
+            name: "t<1>".into(),
+            strategy: "quad".into(),
+            tau: Some(0.0),
+            rounds: (0..6).map(|r| round(r, r as f64 * 0.1)).collect(),
+            pool_tokens_by_source: [("news".to_string(), 100), ("email".to_string(), 300)].into(),
+            costs: Some(Costs {
+                embed_flops: 1e9,
+                factor_flops: 2e9,
+                score_flops: 3e9,
+                docs_scored: 18,
+                pool_docs: 40,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn every_plot_is_in_the_page() {
+        let html = render_html(&run());
+        assert_eq!(
+            html.matches("<svg").count(),
+            6,
+            "rewards, scores, pulls, influence, mix, costs"
+        );
+        assert!(html.contains("t&lt;1&gt;"));
+        assert!(html.contains("tau = 0"));
+        assert!(html.contains("45.00% of the pool"));
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("NaN"));
+    }
+
+    #[test]
+    fn missing_parts_are_named_not_drawn() {
+        let html = render_html(&RunRecord {
+            name: "empty".into(),
+            ..Default::default()
+        });
+        assert_eq!(html.matches("<svg").count(), 0);
+        assert!(html.contains("No cost figures"));
+    }
+}
