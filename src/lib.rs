@@ -5,6 +5,7 @@
 //! `sink` writes the output, `state` holds the transactional job state, and `dataflow` wires
 //! them into a timely graph. `config` is the job spec, `schema` the file formats.
 
+pub mod assign;
 pub mod cli;
 pub mod cluster;
 pub mod config;
