@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, ListArray,
@@ -277,19 +276,7 @@ fn sigkill_then_resume_gives_the_uninterrupted_membership() {
 
     let job = planted_job(dir.path(), "killed");
     let sink = dir.path().join("killed");
-    let mut child = spawn_slow_run(&job, 700);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while output_files(&sink).len() < 3 {
-        assert!(Instant::now() < deadline, "job made no progress");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "job finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(output_files(&sink).len() < SLICE_SHARDS);
+    kill_mid_job(&job, &sink);
     let partial = membership(&store(dir.path(), "killed"));
     assert!(partial.0.len() < expected.0.len(), "the kill came too late");
 
