@@ -250,7 +250,7 @@ fn default_tune_ks() -> Vec<usize> {
     vec![2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 }
 fn default_tune_sample() -> usize {
-    2000
+    1000
 }
 fn default_cluster_k() -> usize {
     64

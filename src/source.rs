@@ -9,7 +9,7 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatchReader;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
 };
 use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
@@ -522,4 +522,171 @@ pub fn fetch_cells(
         }
     }
     Ok(out)
+}
+
+/// Fetches rows of a shard by row number (0-based over all row groups), with the job's column
+/// projection, reading only the row groups that hold them and only the selected rows of those
+/// (a Parquet row selection). Rows come back in ascending row order, each once; the scoring and
+/// output stages use this to get documents back by their stored location.
+pub fn fetch_rows(
+    path: &Path,
+    config: &SourceConfig,
+    rows: &[u64],
+) -> Result<RecordBatch, ShardError> {
+    let (file, metadata, indices) = open(path, config, None)?;
+    let parquet_meta = metadata.metadata().clone();
+    let sizes: Vec<u64> = parquet_meta
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows().max(0) as u64)
+        .collect();
+    let total: u64 = sizes.iter().sum();
+    let mut wanted: Vec<u64> = rows.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    if let Some(&last) = wanted.last() {
+        if last >= total {
+            return Err(ShardError::Corrupt {
+                path: path.to_path_buf(),
+                row_group: sizes.len(),
+                reason: format!("row {last} was asked for, the shard has {total} rows"),
+            });
+        }
+    }
+    // Row groups holding wanted rows, and each wanted row's position within the concatenation of
+    // just those groups (what a row selection counts over).
+    let mut groups: Vec<usize> = Vec::new();
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(wanted.len());
+    let (mut group, mut group_start, mut selected_before) = (0usize, 0u64, 0u64);
+    for &row in &wanted {
+        while row >= group_start + sizes[group] {
+            if groups.last() == Some(&group) {
+                selected_before += sizes[group];
+            }
+            group_start += sizes[group];
+            group += 1;
+        }
+        if groups.last() != Some(&group) {
+            groups.push(group);
+        }
+        let at = (selected_before + row - group_start) as usize;
+        ranges.push(at..at + 1);
+    }
+    let selected_rows: u64 = groups.iter().map(|&g| sizes[g]).sum();
+    let selection =
+        RowSelection::from_consecutive_ranges(ranges.into_iter(), selected_rows as usize);
+    let mask = ProjectionMask::roots(
+        parquet_meta.file_metadata().schema_descr(),
+        indices.iter().copied(),
+    );
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata)
+        .with_projection(mask)
+        .with_row_groups(groups.clone())
+        .with_row_selection(selection)
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| ShardError::NotParquet {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let schema = reader.schema();
+    let mut batches = Vec::new();
+    for batch in reader {
+        batches.push(batch.map_err(|e| ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: groups.first().copied().unwrap_or(0),
+            reason: e.to_string(),
+        })?);
+    }
+    let batch =
+        arrow::compute::concat_batches(&schema, &batches).map_err(|e| ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: groups.first().copied().unwrap_or(0),
+            reason: e.to_string(),
+        })?;
+    if batch.num_rows() != wanted.len() {
+        return Err(ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: groups.first().copied().unwrap_or(0),
+            reason: format!(
+                "asked for {} rows, the reader returned {}",
+                wanted.len(),
+                batch.num_rows()
+            ),
+        });
+    }
+    Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+    use std::sync::Arc;
+
+    /// A shard of `n` rows in row groups of 7: id "d{i}", text "text {i}", value i*10.
+    fn shard(dir: &Path, n: usize) -> PathBuf {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("text", DataType::Utf8, false),
+            Field::new("value", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("d{i}")),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("text {i}")),
+                )),
+                Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| i * 10))),
+            ],
+        )
+        .unwrap();
+        let path = dir.join("shard.parquet");
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(7))
+            .build();
+        let mut writer =
+            ArrowWriter::try_new(File::create(&path).unwrap(), schema, Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    fn config() -> SourceConfig {
+        toml::from_str("shards = \"x\"").unwrap()
+    }
+
+    #[test]
+    fn fetch_rows_returns_exactly_the_asked_rows_across_row_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = shard(dir.path(), 40);
+        // Unsorted, with a duplicate, spanning first, middle and last row groups and skipping some.
+        let rows = [39u64, 0, 6, 7, 22, 22, 13, 35];
+        let batch = fetch_rows(&path, &config(), &rows).unwrap();
+        let ids: Vec<String> = (0..batch.num_rows())
+            .map(|i| id_at(batch.column(0), i).unwrap())
+            .collect();
+        assert_eq!(ids, ["d0", "d6", "d7", "d13", "d22", "d35", "d39"]);
+        let values = batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(values.value(4), 220);
+        assert!(fetch_rows(&path, &config(), &[]).unwrap().num_rows() == 0);
+    }
+
+    #[test]
+    fn fetch_rows_past_the_end_names_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = shard(dir.path(), 10);
+        let err = fetch_rows(&path, &config(), &[3, 10])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 10") && err.contains("10 rows"), "{err}");
+    }
 }

@@ -207,33 +207,42 @@ pub fn nearest_rows(x: &[f32], dim: usize, centroids: &[f32], device: Device) ->
     let _guard = tch::no_grad_guard();
     let c = centroid_tensor(centroids, dim, device);
     let ct = c.tr();
-    let top = k.min(2) as i64;
     for block in x.chunks(block_rows(k) * dim) {
         let b = block.len() / dim;
         let xs = Tensor::from_slice(block)
             .view([b as i64, dim as i64])
             .to_device(device);
-        let scores = xs.matmul(&ct);
-        let (vals, idx) = scores.topk(top, 1, true, true);
-        let vals = Vec::<f32>::try_from(vals.to_device(Device::Cpu).contiguous().view([-1]))
-            .unwrap_or_default();
-        let idx = Vec::<i64>::try_from(idx.to_device(Device::Cpu).contiguous().view([-1]))
+        let mut scores = xs.matmul(&ct);
+        // Best and second-best score per row: max, blank the best, max again (cheaper than
+        // topk on the CPU).
+        let (v1, i1) = scores.max_dim(1, false);
+        let v2 = if k > 1 {
+            let _ = scores.scatter_value_(1, &i1.unsqueeze(1), f64::NEG_INFINITY);
+            scores.max_dim(1, false).0
+        } else {
+            v1.full_like(f64::NEG_INFINITY)
+        };
+        let host_f32 = |t: Tensor| {
+            Vec::<f32>::try_from(t.to_device(Device::Cpu).contiguous().view([-1]))
+                .unwrap_or_default()
+        };
+        let (v1, v2) = (host_f32(v1), host_f32(v2));
+        let idx = Vec::<i64>::try_from(i1.to_device(Device::Cpu).contiguous().view([-1]))
             .unwrap_or_default();
         for r in 0..b {
             let row = &block[r * dim..(r + 1) * dim];
-            let t = top as usize;
-            let best = idx[r * t] as usize;
-            let winner = if t == 1 || vals[r * t] - vals[r * t + 1] > NEAR_TIE {
+            let best = idx[r] as usize;
+            let winner = if v1[r] - v2[r] > NEAR_TIE {
                 best
             } else {
-                // Near-tie: every candidate within NEAR_TIE of the best is re-scored exactly.
-                let srow = Vec::<f32>::try_from(scores.get(r as i64).to_device(Device::Cpu))
-                    .unwrap_or_default();
-                let floor = vals[r * t] - 2.0 * NEAR_TIE;
+                // Near-tie: the best and every candidate within 2 NEAR_TIE of it are
+                // re-scored exactly (the best's own score was blanked above).
+                let srow = host_f32(scores.get(r as i64));
+                let floor = v1[r] - 2.0 * NEAR_TIE;
                 let mut win = best;
                 let mut win_dot = f64::NEG_INFINITY;
                 for (j, s) in srow.iter().enumerate() {
-                    if *s >= floor {
+                    if *s >= floor || j == best {
                         let d = dot_exact(row, &centroids[j * dim..(j + 1) * dim]);
                         if d > win_dot {
                             win = j;
