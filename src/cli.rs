@@ -71,11 +71,30 @@ pub enum Command {
         #[command(subcommand)]
         which: TuneCommand,
     },
-    /// Print a Parquet file's schema, row count and first rows.
+    /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), or a
+    /// job's clusters (`quad inspect clusters JOB`).
+    #[command(args_conflicts_with_subcommands = true)]
     Inspect {
-        file: PathBuf,
+        #[command(subcommand)]
+        what: Option<InspectCommand>,
+        /// A Parquet file.
+        file: Option<PathBuf>,
         #[arg(short = 'n', long, default_value_t = 5)]
         rows: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// A clustering job's clusters: size, tokens, dominant sources, example titles.
+    Clusters {
+        job: PathBuf,
+        /// Example documents shown per cluster.
+        #[arg(short = 'e', long, default_value_t = 3)]
+        examples: usize,
+        /// Show only the largest this-many clusters.
+        #[arg(short = 'l', long)]
+        limit: Option<usize>,
     },
 }
 
@@ -177,7 +196,28 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!("{}", crate::cluster::tune::tune_k(&spec, &options)?);
             Ok(exit::OK)
         }
-        Command::Inspect { file, rows } => {
+        Command::Inspect {
+            what:
+                Some(InspectCommand::Clusters {
+                    job,
+                    examples,
+                    limit,
+                }),
+            ..
+        } => {
+            let spec = JobSpec::load(&job)?;
+            print!(
+                "{}",
+                crate::inspect::inspect_clusters(&spec, examples, limit)?
+            );
+            Ok(exit::OK)
+        }
+        Command::Inspect {
+            what: None,
+            file,
+            rows,
+        } => {
+            let file = file.context("quad inspect: give a Parquet file, or `clusters JOB`")?;
             print!("{}", crate::inspect::inspect(&file, rows)?);
             Ok(exit::OK)
         }

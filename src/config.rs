@@ -523,6 +523,10 @@ impl JobSpec {
         // Only clustering jobs carry these, so stores of other jobs stay valid.
         if self.cluster.enabled {
             fingerprint["cluster"] = serde_json::json!(self.cluster);
+            // `quad tune k` settings do not change what a run does.
+            if let Some(cluster) = fingerprint["cluster"].as_object_mut() {
+                cluster.remove("tune");
+            }
             fingerprint["embed"] = serde_json::json!({
                 "model": self.embed.model,
                 "column": self.embed.column,

@@ -3,10 +3,15 @@
 //!   shards ─▶ read (owner worker) ─▶ admit (worker 0: dedup + select, in epoch order)
 //!                                        ─▶ sink (owner worker: Parquet + state commit)
 //!
+//! With `[cluster] enabled`, two more stages run between read and sink:
+//!
+//!   read ─▶ embed (owner worker) ─▶ assign (worker 0, in epoch order, after admit) ─┬▶ sink
+//!                                                   membership (worker cluster % peers) ◀┘
+//!
 //! Timestamps are epochs; epoch e is one shard, read and written by worker `e % peers`, which
-//! keeps the shard's rows in memory between the two. Only document metadata crosses workers.
-//! The admit and sink operators stash by capability and act when the frontier passes an epoch,
-//! so their decisions do not depend on how many workers there are.
+//! keeps the shard's rows in memory between the two. Only document metadata and vectors cross
+//! workers. The admit, assign and sink operators stash by capability and act when the frontier
+//! passes an epoch, so their decisions do not depend on how many workers there are.
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -18,17 +23,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
+use crate::assign::Assigner;
 use crate::config::JobSpec;
+use crate::embed::SentenceEncoder;
 use crate::progress::{Progress, Summary};
 use crate::select::{Admitter, Verdicts};
 use crate::sink;
-use crate::source::{self, DocMeta, ShardData};
-use crate::state::{EpochCommit, EpochRecord, PlannedShard, StateStore};
+use crate::source::{self, DocMeta, EmbeddingColumn, ShardData};
+use crate::state::{ClusterCommit, EpochCommit, EpochRecord, Member, PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
 /// Rejected rows logged one by one per shard; the rest are counted.
@@ -46,6 +55,57 @@ pub struct RunOptions {
 struct EpochDocs {
     epoch: u64,
     docs: Vec<DocMeta>,
+}
+
+/// An epoch's documents with their unit vectors (row-major), from the embed operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct EmbeddedEpoch {
+    epoch: u64,
+    docs: Vec<DocMeta>,
+    vectors: Vec<f32>,
+}
+
+/// What the assign stage commits with an epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EpochClusters {
+    epoch: u64,
+    commit: ClusterCommit,
+}
+
+/// Clustering jobs commit epochs strictly in epoch order, so the stored clusterer state is
+/// always the state after every committed epoch and no later one: what resuming needs.
+#[derive(Default)]
+struct CommitOrder {
+    /// Epochs of this run not committed yet.
+    waiting: Mutex<std::collections::BTreeSet<u64>>,
+    turn: std::sync::Condvar,
+}
+
+impl CommitOrder {
+    fn add(&self, epochs: impl IntoIterator<Item = u64>) {
+        self.waiting.lock().expect("commit order").extend(epochs);
+    }
+
+    /// Blocks until every earlier epoch of this run has committed; false if the job failed.
+    fn wait_turn(&self, epoch: u64, failed: &AtomicBool) -> bool {
+        let mut waiting = self.waiting.lock().expect("commit order");
+        while waiting.first().is_some_and(|&first| first < epoch) {
+            if failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            waiting = self
+                .turn
+                .wait_timeout(waiting, Duration::from_millis(100))
+                .expect("commit order")
+                .0;
+        }
+        true
+    }
+
+    fn done(&self, epoch: u64) {
+        self.waiting.lock().expect("commit order").remove(&epoch);
+        self.turn.notify_all();
+    }
 }
 
 /// An epoch's shard as its owner worker holds it until the sink has written it.
@@ -83,6 +143,11 @@ struct Shared {
     failed: AtomicBool,
     progress: Progress,
     hooks: Hooks,
+    /// Vector width when clustering is on.
+    clustering: Option<usize>,
+    /// The precomputed embedding column the reader reads, if the spec names one.
+    embedding: Option<EmbeddingColumn>,
+    order: CommitOrder,
 }
 
 impl Shared {
@@ -113,6 +178,24 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         tracing::warn!(glob = %spec.source.shards, "no shard matches source.shards");
     }
     let plan = store.register_shards(&found)?;
+    let clustering = if spec.cluster.enabled {
+        Some(
+            spec.embed
+                .resolve_dim()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    } else {
+        None
+    };
+    let embedding = match (clustering, &spec.embed.column) {
+        (Some(dim), Some(name)) => Some(EmbeddingColumn {
+            name: name.clone(),
+            dim,
+        }),
+        _ => None,
+    };
+    let order = CommitOrder::default();
+    order.add(plan.iter().map(|p| p.epoch));
     let summary = Summary {
         job: spec.name.clone(),
         workers: options.workers,
@@ -130,6 +213,9 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         failed: AtomicBool::new(false),
         progress: Progress::new(plan.len() as u64),
         hooks: Hooks::from_env(),
+        clustering,
+        embedding,
+        order,
     });
     let watch = spec.source.watch && !options.once;
     let config = timely::Config::process(options.workers.max(1));
@@ -146,6 +232,9 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         return Err(err);
     }
     let mut summary = shared.summary.lock().expect("summary lock").clone();
+    if shared.clustering.is_some() {
+        summary.clusters = Some(shared.store.clusters()?.len() as u64);
+    }
     summary.quarantined.sort();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -164,10 +253,18 @@ fn run_worker(
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
 
+    // The epoch whose end forces the initial fit when fewer documents than the reservoir came:
+    // the last shard of a run that is not long-lived (the same after a resume).
+    let fit_epoch = if watch {
+        None
+    } else {
+        plan.last().map(|p| p.epoch)
+    };
     worker.dataflow::<u64, _, _>(|scope| {
         let admit_shared = shared.clone();
-        let verdicts = input
-            .to_stream(scope)
+        let docs = input.to_stream(scope);
+        let verdicts = docs
+            .clone()
             .unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
                 Exchange::new(|_: &EpochDocs| 0),
                 "Admit",
@@ -236,23 +333,39 @@ fn run_worker(
                     }
                 },
             );
+        let clusters = if shared.clustering.is_some() {
+            let embedded = embed_operator(docs, shared, &local);
+            let assigned = assign_operator(verdicts.clone(), embedded, shared, fit_epoch);
+            membership_operator(assigned.clone(), shared, index as u64, peers);
+            assigned
+        } else {
+            empty(verdicts.scope())
+        };
         let sink_shared = shared.clone();
         let sink_local = local.clone();
         verdicts
-            .unary_frontier::<CapacityContainerBuilder<Vec<u64>>, _, _, _>(
+            .binary_frontier::<_, CapacityContainerBuilder<Vec<u64>>, _, _, _, _>(
+                clusters,
                 Exchange::new(move |v: &Verdicts| owner(v.epoch)),
+                Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
                 "Sink",
                 move |_capability, info| {
                     // Compression, fsync and the store commit run on a writer thread, so the
                     // worker reads the next shard meanwhile. An epoch's capability is held until
                     // its commit is done, so the probe only passes committed epochs.
-                    let (jobs, writer_jobs) =
-                        std::sync::mpsc::channel::<(u64, LocalShard, Verdicts)>();
+                    let (jobs, writer_jobs) = std::sync::mpsc::channel::<(
+                        u64,
+                        LocalShard,
+                        Verdicts,
+                        Option<ClusterCommit>,
+                    )>();
                     let (writer_done, done) = std::sync::mpsc::channel::<u64>();
                     let writer_shared = sink_shared.clone();
                     std::thread::spawn(move || {
-                        for (epoch, shard, verdicts) in writer_jobs {
-                            if let Err(e) = commit_epoch(&writer_shared, epoch, shard, verdicts) {
+                        for (epoch, shard, verdicts, clusters) in writer_jobs {
+                            if let Err(e) =
+                                commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
+                            {
                                 writer_shared.fail(e);
                             }
                             if writer_done.send(epoch).is_err() {
@@ -263,8 +376,10 @@ fn run_worker(
                     let activator = scope.activator_for(info.address);
                     let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
                     let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
+                    let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
                     let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
-                    move |(input, frontier), output| {
+                    let clustering = sink_shared.clustering.is_some();
+                    move |(input, frontier), (cluster_input, cluster_frontier), output| {
                         input.for_each_stamp(|cap, data| {
                             if let Some(cap) = cap.retain_least(output.output_index()) {
                                 for container in data {
@@ -275,15 +390,30 @@ fn run_worker(
                                 }
                             }
                         });
+                        cluster_input.for_each_stamp(|_cap, data| {
+                            for container in data {
+                                for c in container.drain(..) {
+                                    clusters_of.insert(c.epoch, c.commit);
+                                }
+                            }
+                        });
                         while let Some((&epoch, _)) = stash.first_key_value() {
-                            if frontier.less_equal(&epoch) {
+                            if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch)
+                            {
                                 break;
                             }
                             let cap = stash.remove(&epoch).expect("first key");
                             let shard = sink_local.borrow_mut().remove(&epoch);
+                            let clusters = clusters_of.remove(&epoch);
+                            if clustering && clusters.is_none() {
+                                sink_shared.fail(anyhow::anyhow!(
+                                    "internal: epoch {epoch} reached the sink without its clusters"
+                                ));
+                                continue;
+                            }
                             match (shard, verdicts_of.remove(&epoch)) {
                                 (Some(shard), Some(verdicts)) => {
-                                    if jobs.send((epoch, shard, verdicts)).is_err() {
+                                    if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
                                         sink_shared
                                             .fail(anyhow::anyhow!("the writer thread stopped"));
                                     }
@@ -357,6 +487,7 @@ fn run_worker(
         {
             Ok(found) => {
                 plan = found.into_iter().filter(|p| p.epoch >= next).collect();
+                shared.order.add(plan.iter().map(|p| p.epoch));
                 if index == 0 && !plan.is_empty() {
                     tracing::info!(new_shards = plan.len(), "found new shards");
                     shared.progress.add_total(plan.len() as u64);
@@ -372,17 +503,256 @@ fn run_worker(
     }
 }
 
+/// Embeds each epoch's documents on the worker that read the shard (its rows are there): the
+/// precomputed column's vectors when the spec names one, else the sentence encoder's (one
+/// encoder a worker, loaded at the first epoch that needs it).
+fn embed_operator<'scope>(
+    docs: StreamVec<'scope, u64, EpochDocs>,
+    shared: &Arc<Shared>,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+) -> StreamVec<'scope, u64, EmbeddedEpoch> {
+    let shared = shared.clone();
+    let local = local.clone();
+    docs.unary::<CapacityContainerBuilder<Vec<EmbeddedEpoch>>, _, _, _>(
+        Pipeline,
+        "Embed",
+        move |_capability, _info| {
+            let mut encoder: Option<SentenceEncoder> = None;
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    for container in data {
+                        for epoch_docs in container.drain(..) {
+                            let epoch = epoch_docs.epoch;
+                            match embed_epoch(&shared, &local, &mut encoder, epoch_docs) {
+                                Ok(embedded) => output.session(&cap).give(embedded),
+                                Err(e) => {
+                                    shared.fail(e.context(format!("embedding epoch {epoch}")))
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        },
+    )
+}
+
+fn embed_epoch(
+    shared: &Shared,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    encoder: &mut Option<SentenceEncoder>,
+    epoch_docs: EpochDocs,
+) -> Result<EmbeddedEpoch> {
+    let spec = &shared.spec;
+    let dim = shared.clustering.unwrap_or(0);
+    let local = local.borrow();
+    let shard = local
+        .get(&epoch_docs.epoch)
+        .with_context(|| format!("internal: epoch {} is not held here", epoch_docs.epoch))?;
+    let Ok(data) = &shard.data else {
+        // Quarantined: nothing to embed, but assign still sees the epoch.
+        return Ok(EmbeddedEpoch {
+            epoch: epoch_docs.epoch,
+            ..Default::default()
+        });
+    };
+    let vectors = match &data.vectors {
+        Some(vectors) => vectors.clone(),
+        None => {
+            if encoder.is_none() {
+                let device = spec.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
+                let loaded =
+                    SentenceEncoder::load(&spec.embed.model, device, spec.embed.max_tokens)
+                        .with_context(|| {
+                            format!("loading the encoder {}", spec.embed.model.display())
+                        })?;
+                anyhow::ensure!(
+                    loaded.dim() == dim,
+                    "{}: the encoder gives vectors of width {}, embed.dim says {dim}",
+                    spec.embed.model.display(),
+                    loaded.dim()
+                );
+                *encoder = Some(loaded);
+            }
+            let encoder = encoder.as_ref().expect("loaded above");
+            let start = Instant::now();
+            let texts = data.doc_texts(&spec.source.text_column);
+            let vectors = encoder.encode(&texts, spec.embed.batch_size)?;
+            tracing::info!(
+                shard = %shard.shard.display(),
+                documents = texts.len(),
+                docs_per_s = texts.len() as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                "embedded"
+            );
+            vectors.concat()
+        }
+    };
+    Ok(EmbeddedEpoch {
+        epoch: epoch_docs.epoch,
+        docs: data.docs.clone(),
+        vectors,
+    })
+}
+
+/// Assigns documents to clusters on worker 0, epoch by epoch in order, once admit has decided
+/// the epoch (its duplicates are not clustered) and its vectors are in.
+fn assign_operator<'scope>(
+    verdicts: StreamVec<'scope, u64, Verdicts>,
+    embedded: StreamVec<'scope, u64, EmbeddedEpoch>,
+    shared: &Arc<Shared>,
+    fit_epoch: Option<u64>,
+) -> StreamVec<'scope, u64, EpochClusters> {
+    let shared = shared.clone();
+    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<EpochClusters>>, _, _, _, _>(
+        embedded,
+        Pipeline,
+        Exchange::new(|_: &EmbeddedEpoch| 0),
+        "Assign",
+        move |_capability, _info| {
+            let dim = shared.clustering.unwrap_or(0);
+            let stored = shared.store.clusterer_state();
+            let mut assigner = match stored
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| Ok(Assigner::restore(bytes.as_deref(), dim)?))
+            {
+                Ok(assigner) => Some(assigner),
+                Err(e) => {
+                    shared.fail(e);
+                    None
+                }
+            };
+            let mut decided: BTreeMap<u64, (Capability<u64>, Verdicts)> = BTreeMap::new();
+            let mut vectors: BTreeMap<u64, EmbeddedEpoch> = BTreeMap::new();
+            move |(verdict_input, verdict_frontier), (embedded_input, embedded_frontier), output| {
+                verdict_input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                        for container in data {
+                            for v in container.drain(..) {
+                                decided.insert(v.epoch, (cap.delayed(&v.epoch), v));
+                            }
+                        }
+                    }
+                });
+                embedded_input.for_each_stamp(|_cap, data| {
+                    for container in data {
+                        for e in container.drain(..) {
+                            vectors.insert(e.epoch, e);
+                        }
+                    }
+                });
+                loop {
+                    let next = decided.keys().next().copied();
+                    let next_vectors = vectors.keys().next().copied();
+                    let Some(epoch) = next.into_iter().chain(next_vectors).min() else {
+                        break;
+                    };
+                    if verdict_frontier.less_equal(&epoch) || embedded_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let embedded = vectors.remove(&epoch);
+                    // An epoch admit did not decide (left for the next run) is not assigned.
+                    let Some((cap, verdicts)) = decided.remove(&epoch) else {
+                        continue;
+                    };
+                    let Some(assigner) = assigner.as_mut() else {
+                        continue;
+                    };
+                    let Some(embedded) = embedded else {
+                        shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached assign without its vectors"
+                        ));
+                        continue;
+                    };
+                    let duplicates: std::collections::HashSet<u64> =
+                        verdicts.duplicates.iter().map(|d| d.row).collect();
+                    let mut docs = Vec::with_capacity(embedded.docs.len());
+                    let mut kept = Vec::with_capacity(embedded.vectors.len());
+                    for (doc, vector) in embedded
+                        .docs
+                        .into_iter()
+                        .zip(embedded.vectors.chunks(dim.max(1)))
+                    {
+                        if !duplicates.contains(&doc.row) {
+                            docs.push(doc);
+                            kept.extend_from_slice(vector);
+                        }
+                    }
+                    let result = assigner.assign_epoch(
+                        epoch,
+                        &docs,
+                        &kept,
+                        &shared.spec.cluster,
+                        shared.spec.seed,
+                        fit_epoch == Some(epoch),
+                    );
+                    match result {
+                        Ok(commit) => output.session(&cap).give(EpochClusters { epoch, commit }),
+                        Err(e) => shared.fail(
+                            anyhow::Error::from(e).context(format!("clustering epoch {epoch}")),
+                        ),
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Keeps each cluster's members on the worker that owns the cluster (`cluster % peers`): the
+/// index the bandit's sample requests are served from. Starts from the committed membership.
+fn membership_operator(
+    assigned: StreamVec<'_, u64, EpochClusters>,
+    shared: &Arc<Shared>,
+    index: u64,
+    peers: u64,
+) {
+    let shared = shared.clone();
+    assigned
+        .flat_map(|c: EpochClusters| c.commit.members)
+        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(move |m: &Member| u64::from(m.cluster) % peers),
+            "Membership",
+            move |_capability, _info| {
+                let mut members: BTreeMap<u32, Vec<Member>> = BTreeMap::new();
+                let loaded = shared.store.clusters().and_then(|clusters| {
+                    for info in clusters {
+                        if u64::from(info.cluster) % peers == index {
+                            members.insert(info.cluster, shared.store.members(info.cluster)?);
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = loaded {
+                    shared.fail(e.into());
+                }
+                move |input, _output| {
+                    input.for_each_stamp(|_cap, data| {
+                        for container in data {
+                            for member in container.drain(..) {
+                                members.entry(member.cluster).or_default().push(member);
+                            }
+                        }
+                    });
+                }
+            },
+        );
+}
+
 /// Reads a shard this worker owns and keeps it until its epoch is written.
 fn read_local(
     shared: &Shared,
     planned: &PlannedShard,
     local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
 ) -> Vec<DocMeta> {
-    let data =
-        source::read_shard(&planned.path, &shared.spec.source, &shared.counter).map_err(|e| {
-            tracing::warn!(shard = %planned.path.display(), "quarantined: {e}");
-            e.to_string()
-        });
+    let data = source::read_shard(
+        &planned.path,
+        &shared.spec.source,
+        &shared.counter,
+        shared.embedding.as_ref(),
+    )
+    .map_err(|e| {
+        tracing::warn!(shard = %planned.path.display(), "quarantined: {e}");
+        e.to_string()
+    });
     let docs = match &data {
         Ok(data) => {
             for reject in data.rejects.iter().take(REJECTS_LOGGED_PER_SHARD) {
@@ -419,7 +789,13 @@ fn read_local(
 }
 
 /// Writes an epoch's output and commits it with the epoch's state in one transaction.
-fn commit_epoch(shared: &Shared, epoch: u64, shard: LocalShard, verdicts: Verdicts) -> Result<()> {
+fn commit_epoch(
+    shared: &Shared,
+    epoch: u64,
+    shard: LocalShard,
+    verdicts: Verdicts,
+    clusters: Option<ClusterCommit>,
+) -> Result<()> {
     let spec = &shared.spec;
     let shard_name = shard.shard.to_string_lossy().to_string();
     let (record, accepted, rejects) = match &shard.data {
@@ -485,15 +861,19 @@ fn commit_epoch(shared: &Shared, epoch: u64, shard: LocalShard, verdicts: Verdic
     if let Some(delay) = shared.hooks.delay {
         std::thread::sleep(delay);
     }
-    shared
-        .store
-        .commit_epoch(&EpochCommit {
-            epoch,
-            record: record.clone(),
-            accepted,
-            rejects,
-        })
-        .with_context(|| format!("committing epoch {epoch}"))?;
+    if shared.clustering.is_some() && !shared.order.wait_turn(epoch, &shared.failed) {
+        return Ok(()); // the job failed elsewhere; this epoch stays uncommitted
+    }
+    let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
+    let result = shared.store.commit_epoch(&EpochCommit {
+        epoch,
+        record: record.clone(),
+        accepted,
+        rejects,
+        clusters,
+    });
+    shared.order.done(epoch);
+    result.with_context(|| format!("committing epoch {epoch}"))?;
     let mut summary = shared.summary.lock().expect("summary lock");
     match &record.quarantined {
         Some(reason) => {
@@ -512,6 +892,7 @@ fn commit_epoch(shared: &Shared, epoch: u64, shard: LocalShard, verdicts: Verdic
     summary.tokens += record.tokens;
     summary.selected_tokens += record.selected_tokens;
     summary.files_written += u64::from(record.file.is_some());
+    summary.clustered += clustered;
     drop(summary);
     shared
         .progress

@@ -96,3 +96,123 @@ fn shorten(batch: &RecordBatch) -> Result<RecordBatch> {
         columns,
     )?)
 }
+
+/// Examples are cut to this many characters.
+const EXAMPLE_CHARS: usize = 70;
+/// Sources shown per cluster.
+const TOP_SOURCES: usize = 3;
+
+/// `quad inspect clusters JOB`: the job's clusters by size, with their tokens, dominant
+/// values of the `source` column (when the shards have one) and a few example titles (or
+/// first lines of text), fetched back from the shards by location, one read per shard.
+pub fn inspect_clusters(
+    spec: &crate::config::JobSpec,
+    examples: usize,
+    limit: Option<usize>,
+) -> Result<String> {
+    use std::collections::{BTreeMap, HashMap};
+    let path = spec.state_path();
+    let store = crate::state::StateStore::open_existing(&path)?;
+    let mut clusters = store.clusters()?;
+    let mut out = String::new();
+    if clusters.is_empty() {
+        out.push_str(&format!(
+            "job '{}': no clusters yet ({})\n",
+            spec.name,
+            path.display()
+        ));
+        return Ok(out);
+    }
+    clusters.sort_by(|a, b| b.size.cmp(&a.size).then(a.cluster.cmp(&b.cluster)));
+    let documents: u64 = clusters.iter().map(|c| c.size).sum();
+    let tokens: u64 = clusters.iter().map(|c| c.tokens).sum();
+    out.push_str(&format!(
+        "job '{}': {} clusters, {documents} documents, {tokens} tokens\n",
+        spec.name,
+        clusters.len()
+    ));
+    let shown = &clusters[..limit.unwrap_or(clusters.len()).min(clusters.len())];
+    let shard_paths = store.shard_paths()?;
+    let members: Vec<Vec<crate::state::Member>> = shown
+        .iter()
+        .map(|c| store.members(c.cluster))
+        .collect::<std::result::Result<_, _>>()?;
+    // One read per shard: the source of every member, title and text of the examples.
+    let mut rows_of: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for m in members.iter().flatten() {
+        rows_of.entry(m.epoch).or_default().push(m.row);
+    }
+    let text_column = spec.source.text_column.as_str();
+    let mut cells: HashMap<(u64, u64), Vec<Option<String>>> = HashMap::new();
+    for (epoch, rows) in &rows_of {
+        let shard = shard_paths
+            .get(epoch)
+            .with_context(|| format!("epoch {epoch} has no shard in {}", path.display()))?;
+        let wanted: std::collections::HashSet<u64> = members
+            .iter()
+            .flat_map(|ms| ms.iter().take(examples))
+            .filter(|m| m.epoch == *epoch)
+            .map(|m| m.row)
+            .collect();
+        let sources = crate::source::fetch_cells(shard, rows, &["source"])?;
+        let example_rows: Vec<u64> = wanted.iter().copied().collect();
+        let texts = crate::source::fetch_cells(shard, &example_rows, &["title", text_column])?;
+        for (row, source) in sources {
+            let mut row_cells = source;
+            row_cells.extend(texts.get(&row).cloned().unwrap_or_else(|| vec![None, None]));
+            cells.insert((*epoch, row), row_cells);
+        }
+    }
+    for (info, members) in shown.iter().zip(&members) {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for m in members {
+            if let Some(Some(source)) = cells.get(&(m.epoch, m.row)).map(|c| c[0].as_deref()) {
+                *counts.entry(source).or_default() += 1;
+            }
+        }
+        let mut ranked: Vec<(&str, u64)> = counts.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let sources = ranked
+            .iter()
+            .take(TOP_SOURCES)
+            .map(|(s, n)| format!("{s} {:.0}%", 100.0 * *n as f64 / info.size.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "cluster {}: {} documents, {} tokens{}\n",
+            info.cluster,
+            info.size,
+            info.tokens,
+            if sources.is_empty() {
+                String::new()
+            } else {
+                format!("; sources: {sources}")
+            }
+        ));
+        for m in members.iter().take(examples) {
+            let row_cells = cells.get(&(m.epoch, m.row));
+            let title = row_cells
+                .and_then(|c| c[1].as_deref())
+                .filter(|t| !t.trim().is_empty());
+            let text = row_cells.and_then(|c| c[2].as_deref());
+            let line = title
+                .or_else(|| text.and_then(|t| t.lines().find(|l| !l.trim().is_empty())))
+                .unwrap_or("")
+                .trim();
+            let cut: String = line.chars().take(EXAMPLE_CHARS).collect();
+            let ellipsis = if line.chars().count() > EXAMPLE_CHARS {
+                "…"
+            } else {
+                ""
+            };
+            out.push_str(&format!("    - [{}] {cut}{ellipsis}\n", m.id));
+        }
+    }
+    if shown.len() < clusters.len() {
+        out.push_str(&format!(
+            "({} smaller clusters not shown)\n",
+            clusters.len() - shown.len()
+        ));
+    }
+    Ok(out)
+}

@@ -6,6 +6,7 @@
 //! them into a timely graph. `config` is the job spec, `schema` the file formats.
 
 pub mod bandit;
+pub mod assign;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -24,6 +24,10 @@ pub struct Summary {
     pub tokens: u64,
     pub selected_tokens: u64,
     pub files_written: u64,
+    /// Documents assigned to clusters in this run (clustering jobs).
+    pub clustered: u64,
+    /// Clusters in the store after the run; None when clustering is off.
+    pub clusters: Option<u64>,
     pub removed_uncommitted: Vec<String>,
     pub quarantined: Vec<(String, String)>,
     pub seconds: f64,
@@ -85,6 +89,13 @@ impl fmt::Display for Summary {
             self.selected_tokens,
             pct(self.selected_tokens, self.tokens)
         )?;
+        if let Some(clusters) = self.clusters {
+            writeln!(
+                f,
+                "  clusters   {clusters} clusters, {} documents assigned in this run",
+                self.clustered
+            )?;
+        }
         if !self.removed_uncommitted.is_empty() {
             writeln!(
                 f,

@@ -48,6 +48,146 @@ pub struct ShardData {
     pub docs: Vec<DocMeta>,
     pub rejects: Vec<Reject>,
     pub rows: u64,
+    /// Unit vectors of `docs` (row-major, `docs.len() * dim`) read from a precomputed
+    /// embedding column; None when the job reads none.
+    pub vectors: Option<Vec<f32>>,
+}
+
+impl ShardData {
+    /// The text of every document (in `docs` order), borrowed from the batches.
+    pub fn doc_texts(&self, text_column: &str) -> Vec<&str> {
+        let Some(index) = root_index(&self.schema, text_column) else {
+            return Vec::new();
+        };
+        let mut starts = Vec::with_capacity(self.batches.len());
+        let mut start = 0u64;
+        for batch in &self.batches {
+            starts.push(start);
+            start += batch.num_rows() as u64;
+        }
+        self.docs
+            .iter()
+            .map(|doc| {
+                let b = starts.partition_point(|&s| s <= doc.row) - 1;
+                let column = self.batches[b].column(index);
+                string_at(column, (doc.row - starts[b]) as usize).unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+/// A precomputed embedding column the job reads instead of running the encoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingColumn {
+    pub name: String,
+    /// The width every vector must have.
+    pub dim: usize,
+}
+
+fn is_float(data_type: &DataType) -> bool {
+    matches!(data_type, DataType::Float32 | DataType::Float64)
+}
+
+/// A column type that can hold `dim`-wide float vectors: a fixed-size list of exactly `dim`
+/// (checked here, once for the shard), or a list (each row's length is checked when read).
+fn check_embedding_type(
+    path: &Path,
+    schema: &SchemaRef,
+    embedding: &EmbeddingColumn,
+) -> Result<usize, ShardError> {
+    let index = root_index(schema, &embedding.name).ok_or_else(|| ShardError::MissingColumn {
+        path: path.to_path_buf(),
+        column: embedding.name.clone(),
+        role: "embedding",
+        present: column_names(schema),
+    })?;
+    let data_type = schema.field(index).data_type();
+    let ok = match data_type {
+        DataType::FixedSizeList(child, n) => {
+            is_float(child.data_type()) && *n as usize == embedding.dim
+        }
+        DataType::List(child) | DataType::LargeList(child) => is_float(child.data_type()),
+        _ => false,
+    };
+    if !ok {
+        return Err(ShardError::WrongType {
+            path: path.to_path_buf(),
+            column: embedding.name.clone(),
+            found: data_type.to_string(),
+            expected: format!(
+                "fixed_size_list<float32|float64, {}>, list<float32|float64>",
+                embedding.dim
+            ),
+        });
+    }
+    Ok(index)
+}
+
+/// Appends the unit vector of `row` to `out`, or says why the row has none.
+fn push_unit_vector(
+    array: &ArrayRef,
+    row: usize,
+    dim: usize,
+    out: &mut Vec<f32>,
+) -> Result<(), String> {
+    use arrow::datatypes::{Float32Type, Float64Type};
+    if array.is_null(row) {
+        return Err("embedding is null".into());
+    }
+    let values: ArrayRef = match array.data_type() {
+        DataType::FixedSizeList(..) => array.as_fixed_size_list().value(row),
+        DataType::List(_) => array.as_list::<i32>().value(row),
+        DataType::LargeList(_) => array.as_list::<i64>().value(row),
+        other => return Err(format!("embedding has type {other}")),
+    };
+    if values.len() != dim {
+        return Err(format!(
+            "embedding has {} values, expected {dim}",
+            values.len()
+        ));
+    }
+    if values.null_count() > 0 {
+        return Err("embedding contains a null value".into());
+    }
+    let start = out.len();
+    match values.data_type() {
+        DataType::Float32 => out.extend_from_slice(values.as_primitive::<Float32Type>().values()),
+        DataType::Float64 => out.extend(
+            values
+                .as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .map(|&v| v as f32),
+        ),
+        other => return Err(format!("embedding values have type {other}")),
+    }
+    let vector = &mut out[start..];
+    let norm = vector
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    if !norm.is_finite() || norm == 0.0 {
+        out.truncate(start);
+        return Err(if norm == 0.0 {
+            "embedding is the zero vector".into()
+        } else {
+            "embedding has a non-finite value".into()
+        });
+    }
+    for v in vector.iter_mut() {
+        *v = (f64::from(*v) / norm) as f32;
+    }
+    Ok(())
+}
+
+fn column_names(schema: &SchemaRef) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The shards matching a glob, in path order (the order that fixes epochs).
@@ -75,19 +215,11 @@ fn check_role(
     column: &str,
     role: &'static str,
 ) -> Result<usize, ShardError> {
-    let present = || {
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.name().as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let index = root_index(schema, column).ok_or_else(|| ShardError::MissingColumn {
         path: path.to_path_buf(),
         column: column.to_string(),
         role,
-        present: present(),
+        present: column_names(schema),
     })?;
     let data_type = schema.field(index).data_type();
     let allowed = schema::input_types(role);
@@ -106,6 +238,7 @@ fn check_role(
 fn open(
     path: &Path,
     config: &SourceConfig,
+    embedding: Option<&EmbeddingColumn>,
 ) -> Result<(File, ArrowReaderMetadata, Vec<usize>), ShardError> {
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
@@ -130,18 +263,16 @@ fn open(
                         path: path.to_path_buf(),
                         column: column.clone(),
                         role: "passthrough",
-                        present: schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        present: column_names(&schema),
                     })?;
                 indices.push(index);
             }
             indices
         }
     };
+    if let Some(embedding) = embedding {
+        indices.push(check_embedding_type(path, &schema, embedding)?);
+    }
     indices.sort_unstable();
     indices.dedup();
     let prefix = &schema::input().reserved_prefix;
@@ -187,13 +318,15 @@ pub fn id_at(array: &ArrayRef, row: usize) -> Option<String> {
 
 /// Reads a whole shard (all row groups) and validates every row. The shard is read completely
 /// before anything is emitted, so a corrupt row group late in the file never leaves half a
-/// shard in the output.
+/// shard in the output. With `embedding`, that column is read too (it then passes through to
+/// the output like the other projected columns) and a row without a usable vector is rejected.
 pub fn read_shard(
     path: &Path,
     config: &SourceConfig,
     counter: &TokenCounter,
+    embedding: Option<&EmbeddingColumn>,
 ) -> Result<ShardData, ShardError> {
-    let (file, metadata, indices) = open(path, config)?;
+    let (file, metadata, indices) = open(path, config, embedding)?;
     let parquet_meta = metadata.metadata().clone();
     let mask = ProjectionMask::roots(
         parquet_meta.file_metadata().schema_descr(),
@@ -246,12 +379,15 @@ pub fn read_shard(
     let id_index = root_index(&schema, &config.id_column).expect("projected id column");
     let text_index = root_index(&schema, &config.text_column).expect("projected text column");
 
+    let embedding_index = embedding.and_then(|e| root_index(&schema, &e.name));
+    let mut vectors = embedding.map(|_| Vec::new());
     let mut docs = Vec::new();
     let mut rejects = Vec::new();
     let mut row: u64 = 0;
     for batch in &batches {
         let ids = batch.column(id_index);
         let texts = batch.column(text_index);
+        let embedded = embedding_index.map(|i| batch.column(i));
         for i in 0..batch.num_rows() {
             let reject = |column: &str, reason: &str| Reject {
                 row,
@@ -264,12 +400,23 @@ pub fn read_shard(
                 (Some(_), Some(text)) if text.trim().is_empty() => {
                     rejects.push(reject(&config.text_column, "text is empty"))
                 }
-                (Some(id), Some(text)) => docs.push(DocMeta {
-                    row,
-                    row_group: group_of(row) as u32,
-                    id,
-                    tokens: counter.count(text),
-                }),
+                (Some(id), Some(text)) => {
+                    if let (Some(array), Some(out), Some(column)) =
+                        (embedded, vectors.as_mut(), embedding)
+                    {
+                        if let Err(reason) = push_unit_vector(array, i, column.dim, out) {
+                            rejects.push(reject(&column.name, &reason));
+                            row += 1;
+                            continue;
+                        }
+                    }
+                    docs.push(DocMeta {
+                        row,
+                        row_group: group_of(row) as u32,
+                        id,
+                        tokens: counter.count(text),
+                    })
+                }
             }
             row += 1;
         }
@@ -280,7 +427,101 @@ pub fn read_shard(
         docs,
         rejects,
         rows: row,
+        vectors,
     })
+}
+
+/// Cells of some rows, fetched back from a shard by location: only the row groups that hold
+/// the rows are read, each once, and only the named columns (a column the shard lacks gives
+/// None cells). Rows are shard rows (0-based over all row groups), as in `DocMeta::row`.
+pub fn fetch_cells(
+    path: &Path,
+    rows: &[u64],
+    columns: &[&str],
+) -> Result<std::collections::BTreeMap<u64, Vec<Option<String>>>, ShardError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let not_parquet = |e: &dyn std::fmt::Display| ShardError::NotParquet {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let file = File::open(path).map_err(|source| ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| not_parquet(&e))?;
+    let schema = builder.schema().clone();
+    let starts: Vec<u64> = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .scan(0u64, |start, rg| {
+            let here = *start;
+            *start += rg.num_rows().max(0) as u64;
+            Some(here)
+        })
+        .collect();
+    let group_of = |row: u64| starts.partition_point(|&s| s <= row).saturating_sub(1);
+    let wanted: BTreeSet<u64> = rows.iter().copied().collect();
+    let groups: BTreeSet<usize> = wanted.iter().map(|&r| group_of(r)).collect();
+    let present: Vec<Option<usize>> = columns.iter().map(|c| root_index(&schema, c)).collect();
+    let mut roots: Vec<usize> = present.iter().flatten().copied().collect();
+    roots.sort_unstable();
+    roots.dedup();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
+    let reader = builder
+        .with_row_groups(groups.iter().copied().collect())
+        .with_projection(mask)
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| not_parquet(&e))?;
+    let projected = reader.schema();
+    let mut out = BTreeMap::new();
+    // Batches come in row-group order and never span two row groups' boundaries unseen:
+    // track the shard row of each batch's first row.
+    let mut group_iter = groups.iter().copied();
+    let mut current = group_iter.next();
+    let mut row = current.map(|g| starts[g]).unwrap_or(0);
+    for batch in reader {
+        let batch = batch.map_err(|e| ShardError::Corrupt {
+            path: path.to_path_buf(),
+            row_group: group_of(row),
+            reason: e.to_string(),
+        })?;
+        let arrays: Vec<Option<&ArrayRef>> = columns
+            .iter()
+            .map(|c| root_index(&projected, c).map(|i| batch.column(i)))
+            .collect();
+        for i in 0..batch.num_rows() {
+            // Move to the next selected row group when this one is exhausted.
+            while let Some(g) = current {
+                let end = starts.get(g + 1).copied().unwrap_or(u64::MAX);
+                if row < end {
+                    break;
+                }
+                current = group_iter.next();
+                row = current.map(|g| starts[g]).unwrap_or(row);
+            }
+            if wanted.contains(&row) {
+                let cells = arrays
+                    .iter()
+                    .map(|a| {
+                        a.and_then(|a| {
+                            if a.is_null(i) {
+                                None
+                            } else {
+                                string_at(a, i).map(str::to_string).or_else(|| {
+                                    arrow::util::display::array_value_to_string(a, i).ok()
+                                })
+                            }
+                        })
+                    })
+                    .collect();
+                out.insert(row, cells);
+            }
+            row += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Fetches rows of a shard by row number (0-based over all row groups), with the job's column
@@ -292,7 +533,7 @@ pub fn fetch_rows(
     config: &SourceConfig,
     rows: &[u64],
 ) -> Result<RecordBatch, ShardError> {
-    let (file, metadata, indices) = open(path, config)?;
+    let (file, metadata, indices) = open(path, config, None)?;
     let parquet_meta = metadata.metadata().clone();
     let sizes: Vec<u64> = parquet_meta
         .row_groups()

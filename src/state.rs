@@ -29,6 +29,69 @@ const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// the costs.
 const RUN: TableDefinition<&str, &str> = TableDefinition::new("run");
 const BANDIT_KEY: &str = "bandit";
+/// Per cluster: bincode of `ClusterInfo` (centroid, size, tokens).
+const CLUSTERS: TableDefinition<u32, &[u8]> = TableDefinition::new("clusters");
+/// Per member, keyed (cluster, epoch, row): bincode of `MemberValue`. Never the text.
+const MEMBERS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("members");
+/// The assign stage's state after the last committed epoch (opaque bytes; see `assign`).
+const CLUSTERER: TableDefinition<&str, &[u8]> = TableDefinition::new("clusterer");
+const CLUSTERER_KEY: &str = "state";
+
+/// Member flags (bit set), for the bandit.
+pub mod member_flags {
+    /// Chosen for the output.
+    pub const SELECTED: u8 = 1;
+    /// Its influence was computed.
+    pub const SCORED: u8 = 2;
+}
+
+/// A cluster as the state store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub cluster: u32,
+    /// Unit vector.
+    pub centroid: Vec<f32>,
+    /// Members.
+    pub size: u64,
+    /// Tokens of its members.
+    pub tokens: u64,
+}
+
+/// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
+/// never its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub cluster: u32,
+    /// The epoch (shard) it was read in; `StateStore::shard_paths` maps it to the file.
+    pub epoch: u64,
+    pub row_group: u32,
+    /// Row in the shard, over all row groups.
+    pub row: u64,
+    pub id: String,
+    pub tokens: u32,
+    /// `member_flags` bits.
+    pub flags: u8,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MemberValue {
+    row_group: u32,
+    id: String,
+    tokens: u32,
+    flags: u8,
+}
+
+/// What clustering adds to an epoch's commit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterCommit {
+    /// Members assigned in this epoch (they may belong to earlier epochs: documents held for
+    /// the initial fit are assigned when it runs).
+    pub members: Vec<Member>,
+    /// Clusters whose centroid, size or tokens changed.
+    pub clusters: Vec<ClusterInfo>,
+    /// The assign stage's state after this epoch, so a resumed job continues exactly.
+    pub state: Vec<u8>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +138,8 @@ pub struct EpochCommit {
     /// (id, row) of every document accepted in the epoch, selected or not.
     pub accepted: Vec<(String, u64)>,
     pub rejects: Vec<Reject>,
+    /// Membership, clusters and clusterer state (clustering jobs only).
+    pub clusters: Option<ClusterCommit>,
 }
 
 pub struct StateStore {
@@ -133,9 +198,27 @@ impl StateStore {
             txn.open_table(OUTPUTS).map_err(|e| store.err(e))?;
             txn.open_table(IDS).map_err(|e| store.err(e))?;
             txn.open_table(REJECTS).map_err(|e| store.err(e))?;
+            txn.open_table(CLUSTERS).map_err(|e| store.err(e))?;
+            txn.open_table(MEMBERS).map_err(|e| store.err(e))?;
+            txn.open_table(CLUSTERER).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
+    }
+
+    /// Opens an existing store to read it (inspection, tests), whatever job made it.
+    pub fn open_existing(path: &Path) -> Result<StateStore, StateError> {
+        if !path.exists() {
+            return Err(StateError::store(
+                path,
+                "no state store here (has the job run?)",
+            ));
+        }
+        let db = Database::open(path).map_err(|e| StateError::store(path, e))?;
+        Ok(StateStore {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StateError {
@@ -269,8 +352,104 @@ impl StateStore {
                     .insert((commit.epoch, reject.row), json.as_str())
                     .map_err(|e| self.err(e))?;
             }
+            if let Some(clusters) = &commit.clusters {
+                self.write_clusters(&txn, clusters)?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn write_clusters(
+        &self,
+        txn: &redb::WriteTransaction,
+        commit: &ClusterCommit,
+    ) -> Result<(), StateError> {
+        let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
+        for m in &commit.members {
+            let value = bincode::serialize(&MemberValue {
+                row_group: m.row_group,
+                id: m.id.clone(),
+                tokens: m.tokens,
+                flags: m.flags,
+            })
+            .map_err(|e| self.err(e))?;
+            members
+                .insert((m.cluster, m.epoch, m.row), value.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        let mut clusters = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
+        for c in &commit.clusters {
+            let value = bincode::serialize(c).map_err(|e| self.err(e))?;
+            clusters
+                .insert(c.cluster, value.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        let mut state = txn.open_table(CLUSTERER).map_err(|e| self.err(e))?;
+        state
+            .insert(CLUSTERER_KEY, commit.state.as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every cluster with its centroid, size and tokens, by cluster id.
+    pub fn clusters(&self) -> Result<Vec<ClusterInfo>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(bincode::deserialize(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// The members of one cluster, in (epoch, row) order.
+    pub fn members(&self, cluster: u32) -> Result<Vec<Member>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
+        let range = table
+            .range((cluster, 0, 0)..=(cluster, u64::MAX, u64::MAX))
+            .map_err(|e| self.err(e))?;
+        range
+            .map(|entry| {
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                let (cluster, epoch, row) = k.value();
+                let value: MemberValue =
+                    bincode::deserialize(v.value()).map_err(|e| self.err(e))?;
+                Ok(Member {
+                    cluster,
+                    epoch,
+                    row_group: value.row_group,
+                    row,
+                    id: value.id,
+                    tokens: value.tokens,
+                    flags: value.flags,
+                })
+            })
+            .collect()
+    }
+
+    /// The assign stage's state after the last committed epoch; None before the first.
+    pub fn clusterer_state(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(CLUSTERER).map_err(|e| self.err(e))?;
+        Ok(table
+            .get(CLUSTERER_KEY)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The shard file of every registered epoch.
+    pub fn shard_paths(&self) -> Result<BTreeMap<u64, PathBuf>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let record: ShardRecord = serde_json::from_str(v.value()).map_err(|e| self.err(e))?;
+            out.insert(record.epoch, PathBuf::from(k.value()));
+        }
+        Ok(out)
     }
 
     /// Where each id was first accepted in a committed epoch: (epoch, row). One read
@@ -422,6 +601,7 @@ mod tests {
                     record,
                     accepted: vec![("x".into(), 3)],
                     rejects: vec![],
+                    clusters: None,
                 })
                 .unwrap();
         }

@@ -2,8 +2,6 @@
 //! committing it) and restarted ends with exactly the rows of an uninterrupted run.
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 
 fn uninterrupted(dir: &std::path::Path, glob: &str) -> Vec<Vec<String>> {
@@ -20,24 +18,7 @@ fn sigkill_in_the_middle_then_resume_gives_the_uninterrupted_output() {
 
     let job = write_job(dir.path(), "killed", &glob, 9, "");
     let sink = dir.path().join("killed");
-    // Slow every commit down so the kill lands mid-job.
-    let mut child = spawn_slow_run(&job, 700);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Three files mean at least one epoch committed (a worker's sink handles its epochs in turn).
-    while output_files(&sink).len() < 3 {
-        assert!(Instant::now() < deadline, "job made no progress");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "job finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        output_files(&sink).len() < SLICE_SHARDS,
-        "the kill came too late to test anything"
-    );
+    kill_mid_job(&job, &sink);
 
     let out = run(&job, 2);
     assert!(out.status.success(), "{}", stderr(&out));

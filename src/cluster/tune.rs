@@ -99,7 +99,7 @@ fn read_texts(source: &SourceConfig) -> Result<Vec<String>> {
     let counter = TokenCounter::from_spec("whitespace")?;
     let mut texts = Vec::new();
     for path in &shards {
-        let shard = match read_shard(path, &only_text, &counter) {
+        let shard = match read_shard(path, &only_text, &counter, None) {
             Ok(shard) => shard,
             Err(e) => {
                 tracing::warn!("skipping shard: {e}");

@@ -212,3 +212,25 @@ pub fn sigterm(child: &std::process::Child) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Starts a slowed-down `quad run -w 2 JOB` and SIGKILLs it once `sink` holds three output
+/// files (at least one epoch committed: a worker's sink handles its epochs in turn), before
+/// the job could finish.
+pub fn kill_mid_job(job: &Path, sink: &Path) {
+    let mut child = spawn_slow_run(job, 700);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while output_files(sink).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "job made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "job finished before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        output_files(sink).len() < SLICE_SHARDS,
+        "the kill came too late to test anything"
+    );
+}
