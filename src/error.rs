@@ -74,6 +74,8 @@ pub enum ClusterError {
     Linfa(String),
     #[error("clustering: tch: {0}")]
     Tch(#[from] tch::TchError),
+}
+
 /// A causal LM that cannot be loaded, saved or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
