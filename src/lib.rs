@@ -12,6 +12,7 @@ pub mod dataflow;
 pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod influence;
 pub mod inspect;
 pub mod model;
 pub mod plot;
