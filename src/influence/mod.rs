@@ -8,9 +8,11 @@
 //! `factors` fits and preconditions, `score` holds the per-token kernels, `sketch` the
 //! Kronecker gradient sketches, `scorer` runs the model: one forward and one backward per
 //! batch of documents, never a per-document gradient.
+pub mod cache;
 pub mod factors;
 pub mod score;
 pub mod scorer;
+pub mod setup;
 pub mod sketch;
 
 use std::path::PathBuf;

@@ -443,6 +443,11 @@ impl InfluenceScorer {
         &self.model
     }
 
+    /// Gives the model back (e.g. to build a scorer with other settings).
+    pub fn into_model(self) -> CausalLm {
+        self.model
+    }
+
     /// The preconditioned reference gradient M_l of each tracked linear.
     pub fn preconditioned(&self) -> &[Tensor] {
         &self.preconditioned

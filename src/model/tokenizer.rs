@@ -38,12 +38,14 @@ pub fn from_gguf(meta: &HashMap<String, Value>, path: &Path) -> Result<Tokenizer
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level()]}),
         "default" | "gpt2" => byte_level(),
-        other => return Err(ModelError::unsupported(
-            path,
-            format!(
+        other => {
+            return Err(ModelError::unsupported(
+                path,
+                format!(
                 "tokenizer.ggml.pre '{other}'; 'smollm' and 'gpt2' pre-tokenizers are implemented"
             ),
-        )),
+            ))
+        }
     };
     let strings = |key: &str| -> Result<Vec<String>, ModelError> {
         let arr = meta.get(key).and_then(Value::as_array).ok_or_else(|| {
