@@ -73,6 +73,7 @@ fn scorer(model: CausalLm, len: usize, batch: usize) -> InfluenceScorer {
         batch,
         normalise: false,
         sketch_dim: None,
+        max_tokens: None,
         seed: 1,
     };
     InfluenceScorer::new(model, Some(&factors), &v, settings).expect("scorer")

@@ -155,6 +155,7 @@ fn scorer_settings(p: Preconditioner, normalise: bool, sketch: Option<i64>) -> S
         batch: 4,
         normalise,
         sketch_dim: sketch,
+        max_tokens: None,
         seed: 11,
     }
 }

@@ -88,6 +88,10 @@ pub struct InfluenceConfig {
     /// Window length L in tokens; longer documents are split into windows.
     #[serde(default = "default_window")]
     pub window: usize,
+    /// Only the first N tokens of every document (reference, fitting and scored) are used;
+    /// all when absent.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
     /// Windows per forward/backward pass.
     #[serde(default = "default_batch")]
     pub batch: usize,

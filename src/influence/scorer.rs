@@ -369,6 +369,8 @@ pub struct ScorerSettings {
     pub normalise: bool,
     /// Side of the Kronecker sketch; no sketches when None.
     pub sketch_dim: Option<i64>,
+    /// Score only the first N tokens of each document.
+    pub max_tokens: Option<usize>,
     pub seed: u64,
 }
 
@@ -479,8 +481,12 @@ impl InfluenceScorer {
     pub fn score(&mut self, texts: &[&str]) -> Result<Vec<DocScore>, InfluenceError> {
         let docs = texts
             .iter()
-            .map(|t| self.model.encode(t))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|t| {
+                let mut ids = self.model.encode(t)?;
+                ids.truncate(self.settings.max_tokens.unwrap_or(usize::MAX));
+                Ok(ids)
+            })
+            .collect::<Result<Vec<_>, InfluenceError>>()?;
         self.score_tokens(&docs)
     }
 

@@ -80,8 +80,19 @@ pub fn pool_sample(
     Ok(texts)
 }
 
-fn encode_all(model: &CausalLm, texts: &[String]) -> Result<Vec<Vec<i64>>, InfluenceError> {
-    texts.iter().map(|t| Ok(model.encode(t)?)).collect()
+fn encode_all(
+    model: &CausalLm,
+    texts: &[String],
+    max_tokens: Option<usize>,
+) -> Result<Vec<Vec<i64>>, InfluenceError> {
+    texts
+        .iter()
+        .map(|t| {
+            let mut ids = model.encode(t)?;
+            ids.truncate(max_tokens.unwrap_or(usize::MAX));
+            Ok(ids)
+        })
+        .collect()
 }
 
 /// Builds the scorer the `[influence]` section describes. `pool` is the glob of the job's
@@ -102,7 +113,7 @@ pub fn build_scorer(
     if let Some(n) = cfg.reference_docs {
         reference.truncate(n);
     }
-    let reference = encode_all(&model, &reference)?;
+    let reference = encode_all(&model, &reference, cfg.max_tokens)?;
     tracing::info!(model = %cfg.model.display(), reference = reference.len(), "influence model loaded");
     let factors = if cfg.preconditioner == Preconditioner::Identity {
         None
@@ -111,6 +122,7 @@ pub fn build_scorer(
         fit.extend(encode_all(
             &model,
             &pool_sample(pool, source, cfg.fit_pool_docs, seed)?,
+            cfg.max_tokens,
         )?);
         let settings = FitSettings {
             fisher: cfg.fisher,
@@ -130,6 +142,7 @@ pub fn build_scorer(
             "gate_up": cfg.gate_up,
             "ekfac": settings.ekfac,
             "window": cfg.window,
+            "max_tokens": cfg.max_tokens,
             "seed": seed,
             "data": cache::tokens_hash(&fit),
         });
@@ -160,6 +173,7 @@ pub fn build_scorer(
         batch: cfg.batch,
         normalise: cfg.normalise,
         sketch_dim: cfg.sketch_dim,
+        max_tokens: cfg.max_tokens,
         seed,
     };
     InfluenceScorer::new(model, factors.as_ref(), &v, settings)
