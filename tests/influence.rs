@@ -314,6 +314,34 @@ fn library_scores(
         .collect()
 }
 
+/// Stacked-QKV, separate gate/up K-FAC factors of the fixture (empirical Fisher).
+fn stacked_factors(f: &Fixture) -> KfacFactors {
+    fit_factors(
+        &f.model,
+        &f.fit,
+        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
+    )
+    .unwrap()
+}
+
+/// Stacked-QKV K-FAC factors (empirical Fisher) and a scorer over the fixture's model copy.
+fn kfac_scorer(
+    f: &Fixture,
+    normalise: bool,
+    sketch: Option<i64>,
+) -> (KfacFactors, InfluenceScorer) {
+    let factors = stacked_factors(&f);
+    let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
+    let scorer = InfluenceScorer::new(
+        clone_model(&f.model),
+        Some(&factors),
+        &v,
+        scorer_settings(Preconditioner::Kfac, normalise, sketch),
+    )
+    .unwrap();
+    (factors, scorer)
+}
+
 /// A second model with the same weights (the scorer owns its model).
 fn clone_model(model: &CausalLm) -> CausalLm {
     let mut copy = tiny_model();
@@ -348,12 +376,7 @@ fn captured_gradient_equals_autograd_per_document_gradient() {
 fn fitted_factors_are_the_token_covariances() {
     // A = Q_A diag(lA) Q_A^T must equal E[a a^T] over the predicted tokens (1e-10 relative).
     let f = fixture();
-    let factors = fit_factors(
-        &f.model,
-        &f.fit,
-        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
-    )
-    .unwrap();
+    let factors = stacked_factors(&f);
     let tokens = fitting_tokens(&f.model, &f.fit);
     assert_eq!(factors.tokens, tokens[0].0.size()[0]);
     for b in &factors.blocks {
@@ -446,20 +469,7 @@ fn normalised_score_divides_by_the_dense_gradient_norm() {
         Preconditioner::Kfac,
         false,
     );
-    let factors = fit_factors(
-        &f.model,
-        &f.fit,
-        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
-    )
-    .unwrap();
-    let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
-    let mut scorer = InfluenceScorer::new(
-        clone_model(&f.model),
-        Some(&factors),
-        &v,
-        scorer_settings(Preconditioner::Kfac, true, None),
-    )
-    .unwrap();
+    let (_, mut scorer) = kfac_scorer(&f, true, None);
     let scored = scorer.score_tokens(&f.scored).unwrap();
     for ((doc, s), raw) in f.scored.iter().zip(&scored).zip(raw) {
         let grad = autograd_gradient(&f.model, doc);
@@ -522,20 +532,7 @@ fn sketch_inner_products_stay_within_the_johnson_lindenstrauss_error() {
     // (the squared gradient norm), whose error is relative.
     let s = 32;
     let f = fixture();
-    let factors = fit_factors(
-        &f.model,
-        &f.fit,
-        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
-    )
-    .unwrap();
-    let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
-    let mut scorer = InfluenceScorer::new(
-        clone_model(&f.model),
-        Some(&factors),
-        &v,
-        scorer_settings(Preconditioner::Kfac, false, Some(s)),
-    )
-    .unwrap();
+    let (_, mut scorer) = kfac_scorer(&f, false, Some(s));
     let reference = scorer.reference_sketch().expect("sketching is on");
     let m: Vec<Tensor> = scorer
         .preconditioned()
@@ -611,12 +608,7 @@ fn positive_influence_means_a_step_on_the_document_lowers_the_reference_loss() {
     // reference loss by -lr * I(z) to first order. With lr small the second-order remainder
     // is under 5% of the change; the sign must match for every document.
     let f = fixture();
-    let factors = fit_factors(
-        &f.model,
-        &f.fit,
-        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
-    )
-    .unwrap();
+    let factors = stacked_factors(&f);
     let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
     let base = reference_loss(&f.model, &f.reference);
     for p in [Preconditioner::Identity, Preconditioner::Kfac] {
@@ -659,7 +651,3 @@ fn positive_influence_means_a_step_on_the_document_lowers_the_reference_loss() {
         }
     }
 }
-
-/// Keep the factor type in the public API the bandit uses.
-#[allow(dead_code)]
-fn _uses(_: &KfacFactors) {}
