@@ -62,6 +62,7 @@ fn bare_loop(shards: &[PathBuf], out: &Path, sink: &quad::config::SinkConfig) ->
             docs: Vec::new(),
             rejects: Vec::new(),
             rows: row,
+            vectors: None,
         };
         let out_batches = output_batches(&data, &selected, epoch as u64)?;
         write_durably(

@@ -66,6 +66,25 @@ pub enum Command {
         #[command(subcommand)]
         which: CorpusCommand,
     },
+    /// Influence scores of every document of a Parquet file against the job's reference set
+    /// (its `[influence]` section): id, tokens, influence, norm, written with zstd.
+    Score {
+        #[arg(long)]
+        job: PathBuf,
+        /// Parquet with the job's id and text columns.
+        #[arg(long)]
+        input: PathBuf,
+        /// The scores file (schemas/score.json).
+        #[arg(long)]
+        output: PathBuf,
+        /// Also write the documents' gradient sketches (needs influence.sketch_dim) as a
+        /// safetensors file: "sketches" [docs, len] in the output's row order and "reference".
+        #[arg(long)]
+        sketches: Option<PathBuf>,
+        /// Score only the first N documents.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Tuning commands (DESIGN 1.2): each prints a table and writes an SVG plot.
     Tune {
         #[command(subcommand)]
@@ -180,6 +199,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             })?;
             let report = crate::corpus::build_demo(corpus, spec.seed)?;
             println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::Score {
+            job,
+            input,
+            output,
+            sketches,
+            limit,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let summary = crate::influence::setup::score_file(
+                &spec,
+                &input,
+                &output,
+                sketches.as_deref(),
+                limit,
+            )?;
+            eprintln!("{summary}");
             Ok(exit::OK)
         }
         Command::Tune {

@@ -34,6 +34,9 @@ pub struct JobSpec {
     /// Clustering; documents are embedded and clustered only when `enabled`.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Influence scoring (`quad score`, the Quad loop); every key has a default.
+    #[serde(default)]
+    pub influence: crate::influence::InfluenceConfig,
     /// Only read by `quad corpus demo`.
     #[serde(default)]
     pub corpus: Option<CorpusConfig>,
@@ -480,6 +483,7 @@ impl JobSpec {
         if self.runtime.max_epochs_in_flight == 0 {
             return Err("runtime.max_epochs_in_flight must be positive".into());
         }
+        self.influence.validate()?;
         if self.source.id_column == self.source.text_column {
             return Err("source.id_column and source.text_column must differ".into());
         }

