@@ -152,17 +152,6 @@ pub fn run(cli: Cli) -> Result<i32> {
             json,
         } => {
             let spec = JobSpec::load(&job)?;
-            if spec.select.strategy != crate::config::Strategy::Random {
-                // The bandit is a library (src/bandit) until the loop is wired into the dataflow.
-                return Err(crate::error::SpecError::Invalid {
-                    path: job.clone(),
-                    message: format!(
-                        "select.strategy {:?} is not wired into `quad run` yet; only \"random\" runs",
-                        spec.select.strategy
-                    ),
-                }
-                .into());
-            }
             if workers == 0 {
                 anyhow::bail!("--workers must be at least 1");
             }

@@ -471,6 +471,12 @@ impl JobSpec {
             ));
         }
         self.bandit.validate()?;
+        if self.select.strategy != Strategy::Random && !self.cluster.enabled {
+            return Err(format!(
+                "select.strategy {:?} samples clusters: it needs [cluster] enabled = true",
+                self.select.strategy
+            ));
+        }
         if self.sink.row_group_rows == 0 {
             return Err("sink.row_group_rows must be positive".into());
         }
@@ -542,6 +548,8 @@ impl JobSpec {
         if self.select.strategy != Strategy::Random {
             if let Some(map) = fingerprint.as_object_mut() {
                 map.insert("bandit".into(), serde_json::json!(self.bandit));
+                // The influence model and its settings decide the scores.
+                map.insert("influence".into(), serde_json::json!(self.influence));
             }
         }
         fingerprint

@@ -44,6 +44,75 @@ impl TransformerShape {
     }
 }
 
+impl TransformerShape {
+    /// A Llama model's shape and its K-FAC blocks (every layer's QKV, O, gate/up and down
+    /// projections), for the factor-fitting and scoring counts.
+    pub fn llama(c: &crate::model::LlamaConfig) -> (TransformerShape, Vec<Linear>) {
+        let d = c.hidden_size as u64;
+        let ff = c.intermediate_size as u64;
+        let qkv: u64 = c.qkv_split().iter().map(|&x| x as u64).sum();
+        let attention_dim = (c.num_attention_heads * c.head_dim()) as u64;
+        let linears = vec![
+            Linear {
+                inputs: d,
+                outputs: qkv,
+            },
+            Linear {
+                inputs: attention_dim,
+                outputs: d,
+            },
+            Linear {
+                inputs: d,
+                outputs: 2 * ff,
+            },
+            Linear {
+                inputs: ff,
+                outputs: d,
+            },
+        ];
+        let blocks = (0..c.num_hidden_layers)
+            .flat_map(|_| linears.iter().copied())
+            .collect();
+        let shape = TransformerShape {
+            layers: c.num_hidden_layers as u64,
+            linears,
+            attention_dim,
+            head: Some(Linear {
+                inputs: d,
+                outputs: c.vocab_size as u64,
+            }),
+        };
+        (shape, blocks)
+    }
+
+    /// A BERT encoder's shape (Q, K, V, O, intermediate and output dense layers, with bias).
+    pub fn bert(hidden: u64, intermediate: u64, layers: u64) -> TransformerShape {
+        let h = Linear {
+            inputs: hidden + 1,
+            outputs: hidden,
+        };
+        TransformerShape {
+            layers,
+            linears: vec![
+                h,
+                h,
+                h,
+                h,
+                Linear {
+                    inputs: hidden + 1,
+                    outputs: intermediate,
+                },
+                Linear {
+                    inputs: intermediate + 1,
+                    outputs: hidden,
+                },
+            ],
+            attention_dim: hidden,
+            head: None,
+        }
+    }
+}
+
 fn linear_flops(l: Linear) -> f64 {
     2.0 * l.inputs as f64 * l.outputs as f64
 }

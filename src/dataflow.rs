@@ -31,12 +31,19 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
 use crate::assign::Assigner;
-use crate::config::JobSpec;
+use crate::bandit::{Bandit, ClusterInput, DocLoc, RoundOutcome};
+use crate::config::{JobSpec, Strategy};
+use crate::cost::Costs;
 use crate::embed::SentenceEncoder;
 use crate::progress::{Progress, Summary};
+use crate::quad_loop::{
+    run_rounds, DocScorer, LoopContext, RoundCommit, ScoreTally, ScorerFactory, TalliedScorer,
+};
+use crate::report::RoundRecord;
 use crate::select::{Admitter, Verdicts};
 use crate::sink;
 use crate::source::{self, DocMeta, EmbeddingColumn, ShardData};
+use crate::state::member_flags;
 use crate::state::{ClusterCommit, EpochCommit, EpochRecord, Member, PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
@@ -121,6 +128,8 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 struct Hooks {
     delay: Option<Duration>,
     crash_after_rename: Option<u64>,
+    /// Abort after round N's output file is in place, before its commit.
+    crash_after_round: Option<u64>,
 }
 
 impl Hooks {
@@ -129,6 +138,7 @@ impl Hooks {
         Hooks {
             delay: var("QUAD_TEST_EPOCH_DELAY_MS").map(Duration::from_millis),
             crash_after_rename: var("QUAD_TEST_CRASH_AFTER_RENAME"),
+            crash_after_round: var("QUAD_TEST_CRASH_AFTER_ROUND"),
         }
     }
 }
@@ -148,6 +158,10 @@ struct Shared {
     /// The precomputed embedding column the reader reads, if the spec names one.
     embedding: Option<EmbeddingColumn>,
     order: CommitOrder,
+    /// Encoder FLOPs and documents embedded in this run.
+    embed_cost: Mutex<(f64, u64)>,
+    /// What the influence operator scored in this run.
+    score_tally: Arc<Mutex<ScoreTally>>,
 }
 
 impl Shared {
@@ -216,6 +230,8 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         clustering,
         embedding,
         order,
+        embed_cost: Mutex::new((0.0, 0)),
+        score_tally: Arc::new(Mutex::new(ScoreTally::default())),
     });
     let watch = spec.source.watch && !options.once;
     let config = timely::Config::process(options.workers.max(1));
@@ -235,6 +251,11 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     if shared.clustering.is_some() {
         summary.clusters = Some(shared.store.clusters()?.len() as u64);
     }
+    if spec.select.strategy != Strategy::Random {
+        let costs = record_costs(&shared)?;
+        summary.scored_fraction = Some(costs.pool_fraction_scored());
+        summary.flops = Some(costs.total_flops());
+    }
     summary.quarantined.sort();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -249,6 +270,7 @@ fn run_worker(
     let index = worker.index();
     let peers = worker.peers() as u64;
     let owner = move |epoch: u64| epoch % peers;
+    let quad_loop = shared.spec.select.strategy != Strategy::Random;
     let local: Rc<RefCell<HashMap<u64, LocalShard>>> = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
@@ -470,6 +492,18 @@ fn run_worker(
         if !watch || STOP.load(Ordering::SeqCst) {
             break;
         }
+        // Long-lived mode: once this cycle's epochs are committed, the loop selects from the
+        // grown pool (a ratio budget grows with it).
+        if quad_loop {
+            while sent.last().is_some_and(|e| probe.less_equal(e))
+                && !shared.failed.load(Ordering::SeqCst)
+            {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+            if !shared.failed.load(Ordering::SeqCst) {
+                run_quad_loop(worker, shared);
+            }
+        }
         // Long-lived mode: wait, keep the dataflow moving, then look for new shards.
         let until = Instant::now() + Duration::from_secs(shared.spec.source.poll_seconds);
         while Instant::now() < until
@@ -501,6 +535,192 @@ fn run_worker(
     while !probe.done() && !shared.failed.load(Ordering::SeqCst) {
         worker.step_or_park(Some(Duration::from_millis(1)));
     }
+    if quad_loop && !watch && !shared.failed.load(Ordering::SeqCst) {
+        run_quad_loop(worker, shared);
+    }
+}
+
+/// The Quad loop over the clusters committed so far (DESIGN 2.1), on every worker; worker 0
+/// holds the bandit, restored from the store where a killed run left it.
+fn run_quad_loop(worker: &mut timely::worker::Worker, shared: &Arc<Shared>) {
+    let spec = &shared.spec;
+    let bandit = if worker.index() == 0 {
+        match load_bandit(shared) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                shared.fail(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let shards = match shared.store.shard_paths() {
+        Ok(s) => s,
+        Err(e) => return shared.fail(e.into()),
+    };
+    let scorer_spec = spec.clone();
+    let tally = shared.score_tally.clone();
+    let scorer: ScorerFactory = Arc::new(move || {
+        let scorer = crate::influence::setup::build_scorer(
+            &scorer_spec.influence,
+            &scorer_spec.source,
+            &scorer_spec.source.shards,
+            scorer_spec.seed,
+        )?;
+        Ok(Box::new(TalliedScorer::new(scorer, tally.clone())) as Box<dyn DocScorer>)
+    });
+    let commit_shared = shared.clone();
+    let commit: RoundCommit = Arc::new(move |pulls, outcome, bandit, written| {
+        let mut record = RoundRecord::new(pulls, outcome);
+        record.selected_tokens_by_source = written.tokens_by_source.clone();
+        let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
+        for (m, _) in &outcome.scored {
+            *flags
+                .entry((m.cluster, m.loc.shard, m.loc.row))
+                .or_default() |= member_flags::SCORED;
+        }
+        for (m, _) in &outcome.selected {
+            *flags
+                .entry((m.cluster, m.loc.shard, m.loc.row))
+                .or_default() |= member_flags::SELECTED;
+        }
+        let flags: Vec<_> = flags.into_iter().collect();
+        if let (Some(file), Some(crash)) = (&written.file, commit_shared.hooks.crash_after_round) {
+            if crash == outcome.round {
+                tracing::error!(
+                    file,
+                    "test hook: crashing after the round's rename, before its commit"
+                );
+                std::process::abort();
+            }
+        }
+        commit_shared
+            .store
+            .commit_round(&record, bandit, written.file.as_deref(), &flags)?;
+        Ok(())
+    });
+    let round_shared = shared.clone();
+    let on_round = Arc::new(move |outcome: &RoundOutcome| {
+        let selected_tokens: u64 = outcome.selected.iter().map(|(m, _)| m.tokens).sum();
+        tracing::info!(
+            round = outcome.round,
+            scored = outcome.scored.len(),
+            selected = outcome.selected.len(),
+            total_selected_tokens = outcome.selected_tokens,
+            "bandit round committed"
+        );
+        let mut summary = round_shared.summary.lock().expect("summary lock");
+        summary.rounds = Some(summary.rounds.unwrap_or(0) + 1);
+        summary.scored += outcome.scored.len() as u64;
+        summary.selected += outcome.selected.len() as u64;
+        summary.selected_tokens += selected_tokens;
+        summary.files_written += u64::from(!outcome.selected.is_empty());
+    });
+    let fail_shared = shared.clone();
+    let failed_shared = shared.clone();
+    let ctx = Arc::new(LoopContext {
+        commit,
+        source: spec.source.clone(),
+        sink: spec.sink.clone(),
+        shards,
+        scorer,
+        on_round,
+        stop: &STOP,
+        fail: Arc::new(move |e| fail_shared.fail(e)),
+        failed: Arc::new(move || failed_shared.failed.load(Ordering::SeqCst)),
+    });
+    run_rounds(worker, bandit, ctx);
+}
+
+/// The bandit where the last committed round left it (or new), told every committed cluster.
+fn load_bandit(shared: &Shared) -> Result<Bandit> {
+    let spec = &shared.spec;
+    let mut bandit = match shared.store.bandit()? {
+        Some(b) => b,
+        None => Bandit::new(spec.seed, spec.select.strategy, spec.bandit.clone())?,
+    };
+    let mut clusters = Vec::new();
+    for info in shared.store.clusters()? {
+        let members = shared
+            .store
+            .members(info.cluster)?
+            .into_iter()
+            .map(|m| crate::bandit::Member {
+                loc: DocLoc {
+                    shard: m.epoch,
+                    row_group: m.row_group,
+                    row: m.row,
+                },
+                tokens: u64::from(m.tokens),
+            })
+            .collect();
+        clusters.push(ClusterInput {
+            id: info.cluster,
+            centroid: info.centroid,
+            members,
+        });
+    }
+    bandit.sync_clusters(&clusters)?;
+    Ok(bandit)
+}
+
+/// Adds this run's embedding and scoring costs to the stored ones and returns the total.
+fn record_costs(shared: &Shared) -> Result<Costs> {
+    let spec = &shared.spec;
+    let mut costs: Costs = shared
+        .store
+        .run_value(crate::report::COSTS_KEY)?
+        .unwrap_or_default();
+    let (embed_flops, embedded) = *shared.embed_cost.lock().expect("embed cost");
+    let tally = shared.score_tally.lock().expect("score tally").clone();
+    let mut run = Costs {
+        embed_flops,
+        docs_embedded: embedded,
+        docs_scored: tally.doc_tokens.len() as u64,
+        tokens_scored: tally.doc_tokens.iter().sum(),
+        ..Default::default()
+    };
+    if let Some((shape, blocks)) = &tally.shape {
+        let window = spec.influence.window as u64;
+        let windows = |tokens: &[u64]| -> Vec<u64> {
+            tokens
+                .iter()
+                .flat_map(|&t| {
+                    let full = t / window;
+                    std::iter::repeat_n(window, full as usize)
+                        .chain((t % window > 0).then_some(t % window))
+                })
+                .collect()
+        };
+        run.score_flops = crate::cost::score_flops(
+            shape,
+            blocks,
+            windows(&tally.doc_tokens),
+            spec.influence.normalise,
+        );
+        // The factors are fitted once per model and data (then cached): counted at most
+        // once, when no earlier run of this job counted them, with full windows (an upper
+        // bound: the fit documents' lengths are not kept).
+        if costs.factor_flops == 0.0
+            && spec.influence.preconditioner != crate::influence::Preconditioner::Identity
+        {
+            let fit_docs =
+                spec.influence.reference_docs.unwrap_or(0) + spec.influence.fit_pool_docs;
+            run.factor_flops =
+                crate::cost::factor_fit_flops(shape, blocks, std::iter::repeat_n(window, fit_docs));
+        }
+    }
+    costs.add(&run);
+    let bandit = shared.store.bandit()?;
+    if let Some(b) = &bandit {
+        costs.pool_docs = b.pool_docs();
+        costs.pool_tokens = b.pool_tokens();
+    }
+    shared
+        .store
+        .put_run_value(crate::report::COSTS_KEY, &costs)?;
+    Ok(costs)
 }
 
 /// Embeds each epoch's documents on the worker that read the shard (its rows are there): the
@@ -578,6 +798,15 @@ fn embed_epoch(
             let start = Instant::now();
             let texts = data.doc_texts(&spec.source.text_column);
             let vectors = encoder.encode(&texts, spec.embed.batch_size)?;
+            let max = encoder.max_tokens() as u64;
+            let flops = crate::cost::embed_flops(
+                encoder.shape(),
+                data.docs.iter().map(|d| u64::from(d.tokens).min(max)),
+            );
+            let mut cost = shared.embed_cost.lock().expect("embed cost");
+            cost.0 += flops;
+            cost.1 += texts.len() as u64;
+            drop(cost);
             tracing::info!(
                 shard = %shard.shard.display(),
                 documents = texts.len(),

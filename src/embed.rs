@@ -261,6 +261,7 @@ impl Bert {
 
 /// A BERT sentence encoder: texts in, unit-norm vectors out.
 pub struct SentenceEncoder {
+    shape: crate::cost::TransformerShape,
     _vs: nn::VarStore,
     model: Bert,
     tokenizer: Tokenizer,
@@ -418,6 +419,11 @@ impl SentenceEncoder {
             .unwrap_or(cfg.pad_token_id);
 
         Ok(SentenceEncoder {
+            shape: crate::cost::TransformerShape::bert(
+                cfg.hidden_size as u64,
+                cfg.intermediate_size as u64,
+                cfg.num_hidden_layers as u64,
+            ),
             _vs: vs,
             model,
             tokenizer,
@@ -427,6 +433,11 @@ impl SentenceEncoder {
             pad_id,
             device,
         })
+    }
+
+    /// The encoder's shape, for the cost accounting.
+    pub fn shape(&self) -> &crate::cost::TransformerShape {
+        &self.shape
     }
 
     /// Width of the output vectors.

@@ -28,6 +28,14 @@ pub struct Summary {
     pub clustered: u64,
     /// Clusters in the store after the run; None when clustering is off.
     pub clusters: Option<u64>,
+    /// Bandit rounds committed in this run; None when no bandit strategy runs.
+    pub rounds: Option<u64>,
+    /// Documents whose influence was computed in this run.
+    pub scored: u64,
+    /// Fraction of the pool scored over the job's life (bandit strategies).
+    pub scored_fraction: Option<f64>,
+    /// FLOPs spent on embedding, factor fitting and scoring over the job's life.
+    pub flops: Option<f64>,
     pub removed_uncommitted: Vec<String>,
     pub quarantined: Vec<(String, String)>,
     pub seconds: f64,
@@ -94,6 +102,21 @@ impl fmt::Display for Summary {
                 f,
                 "  clusters   {clusters} clusters, {} documents assigned in this run",
                 self.clustered
+            )?;
+        }
+        if let Some(rounds) = self.rounds {
+            writeln!(
+                f,
+                "  bandit     {rounds} rounds, {} documents scored in this run",
+                self.scored
+            )?;
+        }
+        if let (Some(fraction), Some(flops)) = (self.scored_fraction, self.flops) {
+            writeln!(
+                f,
+                "  cost       {:.3e} FLOPs, {:.1}% of the pool scored (the job so far)",
+                flops,
+                100.0 * fraction
             )?;
         }
         if !self.removed_uncommitted.is_empty() {

@@ -43,12 +43,20 @@ pub trait DocScorer {
 /// Builds the scorer on the worker that scores (models are not shared across threads).
 pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Sync>;
 
-/// What the loop needs besides the bandit.
+/// What a round wrote: its output file (None when it selected nothing) and the selected
+/// tokens by the rows' `source` column (empty when the shards have none).
+#[derive(Debug, Clone, Default)]
+pub struct WrittenRound {
+    pub file: Option<String>,
+    pub tokens_by_source: BTreeMap<String, u64>,
+}
+
 /// Commits a round: its pulls, its outcome, the bandit state after it and its output file, in
 /// one store transaction (the caller knows the record format).
 pub type RoundCommit =
-    Arc<dyn Fn(&[Pull], &RoundOutcome, &Bandit, Option<&str>) -> Result<()> + Send + Sync>;
+    Arc<dyn Fn(&[Pull], &RoundOutcome, &Bandit, &WrittenRound) -> Result<()> + Send + Sync>;
 
+/// What the loop needs besides the bandit.
 pub struct LoopContext {
     pub commit: RoundCommit,
     pub source: SourceConfig,
@@ -60,6 +68,10 @@ pub struct LoopContext {
     pub on_round: Arc<dyn Fn(&RoundOutcome) + Send + Sync>,
     /// Set when a stop was requested: finish the round in flight, then stop.
     pub stop: &'static std::sync::atomic::AtomicBool,
+    /// Reports a failure on any worker; the bandit then neither observes nor plans again, so
+    /// the loop drains and the job ends with the error (nothing half-observed is committed).
+    pub fail: Arc<dyn Fn(anyhow::Error) + Send + Sync>,
+    pub failed: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// A request travelling from the bandit to the fetchers and on to the scorer.
@@ -102,26 +114,23 @@ enum Scored {
 struct BanditSide {
     bandit: Bandit,
     ctx: Arc<LoopContext>,
-    failed: Option<anyhow::Error>,
 }
 
-/// Runs rounds until the bandit is done (budget, no arm left) or a stop is requested. Runs on
-/// every worker of the process; worker 0 holds the bandit. Returns the final bandit state on
-/// worker 0 and None elsewhere.
+/// Runs rounds until the bandit is done (budget, no arm left), a stop is requested or a worker
+/// fails (reported through `ctx.fail`). Runs on every worker of the process; worker 0 holds
+/// the bandit. Returns the final bandit state on worker 0 and None elsewhere.
 pub fn run_rounds(
     worker: &mut timely::worker::Worker,
     bandit: Option<Bandit>,
     ctx: Arc<LoopContext>,
-) -> Result<Option<Bandit>> {
+) -> Option<Bandit> {
     let index = worker.index();
     let peers = worker.peers() as u64;
     let start_round = bandit.as_ref().map(|b| b.next_round()).unwrap_or(0);
     let side = Rc::new(RefCell::new(bandit.map(|bandit| BanditSide {
         bandit,
         ctx: ctx.clone(),
-        failed: None,
     })));
-    let fetch_error: Rc<RefCell<Option<anyhow::Error>>> = Rc::new(RefCell::new(None));
     let mut start = InputHandleVec::<u64, u64>::new();
     let probe = ProbeHandle::new();
 
@@ -176,7 +185,7 @@ pub fn run_rounds(
                                 break;
                             }
                             let (cap, scores) = stash.remove(&time).expect("first key");
-                            if side.failed.is_some() {
+                            if (side.ctx.failed)() {
                                 continue;
                             }
                             match side.observe(time - 1, scores) {
@@ -185,7 +194,7 @@ pub fn run_rounds(
                                     output.session(&cap).give_iterator(requests.into_iter());
                                 }
                                 Ok(false) => {}
-                                Err(e) => side.failed = Some(e),
+                                Err(e) => (side.ctx.fail)(e),
                             }
                         }
                     }
@@ -193,7 +202,6 @@ pub fn run_rounds(
             );
 
         let fetch_ctx = ctx.clone();
-        let fetch_failed = fetch_error.clone();
         let fetched = requests.unary::<CapacityContainerBuilder<Vec<Fetched>>, _, _, _>(
             Exchange::new(move |r: &Request| match r {
                 Request::Pull { cluster, .. } => u64::from(*cluster) % peers,
@@ -220,9 +228,7 @@ pub fn run_rounds(
                                         ..
                                     } => match fetch_texts(&fetch_ctx, &members) {
                                         Ok(docs) => session.give(Fetched::Texts { round, docs }),
-                                        Err(e) => {
-                                            fetch_failed.borrow_mut().get_or_insert(e);
-                                        }
+                                        Err(e) => (fetch_ctx.fail)(e),
                                     },
                                     // Taken without scoring: nothing to fetch until the sink.
                                     Request::Pull { .. } => {}
@@ -235,7 +241,6 @@ pub fn run_rounds(
         );
 
         let score_ctx = ctx.clone();
-        let score_failed = fetch_error.clone();
         fetched
             .unary_frontier::<CapacityContainerBuilder<Vec<Scored>>, _, _, _>(
                 Exchange::new(|_: &Fetched| 0),
@@ -277,9 +282,7 @@ pub fn run_rounds(
                                     round: time,
                                     scores,
                                 }),
-                                Err(e) => {
-                                    score_failed.borrow_mut().get_or_insert(e);
-                                }
+                                Err(e) => (score_ctx.fail)(e),
                             }
                             session.give(Scored::Tick { round: time });
                         }
@@ -296,32 +299,16 @@ pub fn run_rounds(
     }
     drop(start);
     while !probe.done() {
-        if let Some(e) = fetch_error.borrow_mut().take() {
-            if let Some(side) = side.borrow_mut().as_mut() {
-                side.failed.get_or_insert(e);
-            } else {
-                return Err(e);
-            }
-        }
         worker.step_or_park(Some(std::time::Duration::from_millis(1)));
     }
     let side = side.borrow_mut().take();
-    match side {
-        Some(side) => match side.failed {
-            Some(e) => Err(e),
-            None => Ok(Some(side.bandit)),
-        },
-        None => match fetch_error.borrow_mut().take() {
-            Some(e) => Err(e),
-            None => Ok(None),
-        },
-    }
+    side.map(|side| side.bandit)
 }
 
 impl BanditSide {
     /// Round `round`'s requests (its pulls and a tick); none once the loop is over.
     fn plan(&mut self, round: u64) -> Vec<Request> {
-        if self.failed.is_some() || self.bandit.is_done() || self.ctx.stop.load(Ordering::SeqCst) {
+        if (self.ctx.failed)() || self.bandit.is_done() || self.ctx.stop.load(Ordering::SeqCst) {
             return Vec::new();
         }
         let pulls = self.bandit.plan_round(round);
@@ -348,8 +335,8 @@ impl BanditSide {
             .bandit
             .observe(round, &scores)
             .with_context(|| format!("bandit round {round}"))?;
-        let file = write_round(&self.ctx, round, &outcome)?;
-        (self.ctx.commit)(&pulls, &outcome, &self.bandit, file.as_deref())
+        let written = write_round(&self.ctx, round, &outcome)?;
+        (self.ctx.commit)(&pulls, &outcome, &self.bandit, &written)
             .with_context(|| format!("committing round {round}"))?;
         (self.ctx.on_round)(&outcome);
         Ok(!outcome.done)
@@ -428,14 +415,20 @@ fn score_docs(
 }
 
 /// Writes a round's selected rows (fetched back by location) with quad_cluster,
-/// quad_influence and quad_round as one Parquet file; None when nothing was selected.
-fn write_round(ctx: &LoopContext, round: u64, outcome: &RoundOutcome) -> Result<Option<String>> {
+/// quad_influence and quad_round as one Parquet file.
+fn write_round(ctx: &LoopContext, round: u64, outcome: &RoundOutcome) -> Result<WrittenRound> {
+    let mut written = WrittenRound::default();
     if outcome.selected.is_empty() {
-        return Ok(None);
+        return Ok(written);
     }
     let mut batches = Vec::new();
     let mut out_schema = None;
-    let selected = by_shard(outcome.selected.iter().map(|(m, v)| (m, (m.cluster, *v))));
+    let selected = by_shard(
+        outcome
+            .selected
+            .iter()
+            .map(|(m, v)| (m, (m.cluster, *v, m.tokens))),
+    );
     for (epoch, rows) in selected {
         let path = shard_path(ctx, epoch)?;
         let wanted: Vec<u64> = rows.iter().map(|(row, _)| *row).collect();
@@ -451,15 +444,26 @@ fn write_round(ctx: &LoopContext, round: u64, outcome: &RoundOutcome) -> Result<
             Some(_) => {}
         }
         let n = batch.num_rows();
+        if let Ok(index) = batch.schema().index_of(SOURCE_COLUMN) {
+            for (i, (_, (_, _, tokens))) in rows.iter().enumerate() {
+                let domain = source::string_at(batch.column(index), i).unwrap_or("(none)");
+                *written
+                    .tokens_by_source
+                    .entry(domain.to_string())
+                    .or_default() += tokens;
+            }
+        }
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         for field in schema::output_fields() {
             let array: ArrayRef = match field.name().as_str() {
                 "quad_cluster" => Arc::new(Int32Array::from_iter_values(
-                    rows.iter().map(|(_, (c, _))| *c as i32),
+                    rows.iter().map(|(_, (c, _, _))| *c as i32),
                 )),
-                "quad_influence" => {
-                    Arc::new(rows.iter().map(|(_, (_, v))| *v).collect::<Float64Array>())
-                }
+                "quad_influence" => Arc::new(
+                    rows.iter()
+                        .map(|(_, (_, v, _))| *v)
+                        .collect::<Float64Array>(),
+                ),
                 "quad_round" => Arc::new(Int64Array::from(vec![round as i64; n])),
                 other => anyhow::bail!("internal: unknown output column {other}"),
             };
@@ -469,16 +473,55 @@ fn write_round(ctx: &LoopContext, round: u64, outcome: &RoundOutcome) -> Result<
         batches.push(RecordBatch::try_new(schema, columns)?);
     }
     let Some(out_schema) = out_schema else {
-        return Ok(None);
+        return Ok(written);
     };
     let name = round_file_name(round);
     sink::write_durably(&ctx.sink.path, &name, out_schema, &batches, &ctx.sink)
         .with_context(|| format!("writing {}", ctx.sink.path.join(&name).display()))?;
-    Ok(Some(name))
+    written.file = Some(name);
+    Ok(written)
 }
+
+/// The column whose values the report's "selected tokens by source" plot groups by.
+pub const SOURCE_COLUMN: &str = "source";
 
 /// Output file of a bandit round (`part-` so that leftovers of an uncommitted round are
 /// removed like those of an uncommitted epoch).
 pub fn round_file_name(round: u64) -> String {
     format!("part-r{round:06}.parquet")
+}
+
+/// What the influence operator spent, for the cost accounting (DESIGN 1.4).
+#[derive(Debug, Clone, Default)]
+pub struct ScoreTally {
+    /// The model's shape and K-FAC blocks, once the scorer is built.
+    pub shape: Option<(crate::cost::TransformerShape, Vec<crate::cost::Linear>)>,
+    /// Tokens of every scored document (as scored: truncated to `influence.max_tokens`).
+    pub doc_tokens: Vec<u64>,
+}
+
+/// The influence scorer as the loop's `DocScorer`, counting what it scores.
+pub struct TalliedScorer {
+    pub scorer: crate::influence::InfluenceScorer,
+    pub tally: Arc<std::sync::Mutex<ScoreTally>>,
+}
+
+impl TalliedScorer {
+    pub fn new(
+        scorer: crate::influence::InfluenceScorer,
+        tally: Arc<std::sync::Mutex<ScoreTally>>,
+    ) -> TalliedScorer {
+        let shape = crate::cost::TransformerShape::llama(&scorer.model().config);
+        tally.lock().expect("score tally").shape = Some(shape);
+        TalliedScorer { scorer, tally }
+    }
+}
+
+impl DocScorer for TalliedScorer {
+    fn score(&mut self, texts: &[&str]) -> Result<Vec<f64>> {
+        let scores = self.scorer.score(texts)?;
+        let mut tally = self.tally.lock().expect("score tally");
+        tally.doc_tokens.extend(scores.iter().map(|s| s.tokens));
+        Ok(scores.into_iter().map(|s| s.influence).collect())
+    }
 }

@@ -96,6 +96,10 @@ impl Admitter {
                 continue;
             }
             self.seen.insert(doc.id.clone(), here);
+            // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
+            if self.config.strategy != crate::config::Strategy::Random {
+                continue;
+            }
             if priority(self.seed, &doc.id) >= self.config.ratio {
                 continue;
             }

@@ -497,12 +497,15 @@ impl StateStore {
 
 /// The Quad loop's records (additions for the bandit; tables are created on first write).
 impl StateStore {
-    /// Records round `record.round` and the bandit state after it in one transaction, so a
-    /// resumed loop starts from exactly the state that matches the recorded rounds.
+    /// Records round `record.round`, the bandit state after it, its output file and the flags
+    /// of the members it scored or selected in one transaction, so a resumed loop starts from
+    /// exactly the state that matches the recorded rounds and files.
     pub fn commit_round(
         &self,
         record: &crate::report::RoundRecord,
         bandit: &crate::bandit::Bandit,
+        file: Option<&str>,
+        flags: &[((u32, u64, u64), u8)],
     ) -> Result<(), StateError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
@@ -515,6 +518,32 @@ impl StateStore {
             let json = serde_json::to_string(bandit).map_err(|e| self.err(e))?;
             run.insert(BANDIT_KEY, json.as_str())
                 .map_err(|e| self.err(e))?;
+            if let Some(file) = file {
+                let mut outputs = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;
+                outputs
+                    .insert(file, record.round)
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
+            for (key, bits) in flags {
+                let current = members
+                    .get(*key)
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value().to_vec());
+                let Some(current) = current else {
+                    return Err(self.err(format!(
+                        "round {}: member {key:?} is not in the membership table",
+                        record.round
+                    )));
+                };
+                let mut value: MemberValue =
+                    bincode::deserialize(&current).map_err(|e| self.err(e))?;
+                value.flags |= bits;
+                let bytes = bincode::serialize(&value).map_err(|e| self.err(e))?;
+                members
+                    .insert(*key, bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
     }

@@ -436,7 +436,7 @@ fn the_state_store_keeps_rounds_and_the_bandit_for_resumption() {
         for _ in 0..3 {
             let (pulls, out) = planted::step(&mut b);
             store
-                .commit_round(&RoundRecord::new(&pulls, &out), &b)
+                .commit_round(&RoundRecord::new(&pulls, &out), &b, None, &[])
                 .unwrap();
         }
     }

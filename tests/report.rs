@@ -53,7 +53,7 @@ fn simulated_run(dir: &Path) -> PathBuf {
                 .entry(domain(m.loc.shard).to_string())
                 .or_insert(0) += m.tokens;
         }
-        store.commit_round(&record, &bandit).unwrap();
+        store.commit_round(&record, &bandit, None, &[]).unwrap();
     }
     let mut mix: BTreeMap<String, u64> = BTreeMap::new();
     for c in planted::pool() {

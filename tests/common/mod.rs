@@ -3,11 +3,15 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::util::display::array_value_to_string;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use rand::{Rng, SeedableRng};
 
 pub fn quad() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quad"));
@@ -233,4 +237,118 @@ pub fn kill_mid_job(job: &Path, sink: &Path) {
         output_files(sink).len() < SLICE_SHARDS,
         "the kill came too late to test anything"
     );
+}
+
+// Planted embeddings: the demo slice with an `embedding` column whose vectors sit around one
+// centre per `source` domain, so clustering recovers the domains.
+
+/// Width of the planted vectors.
+pub const DIM: usize = 16;
+/// Noise around each domain's centre (per coordinate, before normalising).
+pub const NOISE: f32 = 0.25;
+
+pub fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= n);
+    v
+}
+
+/// A domain's centre, fixed by its name.
+pub fn centre(source: &str) -> Vec<f32> {
+    let seed = xxhash_seed(source);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    unit((0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+}
+
+pub fn xxhash_seed(s: &str) -> u64 {
+    s.bytes().fold(1469598103934665603u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(1099511628211)
+    })
+}
+
+/// The planted vector of a document: its domain's centre plus noise fixed by its id.
+pub fn planted(source: &str, id: &str) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(xxhash_seed(id));
+    let c = centre(source);
+    unit(
+        c.iter()
+            .map(|x| x + NOISE * rng.random_range(-1.0f32..1.0))
+            .collect(),
+    )
+}
+
+pub fn write_shard(path: &Path, batch: &RecordBatch) {
+    let file = std::fs::File::create(path).unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(200))
+        .build();
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+    writer.write(batch).unwrap();
+    writer.close().unwrap();
+}
+
+pub fn with_column(batch: &RecordBatch, name: &str, column: ArrayRef) -> RecordBatch {
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(name, column.data_type().clone(), true));
+    let mut columns = batch.columns().to_vec();
+    columns.push(column);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
+pub fn text_column(batch: &RecordBatch, name: &str) -> Vec<String> {
+    let col = batch.column_by_name(name).unwrap();
+    let col = arrow::compute::cast(col, &DataType::Utf8).unwrap();
+    let col = col.as_string::<i32>();
+    (0..col.len()).map(|i| col.value(i).to_string()).collect()
+}
+
+pub fn fixed_size(vectors: &[Vec<f32>]) -> ArrayRef {
+    let values = Float32Array::from(vectors.concat());
+    Arc::new(
+        FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", DataType::Float32, true)),
+            DIM as i32,
+            Arc::new(values),
+            None,
+        )
+        .unwrap(),
+    )
+}
+
+/// The demo slice with an `embedding` column of planted vectors, built once.
+pub fn planted_slice() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("quad-planted")
+            .tempdir()
+            .unwrap()
+            .keep();
+        for entry in std::fs::read_dir(demo_slice().join("shards")).unwrap() {
+            let path = entry.unwrap().path();
+            let mut batches = read_parquet(&path);
+            let batch =
+                arrow::compute::concat_batches(&batches[0].schema(), batches.iter()).unwrap();
+            batches.clear();
+            let ids = text_column(&batch, "id");
+            let sources = text_column(&batch, "source");
+            let vectors: Vec<Vec<f32>> = ids
+                .iter()
+                .zip(&sources)
+                .map(|(id, s)| planted(s, id))
+                .collect();
+            let out = with_column(&batch, "embedding", fixed_size(&vectors));
+            write_shard(&dir.join(path.file_name().unwrap()), &out);
+        }
+        dir
+    })
+}
+
+pub fn planted_glob() -> String {
+    format!("{}/*.parquet", planted_slice().display())
 }

