@@ -118,8 +118,10 @@ fn reward_sharing_matches_hand_computed_values() {
     );
     assert_eq!(arms[&2].pulls, 0);
     assert_eq!(arms[&2].reward_sum, 0.0);
-    // Credited arm 1 is no longer untried: cluster 2 (untried) comes next.
-    assert_eq!(b.plan_round(1)[0].cluster, 2);
+    // Credit is not a try: arm 1, never sampled itself, still ranks first (by id before 2),
+    // so every cluster is sampled at least once.
+    assert_eq!(b.plan_round(1)[0].cluster, 1);
+    assert_eq!(b.cluster_scores()[1].1, None);
 }
 
 #[test]

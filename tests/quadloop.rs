@@ -351,3 +351,53 @@ fn a_bandit_strategy_without_clustering_is_refused_with_the_reason() {
         stderr(&out)
     );
 }
+
+/// The planted structure: the clusters are the slice's source domains and the reference set is
+/// held-out news, so the news cluster is the reference-like one. Even with a tiny random model
+/// its members score highest on average with normalised scores (observed: mean 16.9 against
+/// 6.9 to 15.0 for the other clusters; unnormalised the gap is too small to steer by), and
+/// quad must turn that into a clearly larger news share than random selection takes (observed
+/// 0.46 against 0.29), while still pulling every cluster at least once.
+#[test]
+fn quad_takes_more_of_the_reference_like_cluster_than_random_and_tries_every_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "budget = { ratio = 0.1 }";
+    let job = loop_job(dir.path(), "quad", 7, "strategy = \"quad\"", budget);
+    let spec = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        spec.replace("batch = 16\n", "batch = 16\nnormalise = true\n"),
+    )
+    .unwrap();
+    run_ok(&job, 2);
+    run_ok(
+        &loop_job(
+            dir.path(),
+            "random",
+            7,
+            "strategy = \"random\"\nratio = 0.1",
+            budget,
+        ),
+        2,
+    );
+    let st = store(dir.path(), "quad");
+    let share = |name: &str| {
+        let by_source = tokens_by_source(&selection(&dir.path().join(name)), &st);
+        let total: u64 = by_source.values().sum();
+        by_source.get("news").copied().unwrap_or(0) as f64 / total as f64
+    };
+    let (quad_news, random_news) = (share("quad"), share("random"));
+    assert!(
+        quad_news > 1.3 * random_news,
+        "news share of the selected tokens: quad {quad_news:.3}, random {random_news:.3}"
+    );
+    let pulled: std::collections::BTreeSet<u32> = st
+        .round_records()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.pulls.iter().map(|p| p.cluster))
+        .collect();
+    let clusters: std::collections::BTreeSet<u32> =
+        st.clusters().unwrap().iter().map(|c| c.cluster).collect();
+    assert_eq!(pulled, clusters, "every cluster is sampled at least once");
+}

@@ -13,10 +13,11 @@ pub struct Arm {
 }
 
 impl Arm {
-    /// CS_i = S_i/T_i + alpha * sqrt(2 ln(sum_j T_j) / T_i); `None` for an untried arm, which
-    /// ranks before every tried one.
+    /// CS_i = S_i/T_i + alpha * sqrt(2 ln(sum_j T_j) / T_i); `None` for an arm never pulled
+    /// itself, which ranks before every tried one: credit from a neighbour does not count as a
+    /// try, so every cluster is sampled at least once.
     pub fn score(&self, alpha: f64, total_pulls: u64) -> Option<f64> {
-        if self.pulls == 0 {
+        if self.own_pulls == 0 || self.pulls == 0 {
             return None;
         }
         let t = self.pulls as f64;
