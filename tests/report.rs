@@ -31,7 +31,7 @@ fn simulated_run(dir: &Path) -> PathBuf {
     std::fs::write(
         &job,
         format!(
-            "name = \"report <test>\"\nseed = 3\n[source]\nshards = \"{0}/none/*.parquet\"\n[select]\nstrategy = \"quad\"\n[bandit]\ntau = 0.25\nbudget = {{ ratio = 0.15 }}\n[sink]\npath = \"{0}/out\"\n",
+            "name = \"report <test>\"\nseed = 3\n[source]\nshards = \"{0}/none/*.parquet\"\n[select]\nstrategy = \"quad\"\n[cluster]\nenabled = true\n[bandit]\ntau = 0.25\nbudget = {{ ratio = 0.15 }}\n[sink]\npath = \"{0}/out\"\n",
             dir.display()
         ),
     )
