@@ -4,13 +4,18 @@ QUAD := $(or $(CARGO_TARGET_DIR),target)/release/quad
 JOB ?= dataflows/demo.toml
 WORKERS ?= 2
 
-.PHONY: demo test torch assets chromium build corpus bench clean
+.PHONY: demo warmup test torch assets chromium build corpus bench clean
 
 # The main job on the embedded default: demo corpus, random baseline selection.
 demo: build assets
 	$(QUAD) corpus demo $(JOB)
 	$(QUAD) run $(JOB) -w $(WORKERS)
 	$(QUAD) inspect out/demo/part-000000.parquet -n 3
+
+# The demo's influence model: the small Llama proxy in data/demo/proxy (about 3 minutes on 2 cores).
+warmup: build assets
+	$(QUAD) corpus demo $(JOB)
+	$(QUAD) warmup $(JOB)
 
 # Everything CI runs.
 test: torch assets chromium

@@ -85,6 +85,21 @@ pub enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Train the small Llama proxy of the job's `[warmup]` section on a seeded sample of the
+    /// pool and save it as a Hugging Face directory (the demo's default influence model).
+    Warmup {
+        /// The job spec (TOML), e.g. dataflows/demo.toml.
+        job: PathBuf,
+        /// Optimiser steps (default: warmup.steps).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Output directory (default: warmup.out).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// "auto", "cpu", "cuda" or "cuda:N" (default: warmup.device).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Tuning commands (DESIGN 1.2): each prints a table and writes an SVG plot.
     Tune {
         #[command(subcommand)]
@@ -206,6 +221,19 @@ pub fn run(cli: Cli) -> Result<i32> {
                 limit,
             )?;
             eprintln!("{summary}");
+            Ok(exit::OK)
+        }
+        Command::Warmup {
+            job,
+            steps,
+            out,
+            device,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let overrides = crate::model::warmup::WarmupOverrides { steps, out, device };
+            let report = crate::model::warmup::run_warmup(&spec, &overrides)
+                .with_context(|| format!("quad warmup {}", job.display()))?;
+            println!("{report}");
             Ok(exit::OK)
         }
         Command::Tune {

@@ -37,6 +37,9 @@ pub struct JobSpec {
     /// Influence scoring (`quad score`, the Quad loop); every key has a default.
     #[serde(default)]
     pub influence: crate::influence::InfluenceConfig,
+    /// `quad warmup`: the proxy model trained on a pool sample; every key has a default.
+    #[serde(default)]
+    pub warmup: crate::model::warmup::WarmupConfig,
     /// Only read by `quad corpus demo`.
     #[serde(default)]
     pub corpus: Option<CorpusConfig>,
@@ -490,6 +493,7 @@ impl JobSpec {
             return Err("runtime.max_epochs_in_flight must be positive".into());
         }
         self.influence.validate()?;
+        self.warmup.validate()?;
         if self.source.id_column == self.source.text_column {
             return Err("source.id_column and source.text_column must differ".into());
         }
