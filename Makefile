@@ -6,16 +6,13 @@ WORKERS ?= 2
 
 .PHONY: demo warmup test torch assets chromium build corpus bench clean
 
-# The main job on the embedded default: demo corpus, random baseline selection.
+# The main job on the embedded default: demo corpus, proxy warm-up (once), the full Quad loop
+# on the CPU, and the report.
 demo: build assets
 	$(QUAD) corpus demo $(JOB)
+	test -f data/demo/proxy/model.safetensors || $(QUAD) warmup $(JOB)
 	$(QUAD) run $(JOB) -w $(WORKERS)
-	$(QUAD) inspect out/demo/part-000000.parquet -n 3
-
-# The demo's influence model: the small Llama proxy in data/demo/proxy (about 3 minutes on 2 cores).
-warmup: build assets
-	$(QUAD) corpus demo $(JOB)
-	$(QUAD) warmup $(JOB)
+	$(QUAD) report $(JOB)
 
 # Everything CI runs.
 test: torch assets chromium

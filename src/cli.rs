@@ -154,6 +154,46 @@ pub enum TuneCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Scores a seeded sample of every committed cluster, takes the lower edges of equal-count
+    /// score buckets as candidate thresholds, trains a copy of the proxy briefly on each
+    /// candidate's selection and picks the lowest reference loss; writes tune-tau.svg/.json.
+    /// Needs the job's clusters (run `quad run` first).
+    Tau {
+        job: PathBuf,
+        /// Members scored per cluster.
+        #[arg(long, default_value_t = 20)]
+        per_cluster: usize,
+        /// Score buckets (candidates).
+        #[arg(long, default_value_t = 20)]
+        buckets: usize,
+        /// Training steps on each candidate's selection (the [warmup] optimiser).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Output folder (default: <sink.path>/tune).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// For the largest committed clusters, the smallest sample ratio whose mean influence is
+    /// within the tolerance of the cluster's mean, averaged; writes tune-gamma.svg/.json.
+    /// Needs the job's clusters (run `quad run` first).
+    Gamma {
+        job: PathBuf,
+        /// Clusters measured (the largest).
+        #[arg(long, default_value_t = 4)]
+        clusters: usize,
+        /// Members scored per cluster (their mean stands for the cluster's).
+        #[arg(long, default_value_t = 200)]
+        members: usize,
+        /// Ratios tried: 0.01, 0.02, ... up to this.
+        #[arg(long, default_value_t = 0.2)]
+        max_ratio: f64,
+        /// Accepted relative error of the sample mean.
+        #[arg(long, default_value_t = 0.1)]
+        tolerance: f64,
+        /// Output folder (default: <sink.path>/tune).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Runs a command; returns the exit code for a completed command.
@@ -248,6 +288,48 @@ pub fn run(cli: Cli) -> Result<i32> {
             let spec = JobSpec::load(&job)?;
             let options = crate::cluster::tune::TuneKOptions { sample, ks, out };
             println!("{}", crate::cluster::tune::tune_k(&spec, &options)?);
+            Ok(exit::OK)
+        }
+        Command::Tune {
+            which:
+                TuneCommand::Tau {
+                    job,
+                    per_cluster,
+                    buckets,
+                    steps,
+                    out,
+                },
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::tune::TuneTauOptions {
+                per_cluster,
+                buckets,
+                steps,
+                out,
+            };
+            println!("{}", crate::tune::tune_tau_cmd(&spec, &options)?);
+            Ok(exit::OK)
+        }
+        Command::Tune {
+            which:
+                TuneCommand::Gamma {
+                    job,
+                    clusters,
+                    members,
+                    max_ratio,
+                    tolerance,
+                    out,
+                },
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::tune::TuneGammaOptions {
+                clusters,
+                members,
+                max_ratio,
+                tolerance,
+                out,
+            };
+            println!("{}", crate::tune::tune_gamma_cmd(&spec, &options)?);
             Ok(exit::OK)
         }
         Command::Inspect {

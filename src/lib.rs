@@ -29,3 +29,4 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod tokens;
+pub mod tune;

@@ -82,6 +82,38 @@ pub struct RunRecord {
 pub const POOL_MIX_KEY: &str = "pool_tokens_by_source";
 pub const COSTS_KEY: &str = "costs";
 
+/// The pool's tokens by the shards' `source` column (`(none)` where a shard or a row has
+/// none), summed over the clustered members of the store: what the report compares the
+/// selection's mix with. Reads only that column, and only the rows that are members.
+pub fn pool_tokens_by_source(store: &StateStore) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut rows_by_epoch: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for cluster in store.clusters()? {
+        for m in store.members(cluster.cluster)? {
+            rows_by_epoch
+                .entry(m.epoch)
+                .or_default()
+                .push((m.row, u64::from(m.tokens)));
+        }
+    }
+    let shards = store.shard_paths()?;
+    let mut mix = BTreeMap::new();
+    for (epoch, rows) in rows_by_epoch {
+        let Some(path) = shards.get(&epoch) else {
+            anyhow::bail!("the state store has members of epoch {epoch} but no shard for it");
+        };
+        let wanted: Vec<u64> = rows.iter().map(|(r, _)| *r).collect();
+        let cells = crate::source::fetch_cells(path, &wanted, &[crate::quad_loop::SOURCE_COLUMN])?;
+        for (row, tokens) in rows {
+            let source = cells
+                .get(&row)
+                .and_then(|c| c.first().cloned().flatten())
+                .unwrap_or_else(|| "(none)".to_string());
+            *mix.entry(source).or_insert(0) += tokens;
+        }
+    }
+    Ok(mix)
+}
+
 impl RunRecord {
     /// Reads a run's record from its state store.
     pub fn load(

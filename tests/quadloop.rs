@@ -243,6 +243,12 @@ fn quad_loop_is_deterministic_across_workers_and_seeds_and_keeps_the_budget() {
         selected,
         "the output's rows are the bandit's selection"
     );
+    // The pool's mix by source is stored for the report: every member's tokens, by domain.
+    let mix: std::collections::BTreeMap<String, u64> =
+        st.run_value(quad::report::POOL_MIX_KEY).unwrap().unwrap();
+    let pool: u64 = st.clusters().unwrap().iter().map(|c| c.tokens).sum();
+    assert_eq!(mix.values().sum::<u64>(), pool);
+    assert!(mix.len() >= 2 && !mix.contains_key("(none)"), "{mix:?}");
 }
 
 #[test]
@@ -400,4 +406,110 @@ fn quad_takes_more_of_the_reference_like_cluster_than_random_and_tries_every_clu
     let clusters: std::collections::BTreeSet<u32> =
         st.clusters().unwrap().iter().map(|c| c.cluster).collect();
     assert_eq!(pulled, clusters, "every cluster is sampled at least once");
+}
+
+/// `quad tune gamma` and `quad tune tau` on the clusters a run committed: tables, JSON and
+/// SVG plots, and picks consistent with their own tables.
+#[test]
+fn tune_gamma_and_tau_run_from_the_cli_on_the_jobs_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = loop_job(
+        dir.path(),
+        "tune",
+        5,
+        "strategy = \"quad\"",
+        "budget = { ratio = 0.02 }",
+    );
+    // Before any run there are no clusters to tune on: a clear refusal.
+    let out = quad().args(["tune", "gamma"]).arg(&job).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("quad run"), "{}", stderr(&out));
+    run_ok(&job, 1);
+    let tune_dir = dir.path().join("tuned");
+
+    let out = quad()
+        .args([
+            "tune",
+            "gamma",
+            "--clusters",
+            "2",
+            "--members",
+            "40",
+            "--out",
+        ])
+        .arg(&tune_dir)
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("ratio") && table.contains("gamma"),
+        "{table}"
+    );
+    let gamma: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tune_dir.join("tune-gamma.json")).unwrap()).unwrap();
+    assert_eq!(gamma["documents_scored"], 80, "2 clusters x 40 members");
+    assert_eq!(gamma["tuning"]["rows"].as_array().unwrap().len(), 20);
+    // gamma is the mean of the per-cluster smallest ratios within 10%.
+    let found: Vec<f64> = gamma["tuning"]["per_cluster"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c[1].as_f64())
+        .collect();
+    match gamma["tuning"]["gamma"].as_f64() {
+        Some(g) => {
+            let mean = found.iter().sum::<f64>() / found.len() as f64;
+            assert!((g - mean).abs() < 1e-12 && (0.01..=0.2).contains(&g), "{g}");
+        }
+        None => assert!(found.is_empty()),
+    }
+    assert!(std::fs::read_to_string(tune_dir.join("tune-gamma.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    let out = quad()
+        .args([
+            "tune",
+            "tau",
+            "--per-cluster",
+            "8",
+            "--buckets",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+        ])
+        .arg(&tune_dir)
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tau: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tune_dir.join("tune-tau.json")).unwrap()).unwrap();
+    let rows = tau["rows"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.len() <= 4, "{rows:?}");
+    // Candidates ascend, so each selects no more than the one before; the lowest selects all.
+    assert_eq!(rows[0]["selected"], tau["documents_scored"]);
+    for w in rows.windows(2) {
+        assert!(w[0]["tau"].as_f64() < w[1]["tau"].as_f64());
+        assert!(w[0]["selected"].as_u64() >= w[1]["selected"].as_u64());
+    }
+    let best = rows
+        .iter()
+        .min_by(|a, b| {
+            let (a, b) = (a["reference_loss"].as_f64(), b["reference_loss"].as_f64());
+            a.unwrap().total_cmp(&b.unwrap())
+        })
+        .unwrap();
+    assert_eq!(best["tau"], tau["tau"]);
+    for r in rows {
+        let loss = r["reference_loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0);
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<- pick"));
+    assert!(std::fs::read_to_string(tune_dir.join("tune-tau.svg"))
+        .unwrap()
+        .contains("class=\"marker\""));
 }
