@@ -103,10 +103,10 @@ fn cpu_proxy() {
             "data/demo/proxy",
         )
     } else {
-        let cfg = llama(256, 768, 4, 4, 2, 64);
+        let cfg = llama(192, 512, 4, 4, 2, 48);
         (
             CausalLm::random(&cfg, tokenizer(), Device::Cpu, Kind::Float, 1),
-            "random Llama d=256 ff=768 4 layers 4/2 heads",
+            "random Llama d=192 ff=512 4 layers 4/2 heads (the proxy's default shape)",
         )
     };
     let cfg = model.config.clone();
