@@ -31,7 +31,7 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
 use crate::assign::Assigner;
-use crate::bandit::{Bandit, ClusterInput, DocLoc, RoundOutcome};
+use crate::bandit::{Bandit, ClusterInput, RoundOutcome};
 use crate::config::{JobSpec, Strategy};
 use crate::cost::Costs;
 use crate::embed::SentenceEncoder;
@@ -647,11 +647,7 @@ fn load_bandit(shared: &Shared) -> Result<Bandit> {
             .members(info.cluster)?
             .into_iter()
             .map(|m| crate::bandit::Member {
-                loc: DocLoc {
-                    shard: m.epoch,
-                    row_group: m.row_group,
-                    row: m.row,
-                },
+                loc: m.loc(),
                 tokens: u64::from(m.tokens),
             })
             .collect();

@@ -73,6 +73,17 @@ pub struct Member {
     pub flags: u8,
 }
 
+impl Member {
+    /// Where the bandit fetches it again.
+    pub fn loc(&self) -> crate::bandit::DocLoc {
+        crate::bandit::DocLoc {
+            shard: self.epoch,
+            row_group: self.row_group,
+            row: self.row,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct MemberValue {
     row_group: u32,

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::bandit::tune::{tau_candidates, tune_gamma, GammaTuning};
-use crate::bandit::{DocLoc, MemberRef};
+use crate::bandit::MemberRef;
 use crate::config::JobSpec;
 use crate::influence::scorer::InfluenceScorer;
 use crate::model::warmup::{reference_loss, train_texts, WarmupError};
@@ -81,11 +81,7 @@ fn sample_clusters(
                 rows_by_epoch.entry(m.epoch).or_default().push(m.row);
                 MemberRef {
                     cluster: info.cluster,
-                    loc: DocLoc {
-                        shard: m.epoch,
-                        row_group: m.row_group,
-                        row: m.row,
-                    },
+                    loc: m.loc(),
                     tokens: u64::from(m.tokens),
                 }
             })

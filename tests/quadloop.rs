@@ -408,6 +408,20 @@ fn quad_takes_more_of_the_reference_like_cluster_than_random_and_tries_every_clu
     assert_eq!(pulled, clusters, "every cluster is sampled at least once");
 }
 
+/// Runs `quad tune ARGS --out OUT JOB` and expects success.
+fn tune(args: &[&str], out: &Path, job: &Path) -> std::process::Output {
+    let run = quad()
+        .arg("tune")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg(job)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    run
+}
+
 /// `quad tune gamma` and `quad tune tau` on the clusters a run committed: tables, JSON and
 /// SVG plots, and picks consistent with their own tables.
 #[test]
@@ -427,21 +441,11 @@ fn tune_gamma_and_tau_run_from_the_cli_on_the_jobs_clusters() {
     run_ok(&job, 1);
     let tune_dir = dir.path().join("tuned");
 
-    let out = quad()
-        .args([
-            "tune",
-            "gamma",
-            "--clusters",
-            "2",
-            "--members",
-            "40",
-            "--out",
-        ])
-        .arg(&tune_dir)
-        .arg(&job)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tune(
+        &["gamma", "--clusters", "2", "--members", "40"],
+        &tune_dir,
+        &job,
+    );
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         table.contains("ratio") && table.contains("gamma"),
@@ -469,9 +473,8 @@ fn tune_gamma_and_tau_run_from_the_cli_on_the_jobs_clusters() {
         .unwrap()
         .starts_with("<svg"));
 
-    let out = quad()
-        .args([
-            "tune",
+    let out = tune(
+        &[
             "tau",
             "--per-cluster",
             "8",
@@ -479,13 +482,10 @@ fn tune_gamma_and_tau_run_from_the_cli_on_the_jobs_clusters() {
             "4",
             "--steps",
             "3",
-            "--out",
-        ])
-        .arg(&tune_dir)
-        .arg(&job)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+        ],
+        &tune_dir,
+        &job,
+    );
     let tau: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tune_dir.join("tune-tau.json")).unwrap()).unwrap();
     let rows = tau["rows"].as_array().unwrap();
