@@ -1,11 +1,13 @@
 //! Clustering speed: streaming assignment docs/s at d = 384 for k = 1,000 and 10,000, and the
 //! spherical k-means fit of 100,000 x 384 at k = 1,000 (seeding, then Lloyd steps by linfa
 //! and by tch). Prints a table. `cargo bench --bench cluster`; QUAD_BENCH_QUICK=1 for a small
-//! smoke run; QUAD_BENCH_LINFA_STEPS (default 1) and QUAD_BENCH_TCH_STEPS (default 3).
+//! smoke run; QUAD_BENCH_LINFA_STEPS (linfa steps timed, default 1) and QUAD_BENCH_MAX_ITER
+//! (the tch fit's step limit, default 20).
 use std::time::Instant;
 
 use quad::cluster::{
-    lloyd_step, seed_plus_plus, Centroids, KMeansBackend, StreamConfig, StreamingClusterer,
+    fit_spherical_kmeans, lloyd_step, seed_plus_plus, Centroids, KMeansBackend, KMeansConfig,
+    StreamConfig, StreamingClusterer,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -100,59 +102,60 @@ fn main() {
         (100_000, 1_000)
     };
     let linfa_steps = env("QUAD_BENCH_LINFA_STEPS", 1);
-    let tch_steps = env("QUAD_BENCH_TCH_STEPS", 3);
+    let max_iter = env("QUAD_BENCH_MAX_ITER", 20);
     println!();
     println!("## Spherical k-means fit, n = {n}, d = {DIM}, k = {k}, {cores} threads");
     let x = data(n, k, 3);
-    // Seeding is timed on the first `seed_rows` rows (its cost is linear in n); the Lloyd steps
-    // start from evenly spaced rows, which costs the same per step as seeded centroids.
-    let seed_rows = env("QUAD_BENCH_SEED_ROWS", if quick { n } else { 10_000 }).min(n);
     let t = Instant::now();
-    let _ = seed_plus_plus(&x[..seed_rows * DIM], DIM, k, 7);
-    let seeding_part = t.elapsed().as_secs_f64();
-    let seeding = seeding_part * n as f64 / seed_rows as f64;
-    let seeds: Vec<f32> = (0..k)
-        .flat_map(|c| x[(c * n / k) * DIM..][..DIM].to_vec())
-        .collect();
-    println!("| stage | backend | steps timed | seconds per step |");
-    println!("|---|---|---:|---:|");
-    println!(
-        "| greedy k-means++ seeding (shared), {seed_rows} rows | rust | 1 | {seeding_part:.2} (scaled to n: {seeding:.1}) |"
-    );
-    let mut per_step = Vec::new();
-    for (backend, steps) in [
-        (KMeansBackend::Tch(Device::Cpu), tch_steps),
-        (KMeansBackend::Linfa, linfa_steps),
-    ] {
-        let mut c = seeds.clone();
-        let t = Instant::now();
-        for _ in 0..steps {
-            c = lloyd_step(&x, DIM, &c, &backend).expect("lloyd step");
-        }
-        let s = t.elapsed().as_secs_f64() / steps as f64;
-        println!("| Lloyd step | {} | {steps} | {s:.2} |", backend.name());
-        per_step.push(s);
+    let seeds = seed_plus_plus(&x, DIM, k, 7);
+    let seeding = t.elapsed().as_secs_f64();
+    // The whole tch fit (seeding, Lloyd steps to convergence or max_iter, final assignment).
+    let cfg = KMeansConfig {
+        k,
+        max_iter,
+        tol: 1e-8,
+        seed: 7,
+        backend: KMeansBackend::Tch(Device::Cpu),
+    };
+    let t = Instant::now();
+    let fit = fit_spherical_kmeans(&x, DIM, &cfg).expect("tch fit");
+    let tch_fit = t.elapsed().as_secs_f64();
+    let iters = fit.iterations;
+    let tch_step = (tch_fit - seeding) / (iters + 1) as f64;
+    // linfa's Lloyd step is timed from the same seeds; its fit is estimated with the tch fit's
+    // step count (a whole linfa fit takes most of an hour on 2 cores).
+    let mut c = seeds.clone();
+    let t = Instant::now();
+    for _ in 0..linfa_steps {
+        c = lloyd_step(&x, DIM, &c, &KMeansBackend::Linfa).expect("lloyd step");
     }
+    let linfa_step = t.elapsed().as_secs_f64() / linfa_steps as f64;
+    let linfa_fit = seeding + iters as f64 * linfa_step + tch_step;
+    println!("| stage | backend | seconds |");
+    println!("|---|---|---:|");
+    println!("| greedy k-means++ seeding (shared) | rust, {cores} threads | {seeding:.1} |");
+    println!("| Lloyd step (mean of the fit's {iters} steps + final assignment) | tch-cpu | {tch_step:.2} |");
+    println!("| Lloyd step ({linfa_steps} timed) | linfa | {linfa_step:.2} |");
+    println!("| whole fit, {iters} steps (measured) | tch-cpu | {tch_fit:.1} |");
+    println!("| whole fit, {iters} steps (seeding + steps x step time + final assignment) | linfa | {linfa_fit:.1} |");
     if tch::Cuda::is_available() {
-        let mut c = seeds.clone();
-        let backend = KMeansBackend::Tch(Device::Cuda(0));
-        c = lloyd_step(&x, DIM, &c, &backend).expect("warm-up");
+        let cfg = KMeansConfig {
+            backend: KMeansBackend::Tch(Device::Cuda(0)),
+            ..cfg
+        };
+        let _ = lloyd_step(&x, DIM, &seeds, &cfg.backend).expect("warm-up");
         let t = Instant::now();
-        for _ in 0..tch_steps {
-            c = lloyd_step(&x, DIM, &c, &backend).expect("lloyd step");
-        }
-        let s = t.elapsed().as_secs_f64() / tch_steps as f64;
-        println!("| Lloyd step | tch-cuda | {tch_steps} | {s:.3} |");
-    }
-    let ratio = per_step[1] / per_step[0];
-    println!();
-    println!("per Lloyd step: tch-cpu is {ratio:.1}x faster than linfa");
-    for iters in [10usize, 20] {
-        let tch_fit = seeding + iters as f64 * per_step[0] + per_step[0];
-        let linfa_fit = seeding + iters as f64 * per_step[1] + per_step[0];
+        let fit = fit_spherical_kmeans(&x, DIM, &cfg).expect("cuda fit");
+        let s = t.elapsed().as_secs_f64();
         println!(
-            "fit of {iters} steps (seeding + steps + final assignment): tch-cpu {tch_fit:.1} s, linfa {linfa_fit:.1} s ({:.1}x)",
-            linfa_fit / tch_fit
+            "| whole fit, {} steps (measured; seeding on the CPU) | tch-cuda | {s:.1} |",
+            fit.iterations
         );
     }
+    println!();
+    println!(
+        "whole fit: tch-cpu is {:.1}x faster than linfa; per Lloyd step {:.1}x",
+        linfa_fit / tch_fit,
+        linfa_step / tch_step
+    );
 }
