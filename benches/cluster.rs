@@ -1,8 +1,7 @@
 //! Clustering speed: streaming assignment docs/s at d = 384 for k = 1,000 and 10,000, and the
-//! spherical k-means fit of 100,000 x 384 at k = 1,000 (seeding, then Lloyd steps by linfa
+//! spherical k-means fit of 100,000 x 384 at k = 1,000 (seeding, then whole fits by linfa
 //! and by tch). Prints a table. `cargo bench --bench cluster`; QUAD_BENCH_QUICK=1 for a small
-//! smoke run; QUAD_BENCH_LINFA_STEPS (linfa steps timed, default 1) and QUAD_BENCH_MAX_ITER
-//! (the tch fit's step limit, default 20).
+//! smoke run; QUAD_BENCH_MAX_ITER (the fits' step limit, default 20).
 use std::time::Instant;
 
 use quad::cluster::{
@@ -101,7 +100,6 @@ fn main() {
     } else {
         (100_000, 1_000)
     };
-    let linfa_steps = env("QUAD_BENCH_LINFA_STEPS", 1);
     let max_iter = env("QUAD_BENCH_MAX_ITER", 20);
     println!();
     println!("## Spherical k-means fit, n = {n}, d = {DIM}, k = {k}, {cores} threads");
@@ -117,27 +115,36 @@ fn main() {
         seed: 7,
         backend: KMeansBackend::Tch(Device::Cpu),
     };
+    // Whole fits (seeding, Lloyd steps to convergence or max_iter, final assignment) on both
+    // backends from the same seed.
     let t = Instant::now();
     let fit = fit_spherical_kmeans(&x, DIM, &cfg).expect("tch fit");
     let tch_fit = t.elapsed().as_secs_f64();
     let iters = fit.iterations;
     let tch_step = (tch_fit - seeding) / (iters + 1) as f64;
-    // linfa's Lloyd step is timed from the same seeds; its fit is estimated with the tch fit's
-    // step count (a whole linfa fit takes most of an hour on 2 cores).
-    let mut c = seeds.clone();
+    let linfa_cfg = KMeansConfig {
+        backend: KMeansBackend::Linfa,
+        ..cfg.clone()
+    };
     let t = Instant::now();
-    for _ in 0..linfa_steps {
-        c = lloyd_step(&x, DIM, &c, &KMeansBackend::Linfa).expect("lloyd step");
-    }
-    let linfa_step = t.elapsed().as_secs_f64() / linfa_steps as f64;
-    let linfa_fit = seeding + iters as f64 * linfa_step + tch_step;
-    println!("| stage | backend | seconds |");
-    println!("|---|---|---:|");
-    println!("| greedy k-means++ seeding (shared) | rust, {cores} threads | {seeding:.1} |");
-    println!("| Lloyd step (mean of the fit's {iters} steps + final assignment) | tch-cpu | {tch_step:.2} |");
-    println!("| Lloyd step ({linfa_steps} timed) | linfa | {linfa_step:.2} |");
-    println!("| whole fit, {iters} steps (measured) | tch-cpu | {tch_fit:.1} |");
-    println!("| whole fit, {iters} steps (seeding + steps x step time + final assignment) | linfa | {linfa_fit:.1} |");
+    let linfa = fit_spherical_kmeans(&x, DIM, &linfa_cfg).expect("linfa fit");
+    let linfa_fit = t.elapsed().as_secs_f64();
+    let linfa_iters = linfa.iterations;
+    // linfa steps, then tch's final assignment (what the Linfa backend does).
+    let linfa_step = (linfa_fit - seeding - tch_step) / linfa_iters.max(1) as f64;
+    println!("| stage | backend | steps | seconds | WCSS per row |");
+    println!("|---|---|---:|---:|---:|");
+    println!("| greedy k-means++ seeding (shared) | rust, {cores} threads | | {seeding:.1} | |");
+    println!(
+        "| whole fit (measured) | tch-cpu | {iters} | {tch_fit:.1} | {:.4} |",
+        fit.wcss / n as f64
+    );
+    println!(
+        "| whole fit (measured) | linfa | {linfa_iters} | {linfa_fit:.1} | {:.4} |",
+        linfa.wcss / n as f64
+    );
+    println!("| Lloyd step (fit minus seeding, per step) | tch-cpu | | {tch_step:.2} | |");
+    println!("| Lloyd step (fit minus seeding, per step) | linfa | | {linfa_step:.2} | |");
     if tch::Cuda::is_available() {
         let cfg = KMeansConfig {
             backend: KMeansBackend::Tch(Device::Cuda(0)),
@@ -148,11 +155,13 @@ fn main() {
         let fit = fit_spherical_kmeans(&x, DIM, &cfg).expect("cuda fit");
         let s = t.elapsed().as_secs_f64();
         println!(
-            "| whole fit, {} steps (measured; seeding on the CPU) | tch-cuda | {s:.1} |",
-            fit.iterations
+            "| whole fit (measured; seeding on the CPU) | tch-cuda | {} | {s:.1} | {:.4} |",
+            fit.iterations,
+            fit.wcss / n as f64
         );
     }
     println!();
+    println!("WCSS per row is the mean |x - c|^2 = 2 - 2 cos to the row's centroid.");
     println!(
         "whole fit: tch-cpu is {:.1}x faster than linfa; per Lloyd step {:.1}x",
         linfa_fit / tch_fit,

@@ -3,6 +3,7 @@
 //! the WCSS, so they differ only in how a Lloyd step is computed.
 use std::time::Instant;
 
+use half::{f16, slice::HalfFloatSliceExt};
 use linfa::prelude::*;
 use linfa::DatasetBase;
 use linfa_clustering::{KMeans, KMeansInit};
@@ -20,7 +21,7 @@ use super::{
 const LANES: usize = 8;
 /// Rows the seeding kernel scores at once, so each candidate load serves several rows and
 /// the 2 x ROW_BLOCK accumulators hide the add latency.
-const ROW_BLOCK: usize = 4;
+const ROW_BLOCK: usize = 8;
 
 /// The candidates transposed into groups of `LANES`: group g holds, for every coordinate i,
 /// the i-th coordinate of candidates g*LANES.. (zero-padded), so the kernel multiplies one
@@ -42,27 +43,26 @@ fn lane_groups(cands: &[&[f32]], dim: usize) -> Vec<Vec<[f32; LANES]>> {
         .collect()
 }
 
-/// Dot products of up to `ROW_BLOCK` rows with one lane group. Each product is summed over
-/// the coordinates in order in f32 with separate multiplies and adds (Rust never fuses them),
-/// so its bits do not depend on how rows are blocked, on threads, or on the instruction set
-/// the kernel was compiled for.
+/// Dot products of up to `ROW_BLOCK` rows (row-major in `tile`) with one lane group. Each
+/// product is summed over the coordinates in order in f32 with separate multiplies and adds
+/// (Rust never fuses them), so its bits do not depend on how rows are blocked, on threads, or
+/// on the instruction set the kernel was compiled for.
 #[inline(always)]
-fn block_dots_portable(rows: &[&[f32]], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
+fn block_dots_portable(tile: &[f32], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
     let mut acc = [[0.0f32; LANES]; ROW_BLOCK];
-    if let [r0, r1, r2, r3] = rows {
-        let dim = group.len();
-        let (r0, r1, r2, r3) = (&r0[..dim], &r1[..dim], &r2[..dim], &r3[..dim]);
+    let dim = group.len();
+    if tile.len() == ROW_BLOCK * dim {
+        let rows: [&[f32]; ROW_BLOCK] = std::array::from_fn(|r| &tile[r * dim..(r + 1) * dim]);
         for (i, c) in group.iter().enumerate() {
-            let (x0, x1, x2, x3) = (r0[i], r1[i], r2[i], r3[i]);
-            for l in 0..LANES {
-                acc[0][l] += x0 * c[l];
-                acc[1][l] += x1 * c[l];
-                acc[2][l] += x2 * c[l];
-                acc[3][l] += x3 * c[l];
+            for (a, row) in acc.iter_mut().zip(rows) {
+                let x = row[i];
+                for l in 0..LANES {
+                    a[l] += x * c[l];
+                }
             }
         }
     } else {
-        for (a, row) in acc.iter_mut().zip(rows) {
+        for (a, row) in acc.iter_mut().zip(tile.chunks_exact(dim)) {
             for (x, c) in row.iter().zip(group) {
                 for l in 0..LANES {
                     a[l] += x * c[l];
@@ -73,31 +73,73 @@ fn block_dots_portable(rows: &[&[f32]], group: &[[f32; LANES]]) -> [[f32; LANES]
     acc
 }
 
-/// The same kernel compiled for AVX: eight lanes fit one register, so the four rows'
-/// accumulators stay in registers (SSE spills them).
+/// The same kernel compiled for AVX: eight lanes fit one register, so the rows' accumulators
+/// stay in registers (SSE spills them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-fn block_dots_avx(rows: &[&[f32]], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
-    block_dots_portable(rows, group)
+fn block_dots_avx(tile: &[f32], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
+    block_dots_portable(tile, group)
 }
 
-fn block_dots(rows: &[&[f32]], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
+fn block_dots(tile: &[f32], group: &[[f32; LANES]]) -> [[f32; LANES]; ROW_BLOCK] {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: the CPU has AVX, checked just above.
-        return unsafe { block_dots_avx(rows, group) };
+        return unsafe { block_dots_avx(tile, group) };
     }
-    block_dots_portable(rows, group)
+    block_dots_portable(tile, group)
+}
+
+/// Half-precision rows to f32 (exact on every path), eight at a time with F16C where the CPU
+/// has it: a per-element software conversion would cost as much as the dot products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{
+        __m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128, _mm_prefetch, _MM_HINT_T0,
+    };
+    let whole = src.len() / 8 * 8;
+    for (s, d) in src[..whole]
+        .chunks_exact(8)
+        .zip(dst[..whole].chunks_exact_mut(8))
+    {
+        // SAFETY: s holds 8 f16 (16 bytes) and d 8 f32; both unaligned accesses are allowed.
+        // A prefetch never faults, so one past the rows' end is harmless.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().wrapping_add(PREFETCH_HALVES).cast::<i8>());
+            let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    for (s, d) in src[whole..].iter().zip(&mut dst[whole..]) {
+        *d = s.to_f32();
+    }
+}
+
+/// How far ahead of the widening the rows are fetched (in halves): the seeding's DRAM stream
+/// is what bounds it on large n.
+const PREFETCH_HALVES: usize = 4096;
+
+fn widen(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX and F16C, checked just above.
+        return unsafe { widen_f16c(src, dst) };
+    }
+    for (s, d) in src.iter().zip(dst) {
+        *d = s.to_f32();
+    }
 }
 
 /// Rows per work unit of the seeding passes. Fixed (not derived from the thread count), and
 /// partial sums are added in unit order, so the result does not depend on threads.
-const SEED_CHUNK: usize = 4096;
+const SEED_CHUNK: usize = 1024;
 
 /// For each candidate j, the potential sum_i min(dist_i, 1 - cos(x_i, cand_j)) (f64), and the
-/// candidates' distances per row (row-major n x L), on all cores.
+/// candidates' distances per row (row-major n x L), on all cores. The rows come in half
+/// precision (see `seed_plus_plus`) and are widened a block at a time; the widening is exact.
 fn candidate_potentials(
-    x: &[f32],
+    x: &[f16],
     dim: usize,
     cands: &[&[f32]],
     dist: &[f32],
@@ -121,6 +163,7 @@ fn candidate_potentials(
             )
         {
             s.spawn(move || {
+                let mut tile = vec![0.0f32; ROW_BLOCK * dim];
                 for (u, ((cd, xs), ds)) in cd
                     .chunks_mut(SEED_CHUNK * l)
                     .zip(xs.chunks(SEED_CHUNK * dim))
@@ -133,9 +176,10 @@ fn candidate_potentials(
                         .zip(ds.chunks(ROW_BLOCK))
                         .zip(cd.chunks_mut(ROW_BLOCK * l))
                     {
-                        let rows: Vec<&[f32]> = xb.chunks_exact(dim).collect();
+                        let tile = &mut tile[..xb.len()];
+                        widen(xb, tile);
                         for (g, group) in groups.iter().enumerate() {
-                            let dots = block_dots(&rows, group);
+                            let dots = block_dots(tile, group);
                             for (r, (d, out)) in db.iter().zip(ob.chunks_exact_mut(l)).enumerate() {
                                 let js = g * LANES..((g + 1) * LANES).min(l);
                                 for j in js {
@@ -165,16 +209,27 @@ fn candidate_potentials(
 /// 2 + ln(k) rows drawn with probability proportional to their distance `1 - cos` to the
 /// nearest chosen centroid. Plain k-means++ often puts two seeds into one of several well
 /// separated clusters of high-dimensional data; the trials make that rare. Seeded ChaCha8;
-/// rows of `x` must be unit. Same bits for any thread count.
+/// rows of `x` must be unit. Same bits for any thread count and instruction set.
+///
+/// Each of the k steps streams all rows once, so on large n the seeding is bound by memory
+/// bandwidth, not arithmetic: the distance passes therefore read a half-precision copy of the
+/// rows (half the bytes; a coordinate's rounding error is under 5e-4 of it, so a distance
+/// moves by about 1e-4, which only nudges the sampling weights). The centroids returned are
+/// the chosen rows in full precision.
 pub fn seed_plus_plus(x: &[f32], dim: usize, k: usize, seed: u64) -> Vec<f32> {
     let n = x.len() / dim;
+    let full = x;
+    let mut half_rows = vec![f16::ZERO; x.len()];
+    half_rows.convert_from_f32_slice(x);
+    let x = &half_rows[..];
     let trials = 2 + (k as f64).ln().floor() as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut centroids = Vec::with_capacity(k * dim);
     let first = rng.random_range(0..n);
-    centroids.extend_from_slice(&x[first * dim..(first + 1) * dim]);
+    centroids.extend_from_slice(&full[first * dim..(first + 1) * dim]);
     let inf = vec![f32::INFINITY; n];
-    let (_, mut dist) = candidate_potentials(x, dim, &[&x[first * dim..(first + 1) * dim]], &inf);
+    let (_, mut dist) =
+        candidate_potentials(x, dim, &[&full[first * dim..(first + 1) * dim]], &inf);
     while centroids.len() < k * dim {
         let total: f64 = dist.iter().map(|&d| f64::from(d)).sum();
         let picks: Vec<usize> = if total <= 0.0 {
@@ -201,7 +256,10 @@ pub fn seed_plus_plus(x: &[f32], dim: usize, k: usize, seed: u64) -> Vec<f32> {
             }
             picks
         };
-        let cands: Vec<&[f32]> = picks.iter().map(|&i| &x[i * dim..(i + 1) * dim]).collect();
+        let cands: Vec<&[f32]> = picks
+            .iter()
+            .map(|&i| &full[i * dim..(i + 1) * dim])
+            .collect();
         let (potentials, cand_dist) = candidate_potentials(x, dim, &cands, &dist);
         let mut best = 0;
         for (j, p) in potentials.iter().enumerate() {
@@ -417,21 +475,20 @@ mod tests {
     fn seeding_kernel_is_exact_and_the_same_on_every_instruction_set() {
         let dim = 67;
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let rows: Vec<Vec<f32>> = (0..7)
-            .map(|_| (0..dim).map(|_| rng.random::<f32>() - 0.5).collect())
-            .collect();
+        let rows: Vec<f32> = (0..11 * dim).map(|_| rng.random::<f32>() - 0.5).collect();
         let cands: Vec<Vec<f32>> = (0..11)
             .map(|_| (0..dim).map(|_| rng.random::<f32>() - 0.5).collect())
             .collect();
         let cand_refs: Vec<&[f32]> = cands.iter().map(|c| c.as_slice()).collect();
         let groups = lane_groups(&cand_refs, dim);
         assert_eq!(groups.len(), 2);
-        for block in rows.chunks(ROW_BLOCK) {
-            let refs: Vec<&[f32]> = block.iter().map(|r| r.as_slice()).collect();
+        let blocks: Vec<&[f32]> = rows.chunks(ROW_BLOCK * dim).collect();
+        assert_eq!(blocks.len(), 2, "one full block and a ragged one");
+        for block in blocks {
             for (g, group) in groups.iter().enumerate() {
-                let fast = block_dots(&refs, group);
-                let portable = block_dots_portable(&refs, group);
-                for (r, row) in block.iter().enumerate() {
+                let fast = block_dots(block, group);
+                let portable = block_dots_portable(block, group);
+                for (r, row) in block.chunks_exact(dim).enumerate() {
                     for l in 0..LANES {
                         assert_eq!(fast[r][l].to_bits(), portable[r][l].to_bits());
                         let j = g * LANES + l;
@@ -445,6 +502,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Widening half-precision rows gives the software conversion's value for every one of
+    /// the 65,536 bit patterns (NaNs stay NaN), on a length that leaves a ragged tail.
+    #[test]
+    fn widening_is_exact_for_every_half() {
+        let src: Vec<f16> = (0..=u16::MAX)
+            .map(f16::from_bits)
+            .chain([f16::ONE; 5])
+            .collect();
+        let mut dst = vec![0.0f32; src.len()];
+        widen(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            let want = s.to_f32();
+            assert!(
+                want.to_bits() == d.to_bits() || (want.is_nan() && d.is_nan()),
+                "{:#06x}: {want} vs {d}",
+                s.to_bits()
+            );
         }
     }
 }
