@@ -1,6 +1,6 @@
 //! The BERT sentence encoder against an independent plain-PyTorch reference
 //! (scripts/reference_embed.py, run with the project's .venv python), plus behaviour checks.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use quad::embed::{Pooling, SentenceEncoder};
@@ -72,6 +72,36 @@ fn sentences() -> Vec<String> {
     v
 }
 
+/// Token ids and vectors of the independent reference (scripts/reference_embed.py, float64
+/// plain PyTorch, with the project's .venv python) for `texts` through the model in `dir`.
+fn reference(dir: &Path, max_tokens: usize, texts: &[String]) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("texts.json");
+    std::fs::write(
+        &input,
+        serde_json::to_string(&serde_json::json!({ "texts": texts })).unwrap(),
+    )
+    .unwrap();
+    let python = root().join(".venv/bin/python");
+    let out = Command::new(&python)
+        .arg(root().join("scripts/reference_embed.py"))
+        .arg(dir)
+        .arg(max_tokens.to_string())
+        .arg(&input)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "reference script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["ids"].clone()).unwrap();
+    let vecs: Vec<Vec<f32>> = serde_json::from_value(reference["embeddings"].clone()).unwrap();
+    assert_eq!(vecs.len(), texts.len());
+    (ids, vecs)
+}
+
 #[test]
 fn matches_independent_pytorch_reference() {
     let max_tokens = 256;
@@ -83,31 +113,7 @@ fn matches_independent_pytorch_reference() {
     let ours = enc.encode(&refs, 5).unwrap();
     let our_ids = enc.tokenize(&refs).unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("texts.json");
-    std::fs::write(
-        &input,
-        serde_json::to_string(&serde_json::json!({ "texts": texts })).unwrap(),
-    )
-    .unwrap();
-    let python = root().join(".venv/bin/python");
-    let out = Command::new(&python)
-        .arg(root().join("scripts/reference_embed.py"))
-        .arg(model_dir())
-        .arg(max_tokens.to_string())
-        .arg(&input)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
-    assert!(
-        out.status.success(),
-        "reference script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ref_ids: Vec<Vec<u32>> = serde_json::from_value(reference["ids"].clone()).unwrap();
-    let ref_vecs: Vec<Vec<f32>> = serde_json::from_value(reference["embeddings"].clone()).unwrap();
-    assert_eq!(ref_vecs.len(), texts.len());
-
+    let (ref_ids, ref_vecs) = reference(&model_dir(), max_tokens, &texts);
     let mut min_cos = f64::INFINITY;
     for (i, text) in texts.iter().enumerate() {
         assert_eq!(
@@ -225,4 +231,53 @@ fn bad_directories_are_clear_errors() {
         .unwrap();
     let msg = format!("{err:#}");
     assert!(msg.contains("pytorch_model.bin"), "{msg}");
+}
+
+/// A BGE-style checkpoint: CLS pooling from 1_Pooling/config.json and tensor names under a
+/// `bert.` prefix (as BertModel checkpoints saved from a task head have them). Built from
+/// the MiniLM weights, so no second download: the CLS vectors must match the reference's CLS
+/// pooling, and differ from the mean-pooled ones (so pooling was not ignored).
+#[test]
+fn bge_style_checkpoint_with_cls_pooling_matches_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bge = tmp.path().join("bge-style");
+    std::fs::create_dir_all(bge.join("1_Pooling")).unwrap();
+    for f in ["config.json", "tokenizer.json", "vocab.txt"] {
+        std::fs::copy(model_dir().join(f), bge.join(f)).unwrap();
+    }
+    std::fs::write(
+        bge.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true,
+            "pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": false,
+            "pooling_mode_mean_sqrt_len_tokens": false}"#,
+    )
+    .unwrap();
+    let tensors = tch::Tensor::read_safetensors(model_dir().join("model.safetensors")).unwrap();
+    let prefixed: Vec<(String, tch::Tensor)> = tensors
+        .into_iter()
+        .map(|(name, t)| (format!("bert.{name}"), t))
+        .collect();
+    tch::Tensor::write_safetensors(&prefixed, bge.join("model.safetensors")).unwrap();
+
+    let max_tokens = 128;
+    let enc = SentenceEncoder::load(&bge, Device::Cpu, max_tokens)
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", bge.display()));
+    assert_eq!(enc.pooling(), Pooling::Cls);
+    let texts: Vec<String> = sentences().into_iter().take(20).collect();
+    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    let ours = enc.encode(&refs, 6).unwrap();
+    let (_, ref_vecs) = reference(&bge, max_tokens, &texts);
+    let mean_pooled = encoder(max_tokens).encode(&refs, 6).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let c = cosine(&ours[i], &ref_vecs[i]);
+        assert!(
+            c >= 0.9999,
+            "text {i} {text:?}: CLS cosine {c} with the reference"
+        );
+        let m = cosine(&ours[i], &mean_pooled[i]);
+        assert!(
+            m < 0.99,
+            "text {i}: CLS and mean pooling agree ({m}): pooling ignored?"
+        );
+    }
 }
