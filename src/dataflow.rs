@@ -716,7 +716,7 @@ fn record_costs(shared: &Shared) -> Result<Costs> {
     shared
         .store
         .put_run_value(crate::report::COSTS_KEY, &costs)?;
-    let mix = crate::report::pool_tokens_by_source(&shared.store)?;
+    let mix = crate::report::update_pool_tokens_by_source(&shared.store)?;
     shared
         .store
         .put_run_value(crate::report::POOL_MIX_KEY, &mix)?;

@@ -4,7 +4,7 @@
 //! with the scorer the `[influence]` section describes. (`quad tune k` is in `cluster::tune`.)
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -133,16 +133,6 @@ fn score_members(
         .collect())
 }
 
-fn write_outputs<T: Serialize>(out: &Path, name: &str, svg: &str, report: &T) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let svg_path = out.join(format!("{name}.svg"));
-    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
-    let json_path = out.join(format!("{name}.json"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    Ok(())
-}
-
 /// Options of `quad tune gamma`.
 #[derive(Debug, Clone)]
 pub struct TuneGammaOptions {
@@ -216,7 +206,7 @@ pub fn tune_gamma_cmd(spec: &JobSpec, options: &TuneGammaOptions) -> Result<Tune
         seconds: started.elapsed().as_secs_f64(),
         svg: out.join("tune-gamma.svg"),
     };
-    write_outputs(&out, "tune-gamma", &report.tuning.svg(), &report)?;
+    crate::plot::write_chart_and_report(&out, "tune-gamma", &report.tuning.svg(), &report)?;
     Ok(report)
 }
 
@@ -422,6 +412,6 @@ pub fn tune_tau_cmd(spec: &JobSpec, options: &TuneTauOptions) -> Result<TuneTauR
     };
     let mut title = String::new();
     let _ = write!(title, "Reference loss by tau ({})", spec.name);
-    write_outputs(&out, "tune-tau", &report.svg(&title), &report)?;
+    crate::plot::write_chart_and_report(&out, "tune-tau", &report.svg(&title), &report)?;
     Ok(report)
 }

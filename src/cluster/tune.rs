@@ -2,7 +2,7 @@
 //! sample of the job's documents, fit spherical k-means for every k of the grid, pick the knee
 //! with Kneedle, print the table and write an SVG plot.
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -214,7 +214,6 @@ pub fn tune_k(spec: &JobSpec, options: &TuneKOptions) -> Result<TuneKReport> {
     let wcss: Vec<f64> = rows.iter().map(|r| r.wcss).collect();
     let knee = knee_kneedle(&grid, &wcss);
 
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let svg_path = out_dir.join("tune-k.svg");
     let json_path = out_dir.join("tune-k.json");
     let points: Vec<(f64, f64)> = rows.iter().map(|r| (r.k as f64, r.wcss)).collect();
@@ -226,23 +225,15 @@ pub fn tune_k(spec: &JobSpec, options: &TuneKOptions) -> Result<TuneKReport> {
     let mut title = String::new();
     let _ = write!(title, "WCSS over k ({n} documents, {})", spec.name);
     let svg = crate::plot::line_chart(&title, "k", "WCSS", &[("WCSS", points)], &markers);
-    write_file(&svg_path, svg.as_bytes())?;
     let report = TuneKReport {
         documents: n,
         dim,
         rows,
         knee,
         svg: svg_path,
-        json: json_path.clone(),
+        json: json_path,
         embed_seconds,
     };
-    write_file(
-        &json_path,
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
+    crate::plot::write_chart_and_report(&out_dir, "tune-k", &svg, &report)?;
     Ok(report)
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
