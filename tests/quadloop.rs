@@ -49,19 +49,8 @@ fn tiny_model() -> &'static Path {
 
 /// A Quad-loop job over the planted slice; `select` and `bandit` go into their sections.
 fn loop_job(dir: &Path, name: &str, seed: u64, select: &str, bandit: &str) -> PathBuf {
-    let job = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &job,
-        format!(
-            r#"name = "{name}"
-seed = {seed}
-[source]
-shards = "{glob}"
-[tokens]
-tokenizer = "whitespace"
-[select]
-{select}
-[bandit]
+    let sections = format!(
+        r#"[bandit]
 clusters_per_round = 2
 n_min = 10
 gamma = 0.05
@@ -85,18 +74,21 @@ max_tokens = 64
 batch = 16
 preconditioner = "kfac"
 factor_cache = "{cache}"
-[sink]
-path = "{out}"
-row_group_rows = 500
 "#,
-            glob = planted_glob(),
-            model = tiny_model().display(),
-            reference = demo_slice().join("reference.parquet").display(),
-            cache = dir.join("factors").display(),
-            out = dir.join(name).display(),
-        ),
-    )
-    .unwrap();
+        model = tiny_model().display(),
+        reference = demo_slice().join("reference.parquet").display(),
+        cache = dir.join("factors").display(),
+    );
+    let job = dir.join(format!("{name}.toml"));
+    let text = job_text(
+        name,
+        seed,
+        &planted_glob(),
+        select,
+        &sections,
+        &dir.join(name),
+    );
+    std::fs::write(&job, text).unwrap();
     job
 }
 

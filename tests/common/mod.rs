@@ -80,6 +80,35 @@ pub fn slice_glob() -> String {
     format!("{}/shards/*.parquet", demo_slice().display())
 }
 
+/// A job spec's text: `name` and `seed`, reading `shards` (a glob) with the whitespace
+/// tokenizer, `select` as the [select] section's body, then `sections` (more sections, as
+/// TOML) and a [sink] writing to `sink` in row groups of 500.
+pub fn job_text(
+    name: &str,
+    seed: u64,
+    shards: &str,
+    select: &str,
+    sections: &str,
+    sink: &Path,
+) -> String {
+    format!(
+        r#"name = "{name}"
+seed = {seed}
+[source]
+shards = "{shards}"
+[tokens]
+tokenizer = "whitespace"
+[select]
+{select}
+{sections}
+[sink]
+path = "{}"
+row_group_rows = 500
+"#,
+        sink.display()
+    )
+}
+
 /// Writes a job spec reading `shards` (a glob) into `dir/name`; `select_extra` goes into
 /// [select], whose ratio is 0.2 unless it sets one.
 pub fn write_job(dir: &Path, name: &str, shards: &str, seed: u64, select_extra: &str) -> PathBuf {
@@ -89,24 +118,10 @@ pub fn write_job(dir: &Path, name: &str, shards: &str, seed: u64, select_extra: 
     } else {
         "ratio = 0.2"
     };
+    let select = format!("{ratio}\n{select_extra}");
     std::fs::write(
         &job,
-        format!(
-            r#"name = "{name}"
-seed = {seed}
-[source]
-shards = "{shards}"
-[tokens]
-tokenizer = "whitespace"
-[select]
-{ratio}
-{select_extra}
-[sink]
-path = "{}"
-row_group_rows = 500
-"#,
-            dir.join(name).display()
-        ),
+        job_text(name, seed, shards, &select, "", &dir.join(name)),
     )
     .unwrap();
     job
