@@ -110,6 +110,25 @@ enum Scored {
     },
 }
 
+/// Stashes a stamp's messages under its capability (pagerank's pattern): what `items` draws
+/// from each message joins its time's batch, which the operator releases once its frontiers
+/// have passed that time. A tick still opens the time's entry, so an empty round is released.
+fn stash_by_time<'a, M: 'a, T>(
+    stash: &mut BTreeMap<u64, (Capability<u64>, Vec<T>)>,
+    cap: Capability<u64>,
+    containers: impl IntoIterator<Item = &'a mut Vec<M>>,
+    items: impl Fn(M) -> Vec<T>,
+) {
+    let entry = stash
+        .entry(*cap.time())
+        .or_insert_with(|| (cap.clone(), Vec::new()));
+    for container in containers {
+        for msg in container.drain(..) {
+            entry.1.extend(items(msg));
+        }
+    }
+}
+
 /// The state the bandit operator keeps between activations.
 struct BanditSide {
     bandit: Bandit,
@@ -159,16 +178,10 @@ pub fn run_rounds(
                         });
                         scores.for_each_stamp(|cap, data| {
                             if let Some(cap) = cap.retain_least(output.output_index()) {
-                                let entry = stash
-                                    .entry(*cap.time())
-                                    .or_insert_with(|| (cap.clone(), Vec::new()));
-                                for container in data {
-                                    for msg in container.drain(..) {
-                                        if let Scored::Scores { scores, .. } = msg {
-                                            entry.1.extend(scores);
-                                        }
-                                    }
-                                }
+                                stash_by_time(&mut stash, cap, data, |msg| match msg {
+                                    Scored::Scores { scores, .. } => scores,
+                                    Scored::Tick { .. } => Vec::new(),
+                                });
                             }
                         });
                         let Some(side) = side.as_mut() else {
@@ -252,16 +265,10 @@ pub fn run_rounds(
                     move |(input, frontier), output| {
                         input.for_each_stamp(|cap, data| {
                             if let Some(cap) = cap.retain_least(output.output_index()) {
-                                let entry = stash
-                                    .entry(*cap.time())
-                                    .or_insert_with(|| (cap.clone(), Vec::new()));
-                                for container in data {
-                                    for msg in container.drain(..) {
-                                        if let Fetched::Texts { docs, .. } = msg {
-                                            entry.1.extend(docs);
-                                        }
-                                    }
-                                }
+                                stash_by_time(&mut stash, cap, data, |msg| match msg {
+                                    Fetched::Texts { docs, .. } => docs,
+                                    Fetched::Tick { .. } => Vec::new(),
+                                });
                             }
                         });
                         while let Some((&time, _)) = stash.first_key_value() {
