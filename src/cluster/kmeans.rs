@@ -20,7 +20,7 @@ use super::{
 /// Candidates per lane group of the seeding kernel: one group is two SSE or one AVX register.
 const LANES: usize = 8;
 /// Rows the seeding kernel scores at once, so each candidate load serves several rows and
-/// the 2 x ROW_BLOCK accumulators hide the add latency.
+/// the ROW_BLOCK independent accumulators (one AVX register each) hide the add latency.
 const ROW_BLOCK: usize = 8;
 
 /// The candidates transposed into groups of `LANES`: group g holds, for every coordinate i,
