@@ -367,6 +367,24 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// Writes a tuning command's outputs into `dir` (created if missing): `NAME.svg` and the
+/// report as pretty JSON in `NAME.json`.
+pub fn write_chart_and_report<T: serde::Serialize>(
+    dir: &std::path::Path,
+    name: &str,
+    svg: &str,
+    report: &T,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let svg_path = dir.join(format!("{name}.svg"));
+    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    let json_path = dir.join(format!("{name}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,22 +480,4 @@ mod tests {
         let empty = line_chart("t", "x", "y", &[], &[]);
         assert!(!empty.contains("NaN"));
     }
-}
-
-/// Writes a tuning command's outputs into `dir` (created if missing): `NAME.svg` and the
-/// report as pretty JSON in `NAME.json`. Returns the two paths.
-pub fn write_chart_and_report<T: serde::Serialize>(
-    dir: &std::path::Path,
-    name: &str,
-    svg: &str,
-    report: &T,
-) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    use anyhow::Context;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let svg_path = dir.join(format!("{name}.svg"));
-    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
-    let json_path = dir.join(format!("{name}.json"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    Ok((svg_path, json_path))
 }

@@ -218,18 +218,16 @@ fn candidate_potentials(
 /// the chosen rows in full precision.
 pub fn seed_plus_plus(x: &[f32], dim: usize, k: usize, seed: u64) -> Vec<f32> {
     let n = x.len() / dim;
-    let full = x;
     let mut half_rows = vec![f16::ZERO; x.len()];
     half_rows.convert_from_f32_slice(x);
-    let x = &half_rows[..];
     let trials = 2 + (k as f64).ln().floor() as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut centroids = Vec::with_capacity(k * dim);
     let first = rng.random_range(0..n);
-    centroids.extend_from_slice(&full[first * dim..(first + 1) * dim]);
+    centroids.extend_from_slice(&x[first * dim..(first + 1) * dim]);
     let inf = vec![f32::INFINITY; n];
     let (_, mut dist) =
-        candidate_potentials(x, dim, &[&full[first * dim..(first + 1) * dim]], &inf);
+        candidate_potentials(&half_rows, dim, &[&x[first * dim..(first + 1) * dim]], &inf);
     while centroids.len() < k * dim {
         let total: f64 = dist.iter().map(|&d| f64::from(d)).sum();
         let picks: Vec<usize> = if total <= 0.0 {
@@ -256,11 +254,8 @@ pub fn seed_plus_plus(x: &[f32], dim: usize, k: usize, seed: u64) -> Vec<f32> {
             }
             picks
         };
-        let cands: Vec<&[f32]> = picks
-            .iter()
-            .map(|&i| &full[i * dim..(i + 1) * dim])
-            .collect();
-        let (potentials, cand_dist) = candidate_potentials(x, dim, &cands, &dist);
+        let cands: Vec<&[f32]> = picks.iter().map(|&i| &x[i * dim..(i + 1) * dim]).collect();
+        let (potentials, cand_dist) = candidate_potentials(&half_rows, dim, &cands, &dist);
         let mut best = 0;
         for (j, p) in potentials.iter().enumerate() {
             if *p < potentials[best] {
