@@ -221,6 +221,7 @@ impl Assigner {
             centroid,
             size: self.sizes.get(cluster as usize).copied().unwrap_or(0),
             tokens: self.tokens.get(cluster as usize).copied().unwrap_or(0),
+            fresh: 0,
         }
     }
 }

@@ -127,6 +127,14 @@ pub struct SinkConfig {
     pub row_group_rows: usize,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// The Quad loop's output: selected rows accumulate over rounds into files of at least
+    /// this many rows (the last file of a run may hold fewer); a file is committed when closed.
+    #[serde(default = "default_min_file_rows")]
+    pub min_file_rows: usize,
+}
+
+fn default_min_file_rows() -> usize {
+    100_000
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

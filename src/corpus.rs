@@ -450,6 +450,7 @@ pub fn build_demo(config: &CorpusConfig, seed: u64) -> Result<CorpusReport> {
         path: config.out.clone(),
         row_group_rows: config.rows_per_group,
         zstd_level: 3,
+        min_file_rows: 0,
     };
     let shard_dir = config.out.join("shards");
     if shard_dir.exists() {

@@ -31,19 +31,17 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
 use crate::assign::Assigner;
-use crate::bandit::{Bandit, ClusterInput, RoundOutcome};
+use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::config::{JobSpec, Strategy};
 use crate::cost::Costs;
 use crate::embed::SentenceEncoder;
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{
-    run_rounds, DocScorer, LoopContext, RoundCommit, ScoreTally, ScorerFactory, TalliedScorer,
+    build_loop, DocScorer, LoopContext, ScoreTally, ScorerFactory, ShardPaths, TalliedScorer,
 };
-use crate::report::RoundRecord;
 use crate::select::{Admitter, Verdicts};
 use crate::sink;
 use crate::source::{self, DocMeta, EmbeddingColumn, ShardData};
-use crate::state::member_flags;
 use crate::state::{ClusterCommit, EpochCommit, EpochRecord, Member, PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
@@ -274,6 +272,7 @@ fn run_worker(
     let local: Rc<RefCell<HashMap<u64, LocalShard>>> = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
+    let loop_probe = ProbeHandle::new();
 
     // The epoch whose end forces the initial fit when fewer documents than the reservoir came:
     // the last shard of a run that is not long-lived (the same after a resume).
@@ -365,8 +364,8 @@ fn run_worker(
         };
         let sink_shared = shared.clone();
         let sink_local = local.clone();
-        verdicts
-            .binary_frontier::<_, CapacityContainerBuilder<Vec<u64>>, _, _, _, _>(
+        let committed = verdicts
+            .binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
                 clusters,
                 Exchange::new(move |v: &Verdicts| owner(v.epoch)),
                 Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
@@ -381,16 +380,18 @@ fn run_worker(
                         Verdicts,
                         Option<ClusterCommit>,
                     )>();
-                    let (writer_done, done) = std::sync::mpsc::channel::<u64>();
+                    let (writer_done, done) =
+                        std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
                     let writer_shared = sink_shared.clone();
                     std::thread::spawn(move || {
                         for (epoch, shard, verdicts, clusters) in writer_jobs {
-                            if let Err(e) =
+                            let changes =
                                 commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
-                            {
-                                writer_shared.fail(e);
-                            }
-                            if writer_done.send(epoch).is_err() {
+                                    .unwrap_or_else(|e| {
+                                        writer_shared.fail(e);
+                                        Vec::new()
+                                    });
+                            if writer_done.send((epoch, changes)).is_err() {
                                 break;
                             }
                         }
@@ -446,9 +447,9 @@ fn run_worker(
                                 )),
                             }
                         }
-                        for epoch in done.try_iter() {
+                        for (epoch, changes) in done.try_iter() {
                             if let Some(cap) = writing.remove(&epoch) {
-                                output.session(&cap).give(epoch);
+                                output.session(&cap).give_iterator(changes.into_iter());
                             }
                         }
                         if !writing.is_empty() {
@@ -459,16 +460,24 @@ fn run_worker(
                 },
             )
             .probe_with(&probe);
+        if quad_loop {
+            let bandit = if index == 0 {
+                load_bandit(shared)
+                    .map_err(|e| shared.fail(e))
+                    .ok()
+            } else {
+                None
+            };
+            build_loop(committed, bandit, loop_context(shared, watch), &loop_probe);
+        }
     });
 
     let in_flight = shared.spec.runtime.max_epochs_in_flight as usize;
     let mut sent: Vec<u64> = Vec::new();
+    let failed = || shared.failed.load(Ordering::SeqCst);
     loop {
         for planned in plan.drain(..) {
-            if shared.failed.load(Ordering::SeqCst) {
-                return;
-            }
-            if STOP.load(Ordering::SeqCst) {
+            if failed() || STOP.load(Ordering::SeqCst) {
                 break;
             }
             input.advance_to(planned.epoch);
@@ -484,35 +493,21 @@ fn run_worker(
             // Backpressure: wait until the epoch `in_flight` places back has committed.
             if sent.len() > in_flight {
                 let back = sent[sent.len() - 1 - in_flight];
-                while probe.less_equal(&back) && !shared.failed.load(Ordering::SeqCst) {
+                while probe.less_equal(&back) && !failed() {
                     worker.step_or_park(Some(Duration::from_millis(1)));
                 }
             }
         }
-        if !watch || STOP.load(Ordering::SeqCst) {
+        if !watch || STOP.load(Ordering::SeqCst) || failed() {
             break;
         }
-        // Long-lived mode: once this cycle's epochs are committed, the loop selects from the
-        // grown pool (a ratio budget grows with it).
-        if quad_loop {
-            while sent.last().is_some_and(|e| probe.less_equal(e))
-                && !shared.failed.load(Ordering::SeqCst)
-            {
-                worker.step_or_park(Some(Duration::from_millis(1)));
-            }
-            if !shared.failed.load(Ordering::SeqCst) {
-                run_quad_loop(worker, shared);
-            }
-        }
-        // Long-lived mode: wait, keep the dataflow moving, then look for new shards.
+        // Long-lived mode: keep the dataflow (ingest and the rounds) moving, then look for new
+        // shards; their epochs join the same dataflow.
         let until = Instant::now() + Duration::from_secs(shared.spec.source.poll_seconds);
-        while Instant::now() < until
-            && !STOP.load(Ordering::SeqCst)
-            && !shared.failed.load(Ordering::SeqCst)
-        {
+        while Instant::now() < until && !STOP.load(Ordering::SeqCst) && !failed() {
             worker.step_or_park(Some(Duration::from_millis(100)));
         }
-        if STOP.load(Ordering::SeqCst) || shared.failed.load(Ordering::SeqCst) {
+        if STOP.load(Ordering::SeqCst) || failed() {
             break;
         }
         let next = input.time().to_owned();
@@ -532,73 +527,39 @@ fn run_worker(
         }
     }
     drop(input);
-    while !probe.done() && !shared.failed.load(Ordering::SeqCst) {
+    // Ingest drains first (a fixed run's rounds start once it has committed), then the loop.
+    while !(probe.done() && loop_probe.done()) && !failed() {
         worker.step_or_park(Some(Duration::from_millis(1)));
     }
-    if quad_loop && !watch && !shared.failed.load(Ordering::SeqCst) {
-        run_quad_loop(worker, shared);
+    // After a failure, let the other operators see it and drain what they hold.
+    while !(probe.done() && loop_probe.done()) {
+        worker.step_or_park(Some(Duration::from_millis(1)));
     }
 }
 
-/// The Quad loop over the clusters committed so far (DESIGN 2.1), on every worker; worker 0
-/// holds the bandit, restored from the store where a killed run left it.
-fn run_quad_loop(worker: &mut timely::worker::Worker, shared: &Arc<Shared>) {
+/// The Quad loop's context on this worker: the store, the scorer factory (worker 0 builds the
+/// model once, at the first round that scores), and the callbacks for progress and summary.
+fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext> {
     let spec = &shared.spec;
-    let bandit = if worker.index() == 0 {
-        match load_bandit(shared) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                shared.fail(e);
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let shards = match shared.store.shard_paths() {
-        Ok(s) => s,
-        Err(e) => return shared.fail(e.into()),
-    };
-    let scorer_spec = spec.clone();
-    let tally = shared.score_tally.clone();
+    let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
-        let scorer = crate::influence::setup::build_scorer(
-            &scorer_spec.influence,
-            &scorer_spec.source,
-            &scorer_spec.source.shards,
-            scorer_spec.seed,
+        let spec = &scorer_shared.spec;
+        let pool = crate::quad_loop::fit_sample_texts(
+            &scorer_shared.store,
+            &spec.source,
+            spec.influence.fit_pool_docs,
         )?;
-        Ok(Box::new(TalliedScorer::new(scorer, tally.clone())) as Box<dyn DocScorer>)
-    });
-    let commit_shared = shared.clone();
-    let commit: RoundCommit = Arc::new(move |pulls, outcome, bandit, written| {
-        let mut record = RoundRecord::new(pulls, outcome);
-        record.selected_tokens_by_source = written.tokens_by_source.clone();
-        let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
-        for (m, _) in &outcome.scored {
-            *flags
-                .entry((m.cluster, m.loc.shard, m.loc.row))
-                .or_default() |= member_flags::SCORED;
-        }
-        for (m, _) in &outcome.selected {
-            *flags
-                .entry((m.cluster, m.loc.shard, m.loc.row))
-                .or_default() |= member_flags::SELECTED;
-        }
-        let flags: Vec<_> = flags.into_iter().collect();
-        if let (Some(file), Some(crash)) = (&written.file, commit_shared.hooks.crash_after_round) {
-            if crash == outcome.round {
-                tracing::error!(
-                    file,
-                    "test hook: crashing after the round's rename, before its commit"
-                );
-                std::process::abort();
-            }
-        }
-        commit_shared
-            .store
-            .commit_round(&record, bandit, written.file.as_deref(), &flags)?;
-        Ok(())
+        let scorer = crate::influence::setup::build_scorer(
+            &spec.influence,
+            &spec.source,
+            crate::influence::setup::FitPool::Texts(pool),
+            spec.seed,
+        )?;
+        Ok(Box::new(TalliedScorer::new(
+            scorer,
+            scorer_shared.score_tally.clone(),
+            spec.influence.window as u64,
+        )) as Box<dyn DocScorer>)
     });
     let round_shared = shared.clone();
     let on_round = Arc::new(move |outcome: &RoundOutcome| {
@@ -615,49 +576,51 @@ fn run_quad_loop(worker: &mut timely::worker::Worker, shared: &Arc<Shared>) {
         summary.scored += outcome.scored.len() as u64;
         summary.selected += outcome.selected.len() as u64;
         summary.selected_tokens += selected_tokens;
-        summary.files_written += u64::from(!outcome.selected.is_empty());
+    });
+    let file_shared = shared.clone();
+    let on_file = Arc::new(move |_name: &str, _rows: usize| {
+        file_shared.summary.lock().expect("summary lock").files_written += 1;
     });
     let fail_shared = shared.clone();
     let failed_shared = shared.clone();
-    let ctx = Arc::new(LoopContext {
-        commit,
+    Arc::new(LoopContext {
+        store: shared.store.clone(),
+        seed: spec.seed,
         source: spec.source.clone(),
         sink: spec.sink.clone(),
-        shards,
+        shards: ShardPaths::new(shared.store.clone()),
         scorer,
+        watch,
         on_round,
+        on_file,
         stop: &STOP,
         fail: Arc::new(move |e| fail_shared.fail(e)),
         failed: Arc::new(move || failed_shared.failed.load(Ordering::SeqCst)),
-    });
-    run_rounds(worker, bandit, ctx);
+        crash_after_round: shared.hooks.crash_after_round,
+    })
 }
 
-/// The bandit where the last committed round left it (or new), told every committed cluster.
+/// The bandit where the last committed round left it (or new), with every cluster's
+/// aggregates as the store holds them now (epochs committed after the last round included).
 fn load_bandit(shared: &Shared) -> Result<Bandit> {
     let spec = &shared.spec;
     let mut bandit = match shared.store.bandit()? {
         Some(b) => b,
         None => Bandit::new(spec.seed, spec.select.strategy, spec.bandit.clone())?,
     };
-    let mut clusters = Vec::new();
-    for info in shared.store.clusters()? {
-        let members = shared
-            .store
-            .members(info.cluster)?
-            .into_iter()
-            .map(|m| crate::bandit::Member {
-                loc: m.loc(),
-                tokens: u64::from(m.tokens),
-            })
-            .collect();
-        clusters.push(ClusterInput {
-            id: info.cluster,
-            centroid: info.centroid,
-            members,
-        });
-    }
-    bandit.sync_clusters(&clusters)?;
+    let clusters: Vec<ClusterChange> = shared
+        .store
+        .clusters()?
+        .into_iter()
+        .map(|info| ClusterChange {
+            cluster: info.cluster,
+            centroid: Some((0, info.centroid)),
+            docs: info.size,
+            tokens: info.tokens,
+            fresh: info.fresh,
+        })
+        .collect();
+    bandit.reset_aggregates(&clusters)?;
     Ok(bandit)
 }
 
@@ -673,28 +636,18 @@ fn record_costs(shared: &Shared) -> Result<Costs> {
     let mut run = Costs {
         embed_flops,
         docs_embedded: embedded,
-        docs_scored: tally.doc_tokens.len() as u64,
-        tokens_scored: tally.doc_tokens.iter().sum(),
+        docs_scored: tally.docs,
+        tokens_scored: tally.tokens,
         ..Default::default()
     };
     if let Some((shape, blocks)) = &tally.shape {
         let window = spec.influence.window as u64;
-        let windows = |tokens: &[u64]| -> Vec<u64> {
-            tokens
-                .iter()
-                .flat_map(|&t| {
-                    let full = t / window;
-                    std::iter::repeat_n(window, full as usize)
-                        .chain((t % window > 0).then_some(t % window))
-                })
-                .collect()
-        };
-        run.score_flops = crate::cost::score_flops(
-            shape,
-            blocks,
-            windows(&tally.doc_tokens),
-            spec.influence.normalise,
-        );
+        let windows = tally
+            .windows
+            .iter()
+            .flat_map(|(&len, &count)| std::iter::repeat_n(len, count as usize));
+        run.score_flops =
+            crate::cost::score_flops(shape, blocks, windows, spec.influence.normalise);
         // The factors are fitted once per model and data (then cached): counted at most
         // once, when no earlier run of this job counted them, with full windows (an upper
         // bound: the fit documents' lengths are not kept).
@@ -708,11 +661,9 @@ fn record_costs(shared: &Shared) -> Result<Costs> {
         }
     }
     costs.add(&run);
-    let bandit = shared.store.bandit()?;
-    if let Some(b) = &bandit {
-        costs.pool_docs = b.pool_docs();
-        costs.pool_tokens = b.pool_tokens();
-    }
+    let clusters = shared.store.clusters()?;
+    costs.pool_docs = clusters.iter().map(|c| c.size).sum();
+    costs.pool_tokens = clusters.iter().map(|c| c.tokens).sum();
     shared
         .store
         .put_run_value(crate::report::COSTS_KEY, &costs)?;
@@ -915,7 +866,10 @@ fn assign_operator<'scope>(
                         fit_epoch == Some(epoch),
                     );
                     match result {
-                        Ok(commit) => output.session(&cap).give(EpochClusters { epoch, commit }),
+                        Ok(mut commit) => {
+                            commit.seed = shared.spec.seed;
+                            output.session(&cap).give(EpochClusters { epoch, commit })
+                        }
                         Err(e) => shared.fail(
                             anyhow::Error::from(e).context(format!("clustering epoch {epoch}")),
                         ),
@@ -1017,16 +971,18 @@ fn read_local(
     docs
 }
 
-/// Writes an epoch's output and commits it with the epoch's state in one transaction.
+/// Writes an epoch's output and commits it with the epoch's state in one transaction. Returns
+/// the clusters' changes for the bandit (after the commit, so a draw sees the new members).
 fn commit_epoch(
     shared: &Shared,
     epoch: u64,
     shard: LocalShard,
     verdicts: Verdicts,
     clusters: Option<ClusterCommit>,
-) -> Result<()> {
+) -> Result<Vec<ClusterChange>> {
     let spec = &shared.spec;
     let shard_name = shard.shard.to_string_lossy().to_string();
+    let mut fit_sample = Vec::new();
     let (record, accepted, rejects) = match &shard.data {
         Err(reason) => (
             EpochRecord {
@@ -1065,7 +1021,16 @@ fn commit_epoch(
                     reason: format!("duplicate id {:?}", dup.id),
                 });
             }
+            if spec.select.strategy != Strategy::Random {
+                fit_sample = fit_sample_candidates(
+                    spec.seed,
+                    data,
+                    &duplicate_rows,
+                    spec.influence.fit_pool_docs,
+                );
+            }
             let record = EpochRecord {
+                tokens_by_source: tokens_by_source(data, &duplicate_rows),
                 shard: shard_name.clone(),
                 quarantined: None,
                 rows: data.rows,
@@ -1091,15 +1056,21 @@ fn commit_epoch(
         std::thread::sleep(delay);
     }
     if shared.clustering.is_some() && !shared.order.wait_turn(epoch, &shared.failed) {
-        return Ok(()); // the job failed elsewhere; this epoch stays uncommitted
+        return Ok(Vec::new()); // the job failed elsewhere; this epoch stays uncommitted
     }
     let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
+    let changes = clusters
+        .as_ref()
+        .map(|c| cluster_changes(epoch, c))
+        .unwrap_or_default();
     let result = shared.store.commit_epoch(&EpochCommit {
         epoch,
         record: record.clone(),
         accepted,
         rejects,
         clusters,
+        fit_sample,
+        fit_sample_size: shared.spec.influence.fit_pool_docs,
     });
     shared.order.done(epoch);
     result.with_context(|| format!("committing epoch {epoch}"))?;
@@ -1126,5 +1097,92 @@ fn commit_epoch(
     shared
         .progress
         .epoch_done(epoch, &shard_name, record.docs, record.selected);
-    Ok(())
+    Ok(changes)
+}
+
+/// What an epoch's clustering commit changes per cluster, for the bandit: members joined
+/// (counts and tokens) and the moved centroids.
+fn cluster_changes(epoch: u64, commit: &ClusterCommit) -> Vec<ClusterChange> {
+    let mut changes: BTreeMap<u32, ClusterChange> = commit
+        .clusters
+        .iter()
+        .map(|info| {
+            let change = ClusterChange {
+                cluster: info.cluster,
+                centroid: Some((epoch, info.centroid.clone())),
+                docs: 0,
+                tokens: 0,
+                fresh: 0,
+            };
+            (info.cluster, change)
+        })
+        .collect();
+    for m in &commit.members {
+        let change = changes.entry(m.cluster).or_insert_with(|| ClusterChange {
+            cluster: m.cluster,
+            centroid: None,
+            docs: 0,
+            tokens: 0,
+            fresh: 0,
+        });
+        change.docs += 1;
+        change.tokens += u64::from(m.tokens);
+        change.fresh += u64::from(m.flags == 0);
+    }
+    changes.into_values().collect()
+}
+
+/// The epoch's candidates for the factor-fitting pool sample: its `n` accepted documents with
+/// the lowest seeded priority of their id (the store keeps the lowest `n` over all epochs).
+fn fit_sample_candidates(
+    seed: u64,
+    data: &ShardData,
+    duplicates: &std::collections::HashSet<u64>,
+    n: usize,
+) -> Vec<(u64, u64, u32)> {
+    let mut candidates: Vec<(u64, u64, u32)> = data
+        .docs
+        .iter()
+        .filter(|d| !duplicates.contains(&d.row))
+        .map(|d| {
+            let priority = xxhash_rust::xxh3::xxh3_64_with_seed(d.id.as_bytes(), seed ^ 0x9001);
+            (priority, d.row, d.row_group)
+        })
+        .collect();
+    candidates.sort_unstable();
+    candidates.truncate(n);
+    candidates
+}
+
+/// The accepted documents' tokens by the shard's `source` column (empty when it has none).
+fn tokens_by_source(
+    data: &ShardData,
+    duplicates: &std::collections::HashSet<u64>,
+) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Some(index) = data
+        .schema
+        .fields()
+        .iter()
+        .position(|f| f.name() == crate::quad_loop::SOURCE_COLUMN)
+    else {
+        return out;
+    };
+    let mut docs = data.docs.iter().peekable();
+    let mut row = 0u64;
+    for batch in &data.batches {
+        for i in 0..batch.num_rows() {
+            while docs.peek().is_some_and(|d| d.row < row) {
+                docs.next();
+            }
+            if let Some(doc) = docs.peek().filter(|d| d.row == row) {
+                if !duplicates.contains(&doc.row) {
+                    let source = source::string_at(batch.column(index), i).unwrap_or("(none)");
+                    *out.entry(source.to_string()).or_insert(0) += u64::from(doc.tokens);
+                }
+            }
+            row += 1;
+        }
+    }
+    out
 }

@@ -36,7 +36,9 @@ pub struct RoundRecord {
     pub selected_tokens: u64,
     /// Tokens selected by the end of this round, all rounds together.
     pub total_selected_tokens: u64,
-    /// Selected tokens by the rows' source domain (filled by whoever fetched the rows).
+    /// Selected tokens by the rows' source domain (older stores; the mix is now tallied per
+    /// output file, `StateStore::selected_tokens_by_source`).
+    #[serde(default)]
     pub selected_tokens_by_source: BTreeMap<String, u64>,
 }
 
@@ -75,6 +77,9 @@ pub struct RunRecord {
     pub rounds: Vec<RoundRecord>,
     /// The pool's tokens by source domain.
     pub pool_tokens_by_source: BTreeMap<String, u64>,
+    /// The selected tokens by source domain, over the closed output files.
+    #[serde(default)]
+    pub selected_mix: BTreeMap<String, u64>,
     pub costs: Option<Costs>,
 }
 
@@ -82,71 +87,14 @@ pub struct RunRecord {
 pub const POOL_MIX_KEY: &str = "pool_tokens_by_source";
 pub const COSTS_KEY: &str = "costs";
 
-/// The pool's tokens by source per epoch (run value `POOL_MIX_TALLY_KEY`), with the number of
-/// members each epoch had when it was tallied. Members only ever join, so an epoch whose
-/// count is unchanged needs no new read: a long-lived job re-reads only the shards whose
-/// membership grew (new epochs, and documents held for the initial fit when it runs).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct PoolMixTally {
-    epochs: BTreeMap<u64, EpochMix>,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct EpochMix {
-    members: u64,
-    tokens_by_source: BTreeMap<String, u64>,
-}
-
-const POOL_MIX_TALLY_KEY: &str = "pool_tokens_by_source_tally";
-
-/// The pool's tokens by the shards' `source` column (`(none)` where a shard or a row has
-/// none), summed over the clustered members of the store: what the report compares the
-/// selection's mix with. Reads only that column and only member rows, and only of epochs
-/// whose membership changed since the last call (the per-epoch tally is kept in the store).
+/// The pool's tokens by the shards' `source` column (`(none)` where a shard or a row has none):
+/// what the report compares the selection's mix with. Each epoch tallies its accepted documents
+/// when it commits (`EpochRecord::tokens_by_source`), so this reads O(epochs) records and never
+/// a shard.
 pub fn update_pool_tokens_by_source(store: &StateStore) -> anyhow::Result<BTreeMap<String, u64>> {
-    let mut tally: PoolMixTally = store.run_value(POOL_MIX_TALLY_KEY)?.unwrap_or_default();
-    let mut rows_by_epoch: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-    for cluster in store.clusters()? {
-        for m in store.members(cluster.cluster)? {
-            rows_by_epoch
-                .entry(m.epoch)
-                .or_default()
-                .push((m.row, u64::from(m.tokens)));
-        }
-    }
-    rows_by_epoch.retain(|epoch, rows| {
-        tally
-            .epochs
-            .get(epoch)
-            .is_none_or(|t| t.members != rows.len() as u64)
-    });
-    if !rows_by_epoch.is_empty() {
-        let shards = store.shard_paths()?;
-        for (epoch, rows) in rows_by_epoch {
-            let Some(path) = shards.get(&epoch) else {
-                anyhow::bail!("the state store has members of epoch {epoch} but no shard for it");
-            };
-            let wanted: Vec<u64> = rows.iter().map(|(r, _)| *r).collect();
-            let cells =
-                crate::source::fetch_cells(path, &wanted, &[crate::quad_loop::SOURCE_COLUMN])?;
-            let mut mix = EpochMix {
-                members: rows.len() as u64,
-                tokens_by_source: BTreeMap::new(),
-            };
-            for (row, tokens) in rows {
-                let source = cells
-                    .get(&row)
-                    .and_then(|c| c.first().cloned().flatten())
-                    .unwrap_or_else(|| "(none)".to_string());
-                *mix.tokens_by_source.entry(source).or_insert(0) += tokens;
-            }
-            tally.epochs.insert(epoch, mix);
-        }
-        store.put_run_value(POOL_MIX_TALLY_KEY, &tally)?;
-    }
     let mut total = BTreeMap::new();
-    for mix in tally.epochs.values() {
-        for (source, tokens) in &mix.tokens_by_source {
+    for record in store.epochs()?.values() {
+        for (source, tokens) in &record.tokens_by_source {
             *total.entry(source.clone()).or_insert(0) += tokens;
         }
     }
@@ -167,11 +115,15 @@ impl RunRecord {
             tau,
             rounds: store.round_records()?,
             pool_tokens_by_source: store.run_value(POOL_MIX_KEY)?.unwrap_or_default(),
+            selected_mix: store.selected_tokens_by_source()?,
             costs: store.run_value(COSTS_KEY)?,
         })
     }
 
     pub fn selected_tokens_by_source(&self) -> BTreeMap<String, u64> {
+        if !self.selected_mix.is_empty() {
+            return self.selected_mix.clone();
+        }
         let mut out = BTreeMap::new();
         for r in &self.rounds {
             for (s, t) in &r.selected_tokens_by_source {
@@ -468,98 +420,6 @@ pub fn render_html(run: &RunRecord) -> String {
 mod tests {
     use super::*;
 
-    /// A shard with a `source` column, one row per value.
-    fn shard(path: &std::path::Path, sources: &[&str]) {
-        use std::sync::Arc;
-        let col: arrow::array::ArrayRef =
-            Arc::new(arrow::array::StringArray::from(sources.to_vec()));
-        let batch = arrow::record_batch::RecordBatch::try_from_iter([("source", col)]).unwrap();
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            std::fs::File::create(path).unwrap(),
-            batch.schema(),
-            None,
-        )
-        .unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-    }
-
-    fn commit(store: &StateStore, epoch: u64, members: &[(u64, u64, u32)]) {
-        use crate::state::{ClusterCommit, ClusterInfo, EpochCommit, EpochRecord, Member};
-        let members: Vec<Member> = members
-            .iter()
-            .map(|&(member_epoch, row, tokens)| Member {
-                cluster: 0,
-                epoch: member_epoch,
-                row_group: 0,
-                row,
-                id: format!("{member_epoch}/{row}"),
-                tokens,
-                flags: 0,
-            })
-            .collect();
-        store
-            .commit_epoch(&EpochCommit {
-                epoch,
-                record: EpochRecord::default(),
-                accepted: vec![],
-                rejects: vec![],
-                clusters: Some(ClusterCommit {
-                    members,
-                    clusters: vec![ClusterInfo {
-                        cluster: 0,
-                        centroid: vec![1.0],
-                        size: 0,
-                        tokens: 0,
-                    }],
-                    state: vec![],
-                }),
-            })
-            .unwrap();
-    }
-
-    /// The pool's mix is tallied per epoch: a shard whose membership did not change is not
-    /// read again (shard 0 is removed before the second update and the update still works),
-    /// and one whose membership grew (a held document committed later) is read again.
-    #[test]
-    fn pool_mix_rereads_only_epochs_whose_membership_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = [dir.path().join("a.parquet"), dir.path().join("b.parquet")];
-        shard(&paths[0], &["news", "email", "news"]);
-        shard(&paths[1], &["email", "fiction"]);
-        let store = StateStore::open(&dir.path().join("s.redb"), &serde_json::json!({})).unwrap();
-        store.register_shards(&paths).unwrap();
-        commit(&store, 0, &[(0, 0, 10), (0, 1, 20)]);
-        let mix = update_pool_tokens_by_source(&store).unwrap();
-        assert_eq!(mix, [("email".into(), 20), ("news".into(), 10)].into());
-
-        let moved = dir.path().join("a.moved");
-        std::fs::rename(&paths[0], &moved).unwrap();
-        commit(&store, 1, &[(1, 0, 5), (1, 1, 7)]);
-        let mix = update_pool_tokens_by_source(&store).unwrap();
-        let want: BTreeMap<String, u64> = [
-            ("email".into(), 25),
-            ("fiction".into(), 7),
-            ("news".into(), 10),
-        ]
-        .into();
-        assert_eq!(
-            mix, want,
-            "epoch 0 comes from the tally, not from its (gone) shard"
-        );
-        assert_eq!(update_pool_tokens_by_source(&store).unwrap(), want);
-
-        // Epoch 0 gains a member: its shard must be read again, so without it that fails...
-        commit(&store, 1, &[(0, 2, 100)]);
-        let err = update_pool_tokens_by_source(&store).unwrap_err();
-        assert!(format!("{err:#}").contains("a.parquet"), "{err:#}");
-        // ...and with it the new member counts.
-        std::fs::rename(&moved, &paths[0]).unwrap();
-        let mix = update_pool_tokens_by_source(&store).unwrap();
-        assert_eq!(mix["news"], 110);
-        assert_eq!(mix.values().sum::<u64>(), 10 + 20 + 5 + 7 + 100);
-    }
-
     fn run() -> RunRecord {
         let round = |r: u64, reward: f64| RoundRecord {
             round: r,
@@ -581,6 +441,7 @@ mod tests {
             tau: Some(0.0),
             rounds: (0..6).map(|r| round(r, r as f64 * 0.1)).collect(),
             pool_tokens_by_source: [("news".to_string(), 100), ("email".to_string(), 300)].into(),
+            selected_mix: BTreeMap::new(),
             costs: Some(Costs {
                 embed_flops: 1e9,
                 factor_flops: 2e9,

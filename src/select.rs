@@ -42,8 +42,10 @@ pub struct Admitter {
     seed: u64,
     config: SelectConfig,
     store: Arc<StateStore>,
-    /// Ids accepted in this run, with (epoch, row).
-    seen: HashMap<String, (u64, u64)>,
+    /// Ids accepted in epochs decided but not yet committed, by epoch: (id key -> row). Once
+    /// an epoch is committed its ids are in the store and leave memory, so this holds at most
+    /// the epochs in flight, whatever the length of the run.
+    recent: BTreeMap<u64, HashMap<u128, u64>>,
     /// Selected tokens of epochs committed before this run and not yet passed.
     committed: BTreeMap<u64, u64>,
     used_tokens: u64,
@@ -64,7 +66,7 @@ impl Admitter {
             seed,
             config,
             store,
-            seen: HashMap::new(),
+            recent: BTreeMap::new(),
             committed,
             used_tokens: 0,
         })
@@ -82,10 +84,23 @@ impl Admitter {
             epoch,
             ..Default::default()
         };
+        let decided: Vec<u64> = self.recent.keys().copied().collect();
+        for e in decided {
+            if self.store.epoch_committed(e)? {
+                self.recent.remove(&e);
+            }
+        }
         let committed = self.store.first_seen(docs.iter().map(|d| d.id.as_str()))?;
+        let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
         for (doc, committed) in docs.iter().zip(committed) {
             let here = (epoch, doc.row);
-            let first = self.seen.get(&doc.id).copied().or(committed);
+            let key = crate::state::id_key(&doc.id);
+            let in_flight = accepted.get(&key).map(|&row| (epoch, row)).or_else(|| {
+                self.recent
+                    .iter()
+                    .find_map(|(&e, ids)| ids.get(&key).map(|&row| (e, row)))
+            });
+            let first = in_flight.or(committed);
             if let Some(first) = first.filter(|&at| at < here) {
                 verdicts.duplicates.push(Duplicate {
                     row: doc.row,
@@ -95,7 +110,7 @@ impl Admitter {
                 });
                 continue;
             }
-            self.seen.insert(doc.id.clone(), here);
+            accepted.insert(key, doc.row);
             // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
             if self.config.strategy != crate::config::Strategy::Random {
                 continue;
@@ -112,6 +127,7 @@ impl Admitter {
             self.used_tokens += tokens;
             verdicts.selected.push(doc.row);
         }
+        self.recent.insert(epoch, accepted);
         Ok(verdicts)
     }
 }

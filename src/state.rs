@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::StateError;
@@ -29,12 +29,24 @@ const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// the costs.
 const RUN: TableDefinition<&str, &str> = TableDefinition::new("run");
 const BANDIT_KEY: &str = "bandit";
+/// Selected tokens by the rows' `source` column, summed over closed output files.
+const SELECTED_MIX_KEY: &str = "selected_tokens_by_source";
 /// Per cluster: bincode of `ClusterInfo` (centroid, size, tokens).
 const CLUSTERS: TableDefinition<u32, &[u8]> = TableDefinition::new("clusters");
 /// Per member, keyed (cluster, epoch, row): bincode of `MemberValue`. Never the text.
 const MEMBERS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("members");
 /// The assign stage's state after the last committed epoch (opaque bytes; see `assign`).
 const CLUSTERER: TableDefinition<&str, &[u8]> = TableDefinition::new("clusterer");
+/// Members not yet sampled, in draw order: (cluster, sample key, epoch, row) -> (row group,
+/// tokens). A round's draw reads O(n) entries from a seeded start (see `bandit::draw`).
+const FRESH: TableDefinition<(u32, u64, u64, u64), (u32, u32)> = TableDefinition::new("fresh");
+/// Selected rows not yet in a closed output file: (cluster, round, epoch, row) -> (row group,
+/// tokens, influence; NaN when taken unscored).
+const PENDING: TableDefinition<(u32, u64, u64, u64), (u32, u64, f64)> =
+    TableDefinition::new("pending");
+/// The seeded pool sample for fitting the K-FAC factors (bottom-k by a seeded hash of the id,
+/// kept during ingest): (priority, epoch, row) -> row group.
+const FIT_SAMPLE: TableDefinition<(u64, u64, u64), u32> = TableDefinition::new("fit_sample");
 const CLUSTERER_KEY: &str = "state";
 
 /// Member flags (bit set), for the bandit.
@@ -55,6 +67,9 @@ pub struct ClusterInfo {
     pub size: u64,
     /// Tokens of its members.
     pub tokens: u64,
+    /// Members neither scored nor taken (kept by the store: epochs add, rounds remove).
+    #[serde(default)]
+    pub fresh: u64,
 }
 
 /// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
@@ -92,6 +107,15 @@ struct MemberValue {
     flags: u8,
 }
 
+/// A selected row waiting for its output file.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PendingRow {
+    pub member: crate::bandit::MemberRef,
+    pub round: u64,
+    /// `None` when taken unscored (block or explore).
+    pub influence: Option<f64>,
+}
+
 /// What clustering adds to an epoch's commit.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterCommit {
@@ -102,6 +126,8 @@ pub struct ClusterCommit {
     pub clusters: Vec<ClusterInfo>,
     /// The assign stage's state after this epoch, so a resumed job continues exactly.
     pub state: Vec<u8>,
+    /// The job's seed: it fixes each member's place in the draw order.
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +167,9 @@ pub struct EpochRecord {
     pub tokens: u64,
     pub selected_tokens: u64,
     pub file: Option<String>,
+    /// Tokens of the accepted documents by the shard's `source` column (empty when it has none).
+    #[serde(default)]
+    pub tokens_by_source: BTreeMap<String, u64>,
 }
 
 pub struct EpochCommit {
@@ -151,6 +180,11 @@ pub struct EpochCommit {
     pub rejects: Vec<Reject>,
     /// Membership, clusters and clusterer state (clustering jobs only).
     pub clusters: Option<ClusterCommit>,
+    /// The epoch's candidates for the factor-fitting sample: (priority, row, row group) of its
+    /// documents with the lowest seeded priorities; the store keeps the lowest `fit_sample_size`
+    /// of all epochs (a bottom-k sample: uniform without replacement, whatever the order).
+    pub fit_sample: Vec<(u64, u64, u32)>,
+    pub fit_sample_size: usize,
 }
 
 pub struct StateStore {
@@ -212,6 +246,9 @@ impl StateStore {
             txn.open_table(CLUSTERS).map_err(|e| store.err(e))?;
             txn.open_table(MEMBERS).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERER).map_err(|e| store.err(e))?;
+            txn.open_table(FRESH).map_err(|e| store.err(e))?;
+            txn.open_table(PENDING).map_err(|e| store.err(e))?;
+            txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -366,6 +403,15 @@ impl StateStore {
             if let Some(clusters) = &commit.clusters {
                 self.write_clusters(&txn, clusters)?;
             }
+            let mut sample = txn.open_table(FIT_SAMPLE).map_err(|e| self.err(e))?;
+            for &(priority, row, row_group) in &commit.fit_sample {
+                sample
+                    .insert((priority, commit.epoch, row), row_group)
+                    .map_err(|e| self.err(e))?;
+            }
+            while sample.len().map_err(|e| self.err(e))? > commit.fit_sample_size as u64 {
+                sample.pop_last().map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
     }
@@ -376,6 +422,8 @@ impl StateStore {
         commit: &ClusterCommit,
     ) -> Result<(), StateError> {
         let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
+        let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
+        let mut joined: BTreeMap<u32, u64> = BTreeMap::new();
         for m in &commit.members {
             let value = bincode::serialize(&MemberValue {
                 row_group: m.row_group,
@@ -384,16 +432,39 @@ impl StateStore {
                 flags: m.flags,
             })
             .map_err(|e| self.err(e))?;
-            members
+            let known = members
                 .insert((m.cluster, m.epoch, m.row), value.as_slice())
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.err(e))?
+                .is_some();
+            if !known && m.flags == 0 {
+                let key = crate::bandit::draw::sample_key(commit.seed, &m.loc());
+                fresh
+                    .insert((m.cluster, key, m.epoch, m.row), (m.row_group, m.tokens))
+                    .map_err(|e| self.err(e))?;
+                *joined.entry(m.cluster).or_default() += 1;
+            }
         }
         let mut clusters = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
         for c in &commit.clusters {
-            let value = bincode::serialize(c).map_err(|e| self.err(e))?;
+            let before = match clusters.get(c.cluster).map_err(|e| self.err(e))? {
+                Some(v) => bincode::deserialize::<ClusterInfo>(v.value())
+                    .map_err(|e| self.err(e))?
+                    .fresh,
+                None => 0,
+            };
+            let info = ClusterInfo {
+                fresh: before + joined.remove(&c.cluster).unwrap_or(0),
+                ..c.clone()
+            };
+            let value = bincode::serialize(&info).map_err(|e| self.err(e))?;
             clusters
                 .insert(c.cluster, value.as_slice())
                 .map_err(|e| self.err(e))?;
+        }
+        if let Some((cluster, _)) = joined.first_key_value() {
+            return Err(self.err(format!(
+                "internal: members joined cluster {cluster}, which the commit does not update"
+            )));
         }
         let mut state = txn.open_table(CLUSTERER).map_err(|e| self.err(e))?;
         state
@@ -481,6 +552,13 @@ impl StateStore {
             .collect()
     }
 
+    /// Whether epoch `epoch` is committed.
+    pub fn epoch_committed(&self, epoch: u64) -> Result<bool, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(EPOCHS).map_err(|e| self.err(e))?;
+        Ok(table.get(epoch).map_err(|e| self.err(e))?.is_some())
+    }
+
     pub fn epochs(&self) -> Result<BTreeMap<u64, EpochRecord>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(EPOCHS).map_err(|e| self.err(e))?;
@@ -508,16 +586,17 @@ impl StateStore {
 
 /// The Quad loop's records (additions for the bandit; tables are created on first write).
 impl StateStore {
-    /// Records round `record.round`, the bandit state after it, its output file and the flags
-    /// of the members it scored or selected in one transaction, so a resumed loop starts from
-    /// exactly the state that matches the recorded rounds and files.
+    /// Records round `record.round` in one transaction: its record, the bandit state after it
+    /// (O(k)), and what the round changed: its sampled members leave the draw order (and the
+    /// clusters' unsampled counts), their flags are set, and the selected rows join the
+    /// pending output. Nothing of the rest of the pool is read or written.
     pub fn commit_round(
         &self,
         record: &crate::report::RoundRecord,
         bandit: &crate::bandit::Bandit,
-        file: Option<&str>,
-        flags: &[((u32, u64, u64), u8)],
+        outcome: &crate::bandit::RoundOutcome,
     ) -> Result<(), StateError> {
+        let seed = bandit.seed();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut rounds = txn.open_table(ROUNDS).map_err(|e| self.err(e))?;
@@ -529,34 +608,225 @@ impl StateStore {
             let json = serde_json::to_string(bandit).map_err(|e| self.err(e))?;
             run.insert(BANDIT_KEY, json.as_str())
                 .map_err(|e| self.err(e))?;
-            if let Some(file) = file {
-                let mut outputs = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;
-                outputs
-                    .insert(file, record.round)
-                    .map_err(|e| self.err(e))?;
+            let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
+            for (m, _) in &outcome.scored {
+                *flags.entry((m.cluster, m.loc.shard, m.loc.row)).or_default() |=
+                    member_flags::SCORED;
             }
-            let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
-            for (key, bits) in flags {
-                let current = members
-                    .get(*key)
+            for (m, _) in &outcome.selected {
+                *flags.entry((m.cluster, m.loc.shard, m.loc.row)).or_default() |=
+                    member_flags::SELECTED;
+            }
+            let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
+            let mut left: BTreeMap<u32, u64> = BTreeMap::new();
+            for m in outcome.sampled() {
+                let key = crate::bandit::draw::sample_key(seed, &m.loc);
+                if fresh
+                    .remove((m.cluster, key, m.loc.shard, m.loc.row))
                     .map_err(|e| self.err(e))?
-                    .map(|v| v.value().to_vec());
-                let Some(current) = current else {
-                    return Err(self.err(format!(
-                        "round {}: member {key:?} is not in the membership table",
-                        record.round
-                    )));
-                };
-                let mut value: MemberValue =
-                    bincode::deserialize(&current).map_err(|e| self.err(e))?;
-                value.flags |= bits;
-                let bytes = bincode::serialize(&value).map_err(|e| self.err(e))?;
-                members
-                    .insert(*key, bytes.as_slice())
+                    .is_some()
+                {
+                    *left.entry(m.cluster).or_default() += 1;
+                }
+            }
+            self.decrement_fresh(&txn, &left)?;
+            self.set_member_flags(&txn, record.round, &flags)?;
+            let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            for (m, influence) in &outcome.selected {
+                pending
+                    .insert(
+                        (m.cluster, record.round, m.loc.shard, m.loc.row),
+                        (m.loc.row_group, m.tokens, influence.unwrap_or(f64::NAN)),
+                    )
                     .map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn decrement_fresh(
+        &self,
+        txn: &redb::WriteTransaction,
+        left: &BTreeMap<u32, u64>,
+    ) -> Result<(), StateError> {
+        let mut clusters = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
+        for (&cluster, &n) in left {
+            let current = clusters
+                .get(cluster)
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_vec());
+            let Some(current) = current else {
+                return Err(self.err(format!("cluster {cluster} is not in the store")));
+            };
+            let mut info: ClusterInfo = bincode::deserialize(&current).map_err(|e| self.err(e))?;
+            info.fresh = info.fresh.saturating_sub(n);
+            let bytes = bincode::serialize(&info).map_err(|e| self.err(e))?;
+            clusters
+                .insert(cluster, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn set_member_flags(
+        &self,
+        txn: &redb::WriteTransaction,
+        round: u64,
+        flags: &BTreeMap<(u32, u64, u64), u8>,
+    ) -> Result<(), StateError> {
+        let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
+        for (key, bits) in flags {
+            let current = members
+                .get(*key)
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_vec());
+            let Some(current) = current else {
+                return Err(self.err(format!(
+                    "round {round}: member {key:?} is not in the membership table"
+                )));
+            };
+            let mut value: MemberValue = bincode::deserialize(&current).map_err(|e| self.err(e))?;
+            value.flags |= bits;
+            let bytes = bincode::serialize(&value).map_err(|e| self.err(e))?;
+            members
+                .insert(*key, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Draws round `round`'s pull of `request.cluster`: the unsampled members that follow the
+    /// round's seeded start in the draw order (wrapping), O(n) entries read.
+    pub fn draw(
+        &self,
+        seed: u64,
+        round: u64,
+        request: &crate::bandit::PullRequest,
+    ) -> Result<crate::bandit::Pull, StateError> {
+        use crate::bandit::{DocLoc, MemberRef};
+        let c = request.cluster;
+        let start = crate::bandit::draw::start_key(seed, round, c);
+        let want = request.sample + request.block;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(FRESH).map_err(|e| self.err(e))?;
+        let mut drawn = Vec::with_capacity(want);
+        let ranges = [
+            (c, start, 0, 0)..=(c, u64::MAX, u64::MAX, u64::MAX),
+            (c, 0, 0, 0)..=(c, start.saturating_sub(1), u64::MAX, u64::MAX),
+        ];
+        for (i, range) in ranges.into_iter().enumerate() {
+            if drawn.len() == want || (i == 1 && start == 0) {
+                break;
+            }
+            for entry in table.range(range).map_err(|e| self.err(e))? {
+                if drawn.len() == want {
+                    break;
+                }
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                let (cluster, _, shard, row) = k.value();
+                let (row_group, tokens) = v.value();
+                drawn.push(MemberRef {
+                    cluster,
+                    loc: DocLoc {
+                        shard,
+                        row_group,
+                        row,
+                    },
+                    tokens: u64::from(tokens),
+                });
+            }
+        }
+        Ok(crate::bandit::draw::into_pull(request, drawn))
+    }
+
+    /// Selected rows not yet in a closed output file, of the clusters `owned` accepts, in
+    /// (cluster, round, epoch, row) order.
+    pub fn pending_rows(&self, owned: impl Fn(u32) -> bool) -> Result<Vec<PendingRow>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let (cluster, round, epoch, row) = k.value();
+            if !owned(cluster) {
+                continue;
+            }
+            let (row_group, tokens, influence) = v.value();
+            out.push(PendingRow {
+                member: crate::bandit::MemberRef {
+                    cluster,
+                    loc: crate::bandit::DocLoc {
+                        shard: epoch,
+                        row_group,
+                        row,
+                    },
+                    tokens,
+                },
+                round,
+                influence: (!influence.is_nan()).then_some(influence),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a closed output file with the pending rows it holds, which leave the pending
+    /// table, and adds its tokens by source to the run's tally, in one transaction.
+    pub fn commit_output_file(
+        &self,
+        file: &str,
+        round: u64,
+        rows: &[PendingRow],
+        tokens_by_source: &BTreeMap<String, u64>,
+    ) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut outputs = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;
+            outputs.insert(file, round).map_err(|e| self.err(e))?;
+            let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            for r in rows {
+                pending
+                    .remove((r.member.cluster, r.round, r.member.loc.shard, r.member.loc.row))
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
+            let mut tally: BTreeMap<String, u64> = match run
+                .get(SELECTED_MIX_KEY)
+                .map_err(|e| self.err(e))?
+            {
+                Some(v) => serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
+                None => BTreeMap::new(),
+            };
+            for (source, tokens) in tokens_by_source {
+                *tally.entry(source.clone()).or_default() += tokens;
+            }
+            let json = serde_json::to_string(&tally).map_err(|e| self.err(e))?;
+            run.insert(SELECTED_MIX_KEY, json.as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The selected tokens by the rows' `source` column, over every closed output file.
+    pub fn selected_tokens_by_source(&self) -> Result<BTreeMap<String, u64>, StateError> {
+        Ok(self.run_value(SELECTED_MIX_KEY)?.unwrap_or_default())
+    }
+
+    /// The factor-fitting pool sample: (epoch, row group, row) of the `n` kept documents, in
+    /// sample order.
+    pub fn fit_sample(&self, n: usize) -> Result<Vec<crate::bandit::DocLoc>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(FIT_SAMPLE).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))?.take(n) {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let (_, shard, row) = k.value();
+            out.push(crate::bandit::DocLoc {
+                shard,
+                row_group: v.value(),
+                row,
+            });
+        }
+        Ok(out)
     }
 
     /// The bandit state of the last committed round, if any.
@@ -642,6 +912,8 @@ mod tests {
                     accepted: vec![("x".into(), 3)],
                     rejects: vec![],
                     clusters: None,
+                    fit_sample: vec![],
+                    fit_sample_size: 0,
                 })
                 .unwrap();
         }

@@ -105,11 +105,16 @@ fn sample_clusters(
     })
 }
 
+/// The job's scorer, fitted on the pool sample its store kept during ingest.
 fn build_scorer(spec: &JobSpec) -> Result<InfluenceScorer> {
+    let store = std::sync::Arc::new(StateStore::open_existing(&spec.state_path())?);
+    let pool =
+        crate::quad_loop::fit_sample_texts(&store, &spec.source, spec.influence.fit_pool_docs)?;
+    drop(store);
     crate::influence::setup::build_scorer(
         &spec.influence,
         &spec.source,
-        &spec.source.shards,
+        crate::influence::setup::FitPool::Texts(pool),
         spec.seed,
     )
     .with_context(|| {

@@ -5,7 +5,8 @@ mod planted;
 use std::collections::{BTreeMap, HashSet};
 
 use quad::bandit::{
-    Bandit, BanditConfig, BanditError, Budget, ClusterInput, DocLoc, Member, MemberRef, TauMode,
+    Bandit, BanditConfig, BanditError, Budget, ClusterInput, DocLoc, InMemoryBandit, Member,
+    MemberRef, TauMode,
 };
 use quad::config::Strategy;
 use rand::seq::SliceRandom;
@@ -55,7 +56,7 @@ fn untried_arms_come_first_then_the_highest_ucb_score() {
         v[i] = 1.0;
         v
     };
-    let mut b = Bandit::new(1, Strategy::Quad, config(1)).unwrap();
+    let mut b = InMemoryBandit::new(1, Strategy::Quad, config(1)).unwrap();
     b.sync_clusters(&[
         small(7, axes(0), 10, 5),
         small(2, axes(1), 10, 5),
@@ -92,7 +93,7 @@ fn reward_sharing_matches_hand_computed_values() {
     // c1 at cosine distance 0.05 from c0 (inside rho = 0.2), c2 orthogonal (distance 1).
     let cos = 0.95f64;
     let c1 = vec![cos as f32, (1.0 - cos * cos).sqrt() as f32];
-    let mut b = Bandit::new(3, Strategy::Quad, config(1)).unwrap();
+    let mut b = InMemoryBandit::new(3, Strategy::Quad, config(1)).unwrap();
     b.sync_clusters(&[
         small(0, vec![1.0, 0.0], 10, 5),
         small(1, c1, 10, 5),
@@ -145,9 +146,13 @@ fn sampling_is_seeded_and_never_repeats_a_document() {
         a.plan_round(1),
         "another round samples other documents"
     );
-    // Serialisation round trip: the same plan and the same continuation.
-    let json = serde_json::to_string(&a).unwrap();
-    let mut resumed: Bandit = serde_json::from_str(&json).unwrap();
+    // Serialisation round trip of the bandit (the membership stays where it is kept): the
+    // same plan and the same continuation.
+    let json = serde_json::to_string(&a.bandit).unwrap();
+    let mut resumed = InMemoryBandit {
+        bandit: serde_json::from_str::<Bandit>(&json).unwrap(),
+        membership: a.membership.clone(),
+    };
     let mut straight = a.clone();
     planted::run(&mut straight, 5);
     planted::run(&mut resumed, 5);
@@ -417,41 +422,60 @@ fn observe_checks_its_input() {
     assert_eq!(b.next_round(), 1);
 }
 
+/// The store's draw order is the in-memory one (the same draws, so the same rounds), a killed
+/// loop resumes from the store to the uninterrupted end, and the store's unsampled counts and
+/// pending rows follow the rounds.
 #[test]
-fn the_state_store_keeps_rounds_and_the_bandit_for_resumption() {
-    use quad::report::RoundRecord;
-    use quad::state::StateStore;
+fn the_store_draws_like_memory_and_resumes_rounds_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    let fp = serde_json::json!({"seed": 1});
+    let seed = 9;
+    let fp = serde_json::json!({ "seed": seed });
     let cfg = BanditConfig {
         budget: Budget::Ratio(0.2),
+        mode: TauMode::Block,
+        block_size: 7,
         ..BanditConfig::default()
     };
-    let mut straight = planted::bandit(9, Strategy::Quad, cfg.clone());
-    let all = planted::run(&mut straight, 10_000);
-    let mut b = planted::bandit(9, Strategy::Quad, cfg);
+    let mut memory = planted::bandit(seed, Strategy::Quad, cfg.clone());
+    let in_memory = planted::run(&mut memory, 10_000);
+
+    let straight_store = planted::store_with_pool(&dir.path().join("straight.redb"), seed, &fp);
+    let mut straight = planted::bandit_from_store(&straight_store, seed, &cfg);
+    let mut rounds = Vec::new();
+    while !straight.is_done() {
+        rounds.push(planted::store_round(&straight_store, &mut straight));
+    }
+    assert_eq!(rounds, in_memory, "store draws equal the in-memory draws");
+    assert_eq!(straight, memory.bandit);
+    let fresh: BTreeMap<u32, u64> = straight_store
+        .clusters()
+        .unwrap()
+        .iter()
+        .map(|c| (c.cluster, c.fresh))
+        .collect();
+    for (id, _, left) in straight.cluster_sizes() {
+        assert_eq!(fresh[&id], left, "cluster {id}: unsampled count in the store");
+    }
+    let pending = straight_store.pending_rows(|_| true).unwrap();
+    let selected: usize = rounds.iter().map(|(_, o)| o.selected.len()).sum();
+    assert_eq!(pending.len(), selected, "every selected row waits for its file");
+
+    let path = dir.path().join("killed.redb");
     {
-        let store = StateStore::open(&path, &fp).unwrap();
-        assert!(store.bandit().unwrap().is_none());
-        assert!(store.round_records().unwrap().is_empty());
+        let store = planted::store_with_pool(&path, seed, &fp);
+        let mut b = planted::bandit_from_store(&store, seed, &cfg);
         for _ in 0..3 {
-            let (pulls, out) = planted::step(&mut b);
-            store
-                .commit_round(&RoundRecord::new(&pulls, &out), &b, None, &[])
-                .unwrap();
+            planted::store_round(&store, &mut b);
         }
     }
     // "Killed" here; reopen and go on from the stored state.
-    let store = StateStore::open(&path, &fp).unwrap();
-    let mut resumed = store.bandit().unwrap().unwrap();
+    let store = quad::state::StateStore::open(&path, &fp).unwrap();
+    let mut resumed = planted::bandit_from_store(&store, seed, &cfg);
     assert_eq!(resumed.next_round(), 3);
-    let records = store.round_records().unwrap();
-    assert_eq!(records.len(), 3);
-    assert_eq!(records[1], RoundRecord::new(&all[1].0, &all[1].1));
-    planted::run(&mut resumed, 10_000);
-    assert_eq!(
-        resumed, straight,
-        "resumed loop ends where the uninterrupted one did"
-    );
+    assert_eq!(store.round_records().unwrap().len(), 3);
+    while !resumed.is_done() {
+        planted::store_round(&store, &mut resumed);
+    }
+    assert_eq!(resumed, straight, "resumed loop ends where the uninterrupted one did");
+    assert_eq!(store.pending_rows(|_| true).unwrap(), pending);
 }

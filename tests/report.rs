@@ -8,10 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use quad::bandit::{BanditConfig, Budget};
-use quad::config::Strategy;
 use quad::cost::Costs;
-use quad::report::{RoundRecord, COSTS_KEY, POOL_MIX_KEY};
-use quad::state::StateStore;
+use quad::report::{COSTS_KEY, POOL_MIX_KEY};
 
 const DOMAINS: [&str; 4] = ["news", "email", "fiction", "tweets"];
 
@@ -37,24 +35,27 @@ fn simulated_run(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let spec = quad::config::JobSpec::load(&job).unwrap();
-    let store = StateStore::open(&spec.state_path(), &spec.selection_fingerprint()).unwrap();
     let cfg = BanditConfig {
         tau: 0.25,
         budget: Budget::Ratio(0.15),
         ..BanditConfig::default()
     };
-    let mut bandit = planted::bandit(3, Strategy::Quad, cfg);
+    let store = planted::store_with_pool(&spec.state_path(), 3, &spec.selection_fingerprint());
+    let mut bandit = planted::bandit_from_store(&store, 3, &cfg);
+    let mut selected_mix: BTreeMap<String, u64> = BTreeMap::new();
     while !bandit.is_done() {
-        let (pulls, outcome) = planted::step(&mut bandit);
-        let mut record = RoundRecord::new(&pulls, &outcome);
+        let (_, outcome) = planted::store_round(&store, &mut bandit);
         for (m, _) in &outcome.selected {
-            *record
-                .selected_tokens_by_source
+            *selected_mix
                 .entry(domain(m.loc.shard).to_string())
                 .or_insert(0) += m.tokens;
         }
-        store.commit_round(&record, &bandit, None, &[]).unwrap();
     }
+    // The selected rows as the round sinks would close them into one file.
+    let rows = store.pending_rows(|_| true).unwrap();
+    store
+        .commit_output_file("part-r000000-w000.parquet", 0, &rows, &selected_mix)
+        .unwrap();
     let mut mix: BTreeMap<String, u64> = BTreeMap::new();
     for c in planted::pool() {
         for m in c.members {

@@ -1,27 +1,30 @@
 //! The Quad bandit over clusters (DESIGN 1.2), as a deterministic library that the dataflow
-//! drives round by round:
+//! drives round by round. Its state is O(k): per arm T, S, size, unsampled count and tokens,
+//! and the pool's totals, kept incrementally. The members themselves live with the membership
+//! stage (the state store in a job, [`draw::MemoryMembership`] in tests and tools):
 //!
-//! 1. [`Bandit::sync_clusters`] tells it the clusters (id, centroid, members).
-//! 2. [`Bandit::plan_round`] says which members of which clusters to fetch, and whether to
+//! 1. [`Bandit::apply`] takes a cluster's change (new members, a moved centroid).
+//! 2. [`Bandit::plan_round`] says how many members to draw from which clusters, and whether to
 //!    score them (a pure function of the state, the seed and the round).
-//! 3. [`Bandit::observe`] takes the influence of the scored members, updates the arms and
-//!    returns what is selected.
+//! 3. The membership stage draws them ([`draw`]: seeded by (seed, round, cluster), so the
+//!    draw does not depend on the number of workers).
+//! 4. [`Bandit::observe`] takes the drawn pulls and the influence of the scored members,
+//!    updates the arms and returns what is selected.
 //!
-//! The whole state is `Serialize`/`Deserialize`, so it can be stored with each round and a
-//! killed job resumes exactly. Random choices use ChaCha seeded from (seed, round, cluster,
-//! purpose), never a shared stream, so they do not depend on the number of workers.
+//! The state is `Serialize`/`Deserialize`, stored with each round, so a killed job resumes
+//! exactly.
 pub mod arms;
 pub mod config;
+pub mod draw;
 pub mod tune;
 
 use std::collections::HashMap;
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use arms::Arm;
 pub use config::{BanditConfig, Budget, TauMode};
+pub use draw::{ClusterInput, InMemoryBandit, Member, MemoryMembership};
 
 use crate::config::Strategy;
 
@@ -34,21 +37,6 @@ pub struct DocLoc {
     pub row: u64,
 }
 
-/// A cluster member as the membership store knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    pub loc: DocLoc,
-    pub tokens: u64,
-}
-
-/// A cluster as the bandit needs it from the clustering stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClusterInput {
-    pub id: u32,
-    pub centroid: Vec<f32>,
-    pub members: Vec<Member>,
-}
-
 /// A member the bandit asks for (to score, or to take).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MemberRef {
@@ -57,16 +45,44 @@ pub struct MemberRef {
     pub tokens: u64,
 }
 
-/// One cluster's part of a round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pull {
+/// What a round asks of one cluster's membership: how many members to draw.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PullRequest {
     pub cluster: u32,
-    pub members: Vec<MemberRef>,
-    /// Whether the members must be scored (false for `explore`: they are taken as they are).
+    /// Members to draw for the sample.
+    pub sample: usize,
+    /// Further members drawn as the block candidates (`block` mode; taken unscored when the
+    /// sample's mean passes tau, left unsampled otherwise).
+    pub block: usize,
+    /// Whether the sample must be scored (false for `explore`: it is taken as it is).
     pub score: bool,
     /// The cluster's UCB score when it was chosen; `None` for an untried arm or a strategy
     /// without scores.
     pub cluster_score: Option<f64>,
+}
+
+/// One cluster's part of a round, as drawn by the membership stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pull {
+    pub cluster: u32,
+    pub members: Vec<MemberRef>,
+    /// Block candidates (empty unless `block` mode).
+    pub block: Vec<MemberRef>,
+    pub score: bool,
+    pub cluster_score: Option<f64>,
+}
+
+/// A cluster's change as the ingest stages report it: members that joined (counts and tokens,
+/// never the members themselves) and, when it moved, its centroid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterChange {
+    pub cluster: u32,
+    /// The centroid after the epoch that moved it (epoch, unit vector); the latest epoch wins.
+    pub centroid: Option<(u64, Vec<f32>)>,
+    pub docs: u64,
+    pub tokens: u64,
+    /// Members that joined unsampled (all of them, for ingest).
+    pub fresh: u64,
 }
 
 /// What a round decided.
@@ -85,6 +101,21 @@ pub struct RoundOutcome {
     pub done: bool,
 }
 
+impl RoundOutcome {
+    /// Members that leave the unsampled pool in this round (scored or taken), each once.
+    pub fn sampled(&self) -> Vec<MemberRef> {
+        let mut out: Vec<MemberRef> = self
+            .scored
+            .iter()
+            .map(|(m, _)| *m)
+            .chain(self.selected.iter().map(|(m, _)| *m))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BanditError {
     #[error(
@@ -101,6 +132,8 @@ pub enum BanditError {
     },
     #[error("round {got} observed, but round {want} is the next one")]
     OutOfOrder { got: u64, want: u64 },
+    #[error("round {round}: the drawn pulls do not match the plan ({reason})")]
+    DrawMismatch { round: u64, reason: String },
     #[error("round {round}: no score for member {member:?} of cluster {cluster}")]
     MissingScore {
         round: u64,
@@ -121,77 +154,18 @@ pub enum BanditError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Status {
-    /// Not scored and not taken: can be sampled.
-    Fresh,
-    /// Scored and not taken; never sampled again.
-    Scored,
-    Selected,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct MemberState {
-    loc: DocLoc,
-    tokens: u64,
-    status: Status,
-}
-
+/// One arm: the cluster's aggregates and its T and S.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct ClusterState {
     id: u32,
     centroid: Vec<f32>,
-    /// Sorted by location, so that sampling depends on the set of members, not arrival order.
-    members: Vec<MemberState>,
-    fresh: usize,
+    /// The epoch whose centroid this is (later epochs' centroids replace it).
+    centroid_epoch: u64,
+    size: u64,
+    tokens: u64,
+    /// Members neither scored nor taken: what can still be drawn.
+    fresh: u64,
     arm: Arm,
-}
-
-impl ClusterState {
-    fn fresh_indices(&self) -> Vec<usize> {
-        (0..self.members.len())
-            .filter(|&i| self.members[i].status == Status::Fresh)
-            .collect()
-    }
-
-    fn member_ref(&self, i: usize) -> MemberRef {
-        MemberRef {
-            cluster: self.id,
-            loc: self.members[i].loc,
-            tokens: self.members[i].tokens,
-        }
-    }
-
-    fn find(&self, loc: &DocLoc) -> Option<usize> {
-        self.members.binary_search_by(|m| m.loc.cmp(loc)).ok()
-    }
-}
-
-/// Why a ChaCha stream is drawn; part of its seed.
-#[derive(Clone, Copy)]
-enum Purpose {
-    Sample = 0,
-    Block = 1,
-    Clusters = 2,
-}
-
-/// A ChaCha generator fixed by (seed, round, cluster, purpose) alone.
-fn rng_for(seed: u64, round: u64, cluster: u32, purpose: Purpose) -> ChaCha8Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&round.to_le_bytes());
-    key[16..20].copy_from_slice(&cluster.to_le_bytes());
-    key[20] = purpose as u8;
-    ChaCha8Rng::from_seed(key)
-}
-
-/// `amount` of `from`, drawn without replacement, in drawn order.
-fn sample_indices(rng: &mut ChaCha8Rng, from: &[usize], amount: usize) -> Vec<usize> {
-    let amount = amount.min(from.len());
-    rand::seq::index::sample(rng, from.len(), amount)
-        .into_iter()
-        .map(|i| from[i])
-        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,7 +180,10 @@ pub struct Bandit {
     selected_tokens: u64,
     selected_docs: u64,
     scored_docs: u64,
-    /// `topk-influence`: every scored member, until all are scored and the best are taken.
+    pool_docs: u64,
+    pool_tokens: u64,
+    /// `topk-influence` only: every scored member until all are scored and the best are taken.
+    /// That strategy scores the whole pool by definition; the quad strategies never fill it.
     candidates: Vec<(MemberRef, f64)>,
 }
 
@@ -225,8 +202,14 @@ impl Bandit {
             selected_tokens: 0,
             selected_docs: 0,
             scored_docs: 0,
+            pool_docs: 0,
+            pool_tokens: 0,
             candidates: Vec::new(),
         })
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -254,23 +237,20 @@ impl Bandit {
         self.scored_docs
     }
 
-    /// Tokens of every member known (the ingested pool).
+    /// Tokens of every member known (the ingested pool), kept incrementally.
     pub fn pool_tokens(&self) -> u64 {
-        self.clusters
-            .iter()
-            .flat_map(|c| c.members.iter().map(|m| m.tokens))
-            .sum()
+        self.pool_tokens
     }
 
     pub fn pool_docs(&self) -> u64 {
-        self.clusters.iter().map(|c| c.members.len() as u64).sum()
+        self.pool_docs
     }
 
     /// The token budget now: fixed, or a ratio of the pool's tokens (grows when streaming).
     pub fn budget_tokens(&self) -> u64 {
         match self.config.budget {
             Budget::Tokens(t) => t,
-            Budget::Ratio(r) => (r * self.pool_tokens() as f64).floor() as u64,
+            Budget::Ratio(r) => (r * self.pool_tokens as f64).floor() as u64,
         }
     }
 
@@ -280,77 +260,76 @@ impl Bandit {
     }
 
     /// (cluster id, members, members not yet scored or taken), by id.
-    pub fn cluster_sizes(&self) -> Vec<(u32, usize, usize)> {
+    pub fn cluster_sizes(&self) -> Vec<(u32, u64, u64)> {
         self.clusters
             .iter()
-            .map(|c| (c.id, c.members.len(), c.fresh))
+            .map(|c| (c.id, c.size, c.fresh))
             .collect()
-    }
-
-    /// Whether a member was selected.
-    pub fn is_selected(&self, cluster: u32, loc: &DocLoc) -> bool {
-        self.cluster_index(cluster)
-            .and_then(|ci| {
-                let c = &self.clusters[ci];
-                c.find(loc).map(|i| c.members[i].status == Status::Selected)
-            })
-            .unwrap_or(false)
     }
 
     fn cluster_index(&self, id: u32) -> Option<usize> {
         self.clusters.binary_search_by_key(&id, |c| c.id).ok()
     }
 
-    /// Adds new clusters and new members, and moves centroids; members already known keep
-    /// their status. Call between `observe` and the next `plan_round`.
-    pub fn sync_clusters(&mut self, clusters: &[ClusterInput]) -> Result<(), BanditError> {
-        let mut dim = self.clusters.first().map(|c| c.centroid.len());
-        for input in clusters {
-            let want = *dim.get_or_insert(input.centroid.len());
-            if input.centroid.len() != want {
-                return Err(BanditError::Dimension {
-                    cluster: input.id,
-                    got: input.centroid.len(),
-                    want,
-                });
-            }
-            let ci = match self.cluster_index(input.id) {
-                Some(ci) => ci,
-                None => {
-                    let at = self.clusters.partition_point(|c| c.id < input.id);
-                    self.clusters.insert(
-                        at,
-                        ClusterState {
-                            id: input.id,
-                            centroid: Vec::new(),
-                            members: Vec::new(),
-                            fresh: 0,
-                            arm: Arm::default(),
-                        },
-                    );
-                    at
-                }
-            };
-            let cluster = &mut self.clusters[ci];
-            cluster.centroid.clone_from(&input.centroid);
-            let existing = cluster.members.len();
-            let mut batch = std::collections::HashSet::new();
-            for m in &input.members {
-                let known = cluster.members[..existing]
-                    .binary_search_by(|x| x.loc.cmp(&m.loc))
-                    .is_ok();
-                if !known && batch.insert(m.loc) {
-                    cluster.members.push(MemberState {
-                        loc: m.loc,
-                        tokens: m.tokens,
-                        status: Status::Fresh,
+    /// Adds a cluster's change: joined members (counts), a moved centroid. O(log k).
+    pub fn apply(&mut self, change: &ClusterChange) -> Result<(), BanditError> {
+        if let Some((_, centroid)) = &change.centroid {
+            let dim = self.clusters.iter().find(|c| !c.centroid.is_empty());
+            if let Some(want) = dim.map(|c| c.centroid.len()) {
+                if centroid.len() != want {
+                    return Err(BanditError::Dimension {
+                        cluster: change.cluster,
+                        got: centroid.len(),
+                        want,
                     });
-                    cluster.fresh += 1;
                 }
             }
-            if cluster.members.len() > existing {
-                cluster.members.sort_by_key(|m| m.loc);
+        }
+        let ci = match self.cluster_index(change.cluster) {
+            Some(ci) => ci,
+            None => {
+                let at = self.clusters.partition_point(|c| c.id < change.cluster);
+                self.clusters.insert(
+                    at,
+                    ClusterState {
+                        id: change.cluster,
+                        centroid: Vec::new(),
+                        centroid_epoch: 0,
+                        size: 0,
+                        tokens: 0,
+                        fresh: 0,
+                        arm: Arm::default(),
+                    },
+                );
+                at
             }
+        };
+        let cluster = &mut self.clusters[ci];
+        if let Some((epoch, centroid)) = &change.centroid {
+            if cluster.centroid.is_empty() || *epoch >= cluster.centroid_epoch {
+                cluster.centroid.clone_from(centroid);
+                cluster.centroid_epoch = *epoch;
+            }
+        }
+        cluster.size += change.docs;
+        cluster.tokens += change.tokens;
+        cluster.fresh += change.fresh;
+        self.pool_docs += change.docs;
+        self.pool_tokens += change.tokens;
+        Ok(())
+    }
+
+    /// Replaces every cluster's aggregates by the stored ones (size, tokens, unsampled,
+    /// centroid), keeping the arms: how a resumed job catches up with epochs committed after
+    /// the last round.
+    pub fn reset_aggregates(&mut self, clusters: &[ClusterChange]) -> Result<(), BanditError> {
+        for c in &mut self.clusters {
+            (c.size, c.tokens, c.fresh) = (0, 0, 0);
+        }
+        self.pool_docs = 0;
+        self.pool_tokens = 0;
+        for change in clusters {
+            self.apply(change)?;
         }
         Ok(())
     }
@@ -378,24 +357,29 @@ impl Bandit {
     }
 
     fn sample_size(&self, c: &ClusterState) -> usize {
-        let by_ratio = (self.config.gamma * c.members.len() as f64).ceil() as u64;
-        by_ratio.max(self.config.n_min).min(c.fresh as u64) as usize
+        let by_ratio = (self.config.gamma * c.size as f64).ceil() as u64;
+        by_ratio.max(self.config.n_min).min(c.fresh) as usize
     }
 
-    fn sampled_pull(&self, round: u64, ci: usize, score: bool, cs: Option<f64>) -> Pull {
+    fn request(&self, ci: usize, score: bool, cluster_score: Option<f64>) -> PullRequest {
         let c = &self.clusters[ci];
-        let mut rng = rng_for(self.seed, round, c.id, Purpose::Sample);
-        let picked = sample_indices(&mut rng, &c.fresh_indices(), self.sample_size(c));
-        Pull {
+        let sample = self.sample_size(c);
+        let block = if score && self.config.mode == TauMode::Block {
+            (self.config.block_size).min(c.fresh - sample as u64) as usize
+        } else {
+            0
+        };
+        PullRequest {
             cluster: c.id,
-            members: picked.into_iter().map(|i| c.member_ref(i)).collect(),
+            sample,
+            block,
             score,
-            cluster_score: cs,
+            cluster_score,
         }
     }
 
-    /// The pulls of `round`: a pure function of the state, the seed and the round.
-    pub fn plan_round(&self, round: u64) -> Vec<Pull> {
+    /// The requests of `round`: a pure function of the state, the seed and the round. O(k).
+    pub fn plan_round(&self, round: u64) -> Vec<PullRequest> {
         if self.is_done() {
             return Vec::new();
         }
@@ -410,63 +394,46 @@ impl Bandit {
                 arms::rank(&open_scores)
                     .into_iter()
                     .take(r)
-                    .map(|k| self.sampled_pull(round, open[k], true, open_scores[k]))
+                    .map(|k| self.request(open[k], true, open_scores[k]))
                     .collect()
             }
             Strategy::Explore => {
-                let mut rng = rng_for(self.seed, round, u32::MAX, Purpose::Clusters);
-                let mut chosen = sample_indices(&mut rng, &open, r);
+                let mut rng = draw::rng_for(self.seed, round, u32::MAX, draw::Purpose::Clusters);
+                let mut chosen: Vec<usize> =
+                    rand::seq::index::sample(&mut rng, open.len(), r.min(open.len()))
+                        .into_iter()
+                        .map(|i| open[i])
+                        .collect();
                 chosen.sort_unstable();
                 chosen
                     .into_iter()
-                    .map(|ci| self.sampled_pull(round, ci, false, None))
+                    .map(|ci| self.request(ci, false, None))
                     .collect()
             }
             Strategy::TopkInfluence => open
                 .into_iter()
                 .take(r)
-                .map(|ci| {
-                    let c = &self.clusters[ci];
-                    Pull {
-                        cluster: c.id,
-                        members: c
-                            .fresh_indices()
-                            .into_iter()
-                            .map(|i| c.member_ref(i))
-                            .collect(),
-                        score: true,
-                        cluster_score: None,
-                    }
+                .map(|ci| PullRequest {
+                    sample: self.clusters[ci].fresh as usize,
+                    ..self.request(ci, true, None)
                 })
                 .collect(),
             Strategy::Random => Vec::new(),
         }
     }
 
-    /// Marks a member selected if the budget is not reached yet (so the budget is passed by at
-    /// most one document). Returns whether it was taken.
-    fn take(&mut self, ci: usize, i: usize) -> bool {
+    /// Takes a member if the budget is not reached yet (so the budget is passed by at most one
+    /// document). Returns whether it was taken; `was_fresh` when it had not been scored.
+    fn take(&mut self, ci: usize, m: &MemberRef, was_fresh: bool) -> bool {
         if self.selected_tokens >= self.budget_tokens() {
             return false;
         }
-        let m = &mut self.clusters[ci].members[i];
-        if m.status == Status::Fresh {
+        if was_fresh {
             self.clusters[ci].fresh -= 1;
         }
-        let m = &mut self.clusters[ci].members[i];
-        m.status = Status::Selected;
         self.selected_tokens += m.tokens;
         self.selected_docs += 1;
         true
-    }
-
-    fn mark_scored(&mut self, ci: usize, i: usize) {
-        let c = &mut self.clusters[ci];
-        if c.members[i].status == Status::Fresh {
-            c.fresh -= 1;
-            c.members[i].status = Status::Scored;
-        }
-        self.scored_docs += 1;
     }
 
     /// Credits reward `r` of cluster `ci`: its own T and S, and its neighbours within rho.
@@ -487,20 +454,44 @@ impl Bandit {
         }
     }
 
-    /// Takes the scores of round `round` (every member of its scored pulls, nothing else),
-    /// updates the arms and selects. Rounds must be observed in order: 0, 1, 2, ...
-    pub fn observe(
-        &mut self,
-        round: u64,
-        scores: &[(MemberRef, f64)],
-    ) -> Result<RoundOutcome, BanditError> {
-        if round != self.next_round {
-            return Err(BanditError::OutOfOrder {
-                got: round,
-                want: self.next_round,
-            });
-        }
+    /// Checks that the drawn pulls are the plan's (same clusters, order and counts).
+    fn check_draw(&self, round: u64, pulls: &[Pull]) -> Result<(), BanditError> {
         let plan = self.plan_round(round);
+        let mismatch = |reason: String| BanditError::DrawMismatch { round, reason };
+        if plan.len() != pulls.len() {
+            return Err(mismatch(format!(
+                "{} pulls planned, {} drawn",
+                plan.len(),
+                pulls.len()
+            )));
+        }
+        for (want, got) in plan.iter().zip(pulls) {
+            if want.cluster != got.cluster
+                || want.sample != got.members.len()
+                || want.block != got.block.len()
+                || want.score != got.score
+            {
+                return Err(mismatch(format!(
+                    "cluster {}: planned {} + {} members, drawn cluster {} with {} + {}",
+                    want.cluster,
+                    want.sample,
+                    want.block,
+                    got.cluster,
+                    got.members.len(),
+                    got.block.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The influence of every scored member of `pulls`, in pull order; checked before anything
+    /// changes, so a refused round leaves the state as it was.
+    fn values_of(
+        round: u64,
+        pulls: &[Pull],
+        scores: &[(MemberRef, f64)],
+    ) -> Result<Vec<Vec<f64>>, BanditError> {
         let mut by_loc: HashMap<(u32, DocLoc), f64> = HashMap::with_capacity(scores.len());
         for (m, v) in scores {
             if !v.is_finite() {
@@ -512,9 +503,8 @@ impl Bandit {
             }
             by_loc.insert((m.cluster, m.loc), *v);
         }
-        // Check everything before changing anything: a refused round leaves the state as it was.
-        let mut values_of: Vec<Vec<f64>> = Vec::with_capacity(plan.len());
-        for pull in &plan {
+        let mut values_of = Vec::with_capacity(pulls.len());
+        for pull in pulls {
             let mut values = Vec::new();
             if pull.score {
                 for m in &pull.members {
@@ -536,29 +526,44 @@ impl Bandit {
                 member,
             });
         }
+        Ok(values_of)
+    }
+
+    /// Takes round `round`'s drawn pulls and the scores of their scored members (nothing
+    /// else), updates the arms and selects. Rounds must be observed in order: 0, 1, 2, ...
+    pub fn observe(
+        &mut self,
+        round: u64,
+        pulls: &[Pull],
+        scores: &[(MemberRef, f64)],
+    ) -> Result<RoundOutcome, BanditError> {
+        if round != self.next_round {
+            return Err(BanditError::OutOfOrder {
+                got: round,
+                want: self.next_round,
+            });
+        }
+        self.check_draw(round, pulls)?;
+        let values_of = Self::values_of(round, pulls, scores)?;
         let mut outcome = RoundOutcome {
             round,
             ..Default::default()
         };
-        for (pull, values) in plan.iter().zip(values_of) {
+        for (pull, values) in pulls.iter().zip(values_of) {
             let Some(ci) = self.cluster_index(pull.cluster) else {
                 continue;
             };
-            let idx: Vec<usize> = pull
-                .members
-                .iter()
-                .filter_map(|m| self.clusters[ci].find(&m.loc))
-                .collect();
             if !pull.score {
-                for (&i, m) in idx.iter().zip(&pull.members) {
-                    if self.take(ci, i) {
+                for m in &pull.members {
+                    if self.take(ci, m, true) {
                         outcome.selected.push((*m, None));
                     }
                 }
                 continue;
             }
-            for (&i, (m, &v)) in idx.iter().zip(pull.members.iter().zip(&values)) {
-                self.mark_scored(ci, i);
+            for (m, &v) in pull.members.iter().zip(&values) {
+                self.clusters[ci].fresh -= 1;
+                self.scored_docs += 1;
                 outcome.scored.push((*m, v));
             }
             if self.strategy == Strategy::TopkInfluence {
@@ -570,19 +575,15 @@ impl Bandit {
             outcome.rewards.push((pull.cluster, reward));
             self.credit(ci, reward);
             let tau = self.config.tau;
-            for (&i, (m, &v)) in idx.iter().zip(pull.members.iter().zip(&values)) {
-                if v >= tau && self.take(ci, i) {
+            for (m, &v) in pull.members.iter().zip(&values) {
+                if v >= tau && self.take(ci, m, false) {
                     outcome.selected.push((*m, Some(v)));
                 }
             }
             if self.config.mode == TauMode::Block && reward >= tau {
-                let mut rng = rng_for(self.seed, round, pull.cluster, Purpose::Block);
-                let fresh = self.clusters[ci].fresh_indices();
-                let block = sample_indices(&mut rng, &fresh, self.config.block_size as usize);
-                for i in block {
-                    let m = self.clusters[ci].member_ref(i);
-                    if self.take(ci, i) {
-                        outcome.selected.push((m, None));
+                for m in &pull.block {
+                    if self.take(ci, m, true) {
+                        outcome.selected.push((*m, None));
                     }
                 }
             }
@@ -604,54 +605,10 @@ impl Bandit {
             let Some(ci) = self.cluster_index(m.cluster) else {
                 continue;
             };
-            let Some(i) = self.clusters[ci].find(&m.loc) else {
-                continue;
-            };
-            if !self.take(ci, i) {
+            if !self.take(ci, &m, false) {
                 break;
             }
             outcome.selected.push((m, Some(v)));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn loc(row: u64) -> DocLoc {
-        DocLoc {
-            shard: 0,
-            row_group: 0,
-            row,
-        }
-    }
-
-    fn cluster(id: u32, centroid: Vec<f32>, rows: std::ops::Range<u64>) -> ClusterInput {
-        ClusterInput {
-            id,
-            centroid,
-            members: rows
-                .map(|r| Member {
-                    loc: loc(r),
-                    tokens: 10,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn sync_keeps_members_sorted_and_status() {
-        let mut b = Bandit::new(1, Strategy::Quad, BanditConfig::default()).unwrap();
-        let mut c = cluster(3, vec![1.0, 0.0], 0..5);
-        c.members.reverse();
-        b.sync_clusters(&[c.clone()]).unwrap();
-        assert_eq!(b.cluster_sizes(), vec![(3, 5, 5)]);
-        b.sync_clusters(&[cluster(1, vec![0.0, 1.0], 10..12), c])
-            .unwrap();
-        assert_eq!(b.cluster_sizes(), vec![(1, 2, 2), (3, 5, 5)]);
-        let err = b.sync_clusters(&[cluster(2, vec![1.0], 0..1)]).unwrap_err();
-        assert!(matches!(err, BanditError::Dimension { cluster: 2, .. }));
-        assert!(Bandit::new(1, Strategy::Random, BanditConfig::default()).is_err());
     }
 }

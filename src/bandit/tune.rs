@@ -49,7 +49,7 @@ pub fn tune_gamma<E>(
         let mut smallest = None;
         for (k, &ratio) in ratios.iter().enumerate() {
             let size = ((ratio * n as f64).ceil() as usize).clamp(1, n);
-            let mut rng = super::rng_for(seed, k as u64, *id, super::Purpose::Sample);
+            let mut rng = super::draw::rng_for(seed, k as u64, *id, super::draw::Purpose::Sample);
             let picked = rand::seq::index::sample(&mut rng, n, size);
             let mean = picked.iter().map(|i| values[i]).sum::<f64>() / size as f64;
             let err = (mean - full).abs() / full.abs().max(f64::MIN_POSITIVE);

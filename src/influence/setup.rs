@@ -95,12 +95,21 @@ fn encode_all(
         .collect()
 }
 
-/// Builds the scorer the `[influence]` section describes. `pool` is the glob of the job's
-/// shards, sampled for fitting.
+/// Where the pool documents of the factor fit come from.
+pub enum FitPool<'a> {
+    /// A seeded sample of `influence.fit_pool_docs` documents read from the shards of a glob
+    /// (tools that run outside a job: `quad score`, `quad tune`).
+    Glob(&'a str),
+    /// The texts of the sample a job kept during ingest (`StateStore::fit_sample`).
+    Texts(Vec<String>),
+}
+
+/// Builds the scorer the `[influence]` section describes, fitting its factors on the reference
+/// set and the pool sample.
 pub fn build_scorer(
     cfg: &InfluenceConfig,
     source: &SourceConfig,
-    pool: &str,
+    pool: FitPool<'_>,
     seed: u64,
 ) -> Result<InfluenceScorer, InfluenceError> {
     let device = parse_device(&cfg.device).map_err(InfluenceError::Settings)?;
@@ -119,11 +128,11 @@ pub fn build_scorer(
         None
     } else {
         let mut fit = reference.clone();
-        fit.extend(encode_all(
-            &model,
-            &pool_sample(pool, source, cfg.fit_pool_docs, seed)?,
-            cfg.max_tokens,
-        )?);
+        let pool = match pool {
+            FitPool::Glob(glob) => pool_sample(glob, source, cfg.fit_pool_docs, seed)?,
+            FitPool::Texts(texts) => texts,
+        };
+        fit.extend(encode_all(&model, &pool, cfg.max_tokens)?);
         let settings = FitSettings {
             fisher: cfg.fisher,
             qkv: cfg.qkv,
@@ -205,7 +214,7 @@ pub fn score_file(
     let mut scorer = build_scorer(
         &spec.influence,
         &spec.source,
-        &spec.source.shards,
+        FitPool::Glob(&spec.source.shards),
         spec.seed,
     )?;
     let mut scores = Vec::with_capacity(docs.len());

@@ -2,7 +2,9 @@
 //! some "reference-like" (influence drawn around +1) and the rest noise (around -0.2), and a
 //! driver that runs the plan/observe loop with a real scorer function.
 #![allow(dead_code)]
-use quad::bandit::{Bandit, BanditConfig, ClusterInput, DocLoc, Member, MemberRef, RoundOutcome};
+use quad::bandit::{
+    Bandit, BanditConfig, ClusterInput, DocLoc, InMemoryBandit, Member, MemberRef, RoundOutcome,
+};
 use quad::config::Strategy;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -49,14 +51,14 @@ pub fn influence(m: &MemberRef) -> f64 {
     mean + 0.5 * normal(&mut rng)
 }
 
-pub fn bandit(seed: u64, strategy: Strategy, config: BanditConfig) -> Bandit {
-    let mut b = Bandit::new(seed, strategy, config).unwrap();
+pub fn bandit(seed: u64, strategy: Strategy, config: BanditConfig) -> InMemoryBandit {
+    let mut b = InMemoryBandit::new(seed, strategy, config).unwrap();
     b.sync_clusters(&pool()).unwrap();
     b
 }
 
 /// One round: plan, score what must be scored, observe.
-pub fn step(b: &mut Bandit) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
+pub fn step(b: &mut InMemoryBandit) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
     let round = b.next_round();
     let pulls = b.plan_round(round);
     let scores: Vec<(MemberRef, f64)> = pulls
@@ -69,10 +71,110 @@ pub fn step(b: &mut Bandit) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
 }
 
 /// Runs until done (or `max_rounds`); returns every round's pulls and outcome.
-pub fn run(b: &mut Bandit, max_rounds: usize) -> Vec<(Vec<quad::bandit::Pull>, RoundOutcome)> {
+pub fn run(b: &mut InMemoryBandit, max_rounds: usize) -> Vec<(Vec<quad::bandit::Pull>, RoundOutcome)> {
     let mut out = Vec::new();
     while !b.is_done() && out.len() < max_rounds {
         out.push(step(b));
     }
     out
+}
+
+/// The planted pool committed into a state store as one epoch's clustering.
+pub fn store_with_pool(
+    path: &std::path::Path,
+    seed: u64,
+    fingerprint: &serde_json::Value,
+) -> quad::state::StateStore {
+    use quad::state::{ClusterCommit, ClusterInfo, EpochCommit, EpochRecord, StateStore};
+    let store = StateStore::open(path, fingerprint).unwrap();
+    let pool = pool();
+    let members = pool
+        .iter()
+        .flat_map(|c| {
+            c.members.iter().map(|m| quad::state::Member {
+                cluster: c.id,
+                epoch: m.loc.shard,
+                row_group: m.loc.row_group,
+                row: m.loc.row,
+                id: format!("{}/{}", m.loc.shard, m.loc.row),
+                tokens: m.tokens as u32,
+                flags: 0,
+            })
+        })
+        .collect();
+    let clusters = pool
+        .iter()
+        .map(|c| ClusterInfo {
+            cluster: c.id,
+            centroid: c.centroid.clone(),
+            size: c.members.len() as u64,
+            tokens: c.members.iter().map(|m| m.tokens).sum(),
+            fresh: 0,
+        })
+        .collect();
+    store
+        .commit_epoch(&EpochCommit {
+            epoch: 0,
+            record: EpochRecord::default(),
+            accepted: vec![],
+            rejects: vec![],
+            clusters: Some(ClusterCommit {
+                members,
+                clusters,
+                state: vec![],
+                seed,
+            }),
+            fit_sample: vec![],
+            fit_sample_size: 0,
+        })
+        .unwrap();
+    store
+}
+
+/// The bandit where the store's last round left it, with the store's aggregates.
+pub fn bandit_from_store(
+    store: &quad::state::StateStore,
+    seed: u64,
+    cfg: &BanditConfig,
+) -> Bandit {
+    let mut b = store
+        .bandit()
+        .unwrap()
+        .unwrap_or_else(|| Bandit::new(seed, Strategy::Quad, cfg.clone()).unwrap());
+    let changes: Vec<quad::bandit::ClusterChange> = store
+        .clusters()
+        .unwrap()
+        .into_iter()
+        .map(|c| quad::bandit::ClusterChange {
+            cluster: c.cluster,
+            centroid: Some((0, c.centroid)),
+            docs: c.size,
+            tokens: c.tokens,
+            fresh: c.fresh,
+        })
+        .collect();
+    b.reset_aggregates(&changes).unwrap();
+    b
+}
+
+/// One round driven through the store: plan, draw from the store, score, observe, commit.
+pub fn store_round(
+    store: &quad::state::StateStore,
+    b: &mut Bandit,
+) -> (Vec<quad::bandit::Pull>, quad::bandit::RoundOutcome) {
+    let round = b.next_round();
+    let pulls: Vec<quad::bandit::Pull> = b
+        .plan_round(round)
+        .iter()
+        .map(|r| store.draw(b.seed(), round, r).unwrap())
+        .collect();
+    let scores: Vec<(MemberRef, f64)> = pulls
+        .iter()
+        .filter(|p| p.score)
+        .flat_map(|p| p.members.iter().map(|m| (*m, influence(m))))
+        .collect();
+    let out = b.observe(round, &pulls, &scores).unwrap();
+    let record = quad::report::RoundRecord::new(&pulls, &out);
+    store.commit_round(&record, b, &out).unwrap();
+    (pulls, out)
 }
