@@ -160,6 +160,37 @@ struct Shared {
     embed_cost: Mutex<(f64, u64)>,
     /// What the influence operator scored in this run.
     score_tally: Arc<Mutex<ScoreTally>>,
+    /// When ingest had committed everything (set by worker 0).
+    ingest_done: Mutex<Option<Instant>>,
+    /// Wall time between round commits (the last `ROUND_TIMES_KEPT` rounds of this run).
+    round_times: Mutex<RoundTimes>,
+}
+
+/// Round durations kept for the summary's median.
+const ROUND_TIMES_KEPT: usize = 10_000;
+
+#[derive(Default)]
+struct RoundTimes {
+    last: Option<Instant>,
+    seconds: std::collections::VecDeque<f64>,
+}
+
+impl RoundTimes {
+    fn record(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            if self.seconds.len() == ROUND_TIMES_KEPT {
+                self.seconds.pop_front();
+            }
+            self.seconds.push_back(now.duration_since(last).as_secs_f64());
+        }
+        self.last = Some(now);
+    }
+
+    fn median(&self) -> Option<f64> {
+        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
 }
 
 impl Shared {
@@ -230,6 +261,8 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         order,
         embed_cost: Mutex::new((0.0, 0)),
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
+        ingest_done: Mutex::new(None),
+        round_times: Mutex::new(RoundTimes::default()),
     });
     let watch = spec.source.watch && !options.once;
     let config = timely::Config::process(options.workers.max(1));
@@ -255,6 +288,12 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         summary.flops = Some(costs.total_flops());
     }
     summary.quarantined.sort();
+    summary.ingest_seconds = shared
+        .ingest_done
+        .lock()
+        .expect("ingest time")
+        .map(|t| t.duration_since(start).as_secs_f64());
+    summary.round_seconds_median = shared.round_times.lock().expect("round times").median();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -528,7 +567,13 @@ fn run_worker(
     }
     drop(input);
     // Ingest drains first (a fixed run's rounds start once it has committed), then the loop.
-    while !(probe.done() && loop_probe.done()) && !failed() {
+    while !probe.done() && !failed() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+    if index == 0 {
+        *shared.ingest_done.lock().expect("ingest time") = Some(Instant::now());
+    }
+    while !loop_probe.done() && !failed() {
         worker.step_or_park(Some(Duration::from_millis(1)));
     }
     // After a failure, let the other operators see it and drain what they hold.
@@ -571,6 +616,11 @@ fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext> {
             total_selected_tokens = outcome.selected_tokens,
             "bandit round committed"
         );
+        round_shared
+            .round_times
+            .lock()
+            .expect("round times")
+            .record(Instant::now());
         let mut summary = round_shared.summary.lock().expect("summary lock");
         summary.rounds = Some(summary.rounds.unwrap_or(0) + 1);
         summary.scored += outcome.scored.len() as u64;

@@ -38,6 +38,10 @@ pub struct Summary {
     pub flops: Option<f64>,
     pub removed_uncommitted: Vec<String>,
     pub quarantined: Vec<(String, String)>,
+    /// Seconds until ingest had committed every shard of the run (a fixed run).
+    pub ingest_seconds: Option<f64>,
+    /// Median wall time between consecutive round commits in this run.
+    pub round_seconds_median: Option<f64>,
     pub seconds: f64,
 }
 
@@ -107,8 +111,11 @@ impl fmt::Display for Summary {
         if let Some(rounds) = self.rounds {
             writeln!(
                 f,
-                "  bandit     {rounds} rounds, {} documents scored in this run",
-                self.scored
+                "  bandit     {rounds} rounds, {} documents scored in this run{}",
+                self.scored,
+                self.round_seconds_median
+                    .map(|s| format!(", median {:.1} ms a round", 1e3 * s))
+                    .unwrap_or_default()
             )?;
         }
         if let (Some(fraction), Some(flops)) = (self.scored_fraction, self.flops) {

