@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     --device) device=${2:?--device needs cuda or cpu}; shift 2 ;;
     --device=*) device=${1#--device=}; shift ;;
     --quick) quick=(--quick); shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +61,8 @@ while read -r step limit <&3; do
   [ "$limit" -gt "$left" ] && limit=$left
   echo "[gpu-check] $step (at most ${limit} s, ${left} s left)" >&2
   t0=$(date +%s%N)
-  timeout -k 10 "$limit" "$quad" gpu-check step "$step" --device "$device" "${quick[@]}" \
+  # KILL, not TERM: quad treats TERM as "finish the epochs in flight" (the Ctrl-C handler).
+  timeout -s KILL "$limit" "$quad" gpu-check step "$step" --device "$device" "${quick[@]}" \
     --bundle "$here" --work "$work" < /dev/null > "$work/logs/$step.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$step" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" "$limit" >> "$work/status.tsv"
