@@ -51,7 +51,7 @@ pub(super) fn doctor(rec: &mut StepRecorder, opts: &CheckOptions) -> Result<(), 
         "",
     ))?;
     if !report.matmul_ok {
-        return Err(GpuCheckError::Unavailable(
+        return Err(GpuCheckError::Measurement(
             "the doctor's 2 x 3 matrix product came out wrong".into(),
         ));
     }

@@ -85,7 +85,7 @@ fn full_length_ids(
 ) -> Result<Vec<Vec<u32>>, GpuCheckError> {
     let full: Vec<&Vec<u32>> = tokenized.iter().filter(|t| t.len() == len).collect();
     if full.is_empty() {
-        return Err(GpuCheckError::Unavailable(format!(
+        return Err(GpuCheckError::Measurement(format!(
             "no text of the slice fills {len} tokens"
         )));
     }

@@ -64,7 +64,7 @@ pub(super) fn fit(
     let assigned = nearest_rows(&x, dim, centroids, opts.device);
     let assign = start.elapsed().as_secs_f64();
     if assigned.len() != rows {
-        return Err(GpuCheckError::Unavailable(format!(
+        return Err(GpuCheckError::Measurement(format!(
             "the assignment labelled {} of {rows} rows",
             assigned.len()
         )));

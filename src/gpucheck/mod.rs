@@ -41,8 +41,9 @@ pub enum GpuCheckError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// The device is missing, or a measurement came out unusable.
     #[error("{0}")]
-    Unavailable(String),
+    Measurement(String),
     /// The encoder and the corpus builder report with anyhow; their message is kept whole.
     #[error("{0}")]
     Library(String),
@@ -198,7 +199,7 @@ impl CheckOptions {
     /// Fails unless the device can be used: a CUDA run without CUDA measures nothing.
     fn require_device(&self) -> Result<(), GpuCheckError> {
         if self.device.is_cuda() && !tch::Cuda::is_available() {
-            return Err(GpuCheckError::Unavailable(
+            return Err(GpuCheckError::Measurement(
                 "CUDA is not available to libtorch (is TORCH_LIB the torch/lib folder of a \
                  CUDA build, and are the nvidia/*/lib folders next to it?)"
                     .into(),

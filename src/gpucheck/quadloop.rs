@@ -157,7 +157,7 @@ fn summary_figures(rec: &mut StepRecorder, summary: &Json) -> Result<(), GpuChec
         ("seconds", "s"),
     ] {
         let value = number(key).ok_or_else(|| {
-            GpuCheckError::Unavailable(format!("the job's summary has no {key:?}"))
+            GpuCheckError::Measurement(format!("the job's summary has no {key:?}"))
         })?;
         rec.push(Figure::number(key.replace('_', " "), value, unit))?;
     }
