@@ -4,7 +4,7 @@ QUAD := $(or $(CARGO_TARGET_DIR),target)/release/quad
 JOB ?= dataflows/demo.toml
 WORKERS ?= 2
 
-.PHONY: demo warmup test torch assets chromium build corpus bench clean
+.PHONY: demo warmup test torch assets chromium build corpus bench clean gpu-bundle
 
 # The main job on the embedded default: demo corpus, proxy warm-up (once), the full Quad loop
 # on the CPU, and the report.
@@ -34,6 +34,12 @@ build: torch
 
 bench: build assets
 	cargo bench --bench ingest
+
+# The GPU check's folder (README, "Measuring on a GPU"): copy dist/gpu to the GPU machine and
+# run gpu-check.sh there.
+gpu-bundle: build assets
+	rm -rf dist/gpu
+	$(QUAD) gpu-check bundle dist/gpu
 
 clean:
 	rm -rf out data/demo

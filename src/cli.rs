@@ -105,6 +105,12 @@ pub enum Command {
         #[command(subcommand)]
         which: TuneCommand,
     },
+    /// The prepared GPU check (README, "Measuring on a GPU"); `gpu-check.sh` drives it.
+    #[command(hide = true, name = "gpu-check")]
+    GpuCheck {
+        #[command(subcommand)]
+        what: GpuCheckCommand,
+    },
     /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), or a
     /// job's clusters (`quad inspect clusters JOB`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -129,6 +135,49 @@ pub enum InspectCommand {
         /// Show only the largest this-many clusters.
         #[arg(short = 'l', long)]
         limit: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GpuCheckCommand {
+    /// Gathers the check's folder: this binary, gpu-check.sh, the encoder's config and
+    /// tokenizer, the tiny Llama, the SmolLM2 tokenizer and a slice of the demo corpus.
+    Bundle {
+        /// The folder to write (must not exist or be empty), e.g. dist/gpu.
+        out: PathBuf,
+        /// The fetched assets (scripts/fetch-assets.sh).
+        #[arg(long, default_value = "assets")]
+        assets: PathBuf,
+    },
+    /// Prints the budget and the steps with their time limits, in run order (for the script).
+    Steps {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Runs one step and writes <work>/steps/<step>.json.
+    Step {
+        step: crate::gpucheck::Step,
+        /// The bundle folder.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// This check run's scratch folder.
+        #[arg(long)]
+        work: PathBuf,
+        /// "cuda", "cuda:N" or "cpu".
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Small sizes, for the CPU.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Prints the table of every step's figures; with --out also writes gpu-check.md,
+    /// gpu-check.json and the steps' logs there. Exit code 1 unless every step ran and every
+    /// tolerance held.
+    Report {
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -332,6 +381,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!("{}", crate::tune::tune_gamma_cmd(&spec, &options)?);
             Ok(exit::OK)
         }
+        Command::GpuCheck { what } => run_gpu_check(what),
         Command::Inspect {
             what:
                 Some(InspectCommand::Clusters {
@@ -356,6 +406,50 @@ pub fn run(cli: Cli) -> Result<i32> {
             let file = file.context("quad inspect: give a Parquet file, or `clusters JOB`")?;
             print!("{}", crate::inspect::inspect(&file, rows)?);
             Ok(exit::OK)
+        }
+    }
+}
+
+fn run_gpu_check(what: GpuCheckCommand) -> Result<i32> {
+    use crate::gpucheck::{assemble_report, run_step, write_bundle, CheckOptions};
+    match what {
+        GpuCheckCommand::Bundle { out, assets } => {
+            println!("{}", write_bundle(&assets, &out)?);
+            Ok(exit::OK)
+        }
+        GpuCheckCommand::Steps { quick } => {
+            print!("{}", crate::gpucheck::plan(quick));
+            Ok(exit::OK)
+        }
+        GpuCheckCommand::Step {
+            step,
+            bundle,
+            work,
+            device,
+            quick,
+        } => {
+            let device = crate::influence::scorer::parse_device(&device)
+                .map_err(|e| anyhow::anyhow!(e.replace("influence.device", "--device")))?;
+            let opts = CheckOptions {
+                device,
+                quick,
+                bundle,
+                work,
+            };
+            run_step(step, &opts).with_context(|| format!("gpu-check step {}", step.name()))?;
+            Ok(exit::OK)
+        }
+        GpuCheckCommand::Report { work, out } => {
+            let report = assemble_report(&work)?;
+            println!("{report}");
+            if let Some(out) = out {
+                report.write(&out, &work)?;
+            }
+            Ok(if report.passed() {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
         }
     }
 }

@@ -305,6 +305,62 @@ fn weights_file(dir: &Path) -> Result<PathBuf> {
     bail!("{}: no model.safetensors found", st.display())
 }
 
+/// A checkpoint's `config.json`, checked for what the encoder supports, and its activation.
+fn read_config(dir: &Path) -> Result<(BertConfig, Activation)> {
+    let cfg_path = dir.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let cfg: BertConfig = serde_json::from_str(&cfg_text)
+        .with_context(|| format!("cannot parse {}", cfg_path.display()))?;
+    ensure!(
+        cfg.hidden_size > 0
+            && cfg.num_attention_heads > 0
+            && cfg.hidden_size % cfg.num_attention_heads == 0,
+        "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+        cfg_path.display(),
+        cfg.hidden_size,
+        cfg.num_attention_heads
+    );
+    ensure!(
+        cfg.position_embedding_type == "absolute",
+        "{}: position_embedding_type {:?} is not supported (only \"absolute\")",
+        cfg_path.display(),
+        cfg.position_embedding_type
+    );
+    let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
+        anyhow!(
+            "{}: hidden_act {:?} is not supported",
+            cfg_path.display(),
+            cfg.hidden_act
+        )
+    })?;
+    Ok((cfg, act))
+}
+
+/// Writes a checkpoint directory with the config, tokenizer and pooling of `template` and
+/// random weights (tch's default initialisation, fixed by `seed`): an encoder of the same
+/// shapes and cost, for measurements where the real weights cannot be carried (the GPU check
+/// gets 64 MiB; MiniLM's weights are 91 MB).
+pub fn write_random_checkpoint(template: &Path, out: &Path, seed: u64) -> Result<()> {
+    let (cfg, act) = read_config(template)?;
+    tch::manual_seed(seed as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = Bert::new(vs.root(), &cfg, act);
+    std::fs::create_dir_all(out.join("1_Pooling"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let weights = out.join("model.safetensors");
+    vs.save(&weights)
+        .with_context(|| format!("cannot write {}", weights.display()))?;
+    for file in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
+        let src = template.join(file);
+        if src.exists() {
+            std::fs::copy(&src, out.join(file))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 impl SentenceEncoder {
     /// Loads a checkpoint directory (config.json, model.safetensors, tokenizer.json, optional
     /// 1_Pooling/config.json) in fp32.
@@ -325,33 +381,7 @@ impl SentenceEncoder {
             matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16),
             "embedding kind must be Float, Half or BFloat16, not {kind:?}"
         );
-        let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-        let cfg: BertConfig = serde_json::from_str(&cfg_text)
-            .with_context(|| format!("cannot parse {}", cfg_path.display()))?;
-        ensure!(
-            cfg.hidden_size > 0
-                && cfg.num_attention_heads > 0
-                && cfg.hidden_size % cfg.num_attention_heads == 0,
-            "{}: hidden_size {} is not a multiple of num_attention_heads {}",
-            cfg_path.display(),
-            cfg.hidden_size,
-            cfg.num_attention_heads
-        );
-        ensure!(
-            cfg.position_embedding_type == "absolute",
-            "{}: position_embedding_type {:?} is not supported (only \"absolute\")",
-            cfg_path.display(),
-            cfg.position_embedding_type
-        );
-        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            anyhow!(
-                "{}: hidden_act {:?} is not supported",
-                cfg_path.display(),
-                cfg.hidden_act
-            )
-        })?;
+        let (cfg, act) = read_config(dir)?;
         ensure!(
             max_tokens >= 2,
             "max_tokens must be at least 2 ([CLS] and [SEP])"
@@ -482,9 +512,28 @@ impl SentenceEncoder {
             return Ok(Vec::new());
         }
         let encs = self.encodings(texts)?;
+        self.encode_encodings(&encs, batch_size)
+    }
+
+    /// Embeds token ids as [`SentenceEncoder::tokenize`] gives them (special tokens included,
+    /// one segment): the encoder alone, so that its speed can be measured apart from the
+    /// tokenizer's.
+    pub fn encode_ids(&self, ids: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        ensure!(batch_size > 0, "batch_size must be positive");
+        let encs: Vec<(Vec<u32>, Vec<u32>)> =
+            ids.iter().map(|i| (i.clone(), vec![0; i.len()])).collect();
+        self.encode_encodings(&encs, batch_size)
+    }
+
+    /// (token ids, token type ids) of each text to unit vectors, in input order.
+    fn encode_encodings(
+        &self,
+        encs: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut order: Vec<usize> = (0..encs.len()).collect();
         order.sort_by_key(|&i| encs[i].0.len());
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); encs.len()];
         let _guard = tch::no_grad_guard();
         for chunk in order.chunks(batch_size) {
             let len = chunk.iter().map(|&i| encs[i].0.len()).max().unwrap_or(0);

@@ -16,6 +16,7 @@ pub mod dataflow;
 pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod gpucheck;
 pub mod influence;
 pub mod inspect;
 pub mod model;
