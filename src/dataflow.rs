@@ -26,7 +26,6 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
@@ -42,7 +41,7 @@ use crate::quad_loop::{
 use crate::select::{Admitter, Verdicts};
 use crate::sink;
 use crate::source::{self, DocMeta, EmbeddingColumn, ShardData};
-use crate::state::{ClusterCommit, EpochCommit, EpochRecord, Member, PlannedShard, StateStore};
+use crate::state::{ClusterCommit, EpochCommit, EpochRecord, PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
 /// Rejected rows logged one by one per shard; the rest are counted.
@@ -301,12 +300,10 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
 fn run_worker(
     worker: &mut timely::worker::Worker,
     shared: &Arc<Shared>,
-    mut plan: Vec<PlannedShard>,
+    plan: Vec<PlannedShard>,
     watch: bool,
 ) {
     let index = worker.index();
-    let peers = worker.peers() as u64;
-    let owner = move |epoch: u64| epoch % peers;
     let quad_loop = shared.spec.select.strategy != Strategy::Random;
     let local: Rc<RefCell<HashMap<u64, LocalShard>>> = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
@@ -321,183 +318,15 @@ fn run_worker(
         plan.last().map(|p| p.epoch)
     };
     worker.dataflow::<u64, _, _>(|scope| {
-        let admit_shared = shared.clone();
         let docs = input.to_stream(scope);
-        let verdicts = docs
-            .clone()
-            .unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
-                Exchange::new(|_: &EpochDocs| 0),
-                "Admit",
-                move |_capability, _info| {
-                    let mut admitter = match Admitter::new(
-                        admit_shared.spec.seed,
-                        admit_shared.spec.select.clone(),
-                        admit_shared.store.clone(),
-                    ) {
-                        Ok(admitter) => Some(admitter),
-                        Err(e) => {
-                            admit_shared.fail(e.into());
-                            None
-                        }
-                    };
-                    let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DocMeta>)> =
-                        BTreeMap::new();
-                    let mut decided: std::collections::BTreeSet<u64> = Default::default();
-                    let mut halted = false;
-                    move |(input, frontier), output| {
-                        input.for_each_stamp(|cap, data| {
-                            if let Some(cap) = cap.retain_least(output.output_index()) {
-                                for container in data {
-                                    for epoch_docs in container.drain(..) {
-                                        let entry =
-                                            stash.entry(epoch_docs.epoch).or_insert_with(|| {
-                                                (cap.delayed(&epoch_docs.epoch), Vec::new())
-                                            });
-                                        entry.1.extend(epoch_docs.docs);
-                                    }
-                                }
-                            }
-                        });
-                        // Decide epochs strictly in order, once no more of their documents can come.
-                        while let Some((&epoch, _)) = stash.first_key_value() {
-                            if frontier.less_equal(&epoch) {
-                                break;
-                            }
-                            let (cap, mut docs) = stash.remove(&epoch).expect("first key");
-                            let Some(admitter) = admitter.as_mut() else {
-                                continue;
-                            };
-                            // After a stop request some worker may not have read an earlier
-                            // epoch. Deciding later epochs without it would break shard order
-                            // (dedup, budget), so they are left for the next run.
-                            if STOP.load(Ordering::SeqCst) && !halted {
-                                match admit_shared.store.pending_epochs() {
-                                    Ok(pending) => {
-                                        if let Some(missing) = pending.range(..epoch).find(|e| !decided.contains(e)) {
-                                            tracing::warn!("epoch {missing} was not read before the stop; epoch {epoch} and later are left for the next run");
-                                            halted = true;
-                                        }
-                                    }
-                                    Err(e) => admit_shared.fail(e.into()),
-                                }
-                            }
-                            if halted {
-                                continue;
-                            }
-                            decided.insert(epoch);
-                            match admitter.admit(epoch, &mut docs) {
-                                Ok(v) => output.session(&cap).give(v),
-                                Err(e) => admit_shared.fail(e.into()),
-                            }
-                        }
-                    }
-                },
-            );
+        let verdicts = admit_operator(docs.clone(), shared);
         let clusters = if shared.clustering.is_some() {
             let embedded = embed_operator(docs, shared, &local);
-            let assigned = assign_operator(verdicts.clone(), embedded, shared, fit_epoch);
-            membership_operator(assigned.clone(), shared, index as u64, peers);
-            assigned
+            assign_operator(verdicts.clone(), embedded, shared, fit_epoch)
         } else {
             empty(verdicts.scope())
         };
-        let sink_shared = shared.clone();
-        let sink_local = local.clone();
-        let committed = verdicts
-            .binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
-                clusters,
-                Exchange::new(move |v: &Verdicts| owner(v.epoch)),
-                Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
-                "Sink",
-                move |_capability, info| {
-                    // Compression, fsync and the store commit run on a writer thread, so the
-                    // worker reads the next shard meanwhile. An epoch's capability is held until
-                    // its commit is done, so the probe only passes committed epochs.
-                    let (jobs, writer_jobs) = std::sync::mpsc::channel::<(
-                        u64,
-                        LocalShard,
-                        Verdicts,
-                        Option<ClusterCommit>,
-                    )>();
-                    let (writer_done, done) =
-                        std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
-                    let writer_shared = sink_shared.clone();
-                    std::thread::spawn(move || {
-                        for (epoch, shard, verdicts, clusters) in writer_jobs {
-                            let changes =
-                                commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
-                                    .unwrap_or_else(|e| {
-                                        writer_shared.fail(e);
-                                        Vec::new()
-                                    });
-                            if writer_done.send((epoch, changes)).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                    let activator = scope.activator_for(info.address);
-                    let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
-                    let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
-                    let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
-                    let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
-                    let clustering = sink_shared.clustering.is_some();
-                    move |(input, frontier), (cluster_input, cluster_frontier), output| {
-                        input.for_each_stamp(|cap, data| {
-                            if let Some(cap) = cap.retain_least(output.output_index()) {
-                                for container in data {
-                                    for v in container.drain(..) {
-                                        stash.insert(v.epoch, cap.delayed(&v.epoch));
-                                        verdicts_of.insert(v.epoch, v);
-                                    }
-                                }
-                            }
-                        });
-                        cluster_input.for_each_stamp(|_cap, data| {
-                            for container in data {
-                                for c in container.drain(..) {
-                                    clusters_of.insert(c.epoch, c.commit);
-                                }
-                            }
-                        });
-                        while let Some((&epoch, _)) = stash.first_key_value() {
-                            if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch)
-                            {
-                                break;
-                            }
-                            let cap = stash.remove(&epoch).expect("first key");
-                            let shard = sink_local.borrow_mut().remove(&epoch);
-                            let clusters = clusters_of.remove(&epoch);
-                            if clustering && clusters.is_none() {
-                                sink_shared.fail(anyhow::anyhow!(
-                                    "internal: epoch {epoch} reached the sink without its clusters"
-                                ));
-                                continue;
-                            }
-                            match (shard, verdicts_of.remove(&epoch)) {
-                                (Some(shard), Some(verdicts)) => {
-                                    if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
-                                        sink_shared
-                                            .fail(anyhow::anyhow!("the writer thread stopped"));
-                                    }
-                                    writing.insert(epoch, cap);
-                                }
-                                _ => sink_shared.fail(anyhow::anyhow!(
-                                    "internal: epoch {epoch} reached the sink without its shard"
-                                )),
-                            }
-                        }
-                        for (epoch, changes) in done.try_iter() {
-                            if let Some(cap) = writing.remove(&epoch) {
-                                output.session(&cap).give_iterator(changes.into_iter());
-                            }
-                        }
-                        if !writing.is_empty() {
-                            // Look again shortly for commits the writer finished.
-                            activator.activate_after(Duration::from_millis(1));
-                        }
-                    }
-                },
-            )
+        let committed = epoch_sink_operator(verdicts, clusters, shared, &local)
             .probe_with(&probe);
         if quad_loop {
             let bandit = if index == 0 {
@@ -511,6 +340,36 @@ fn run_worker(
         }
     });
 
+    feed_shards(worker, shared, plan, &mut input, &probe, &local, watch);
+    drop(input);
+    let failed = || shared.failed.load(Ordering::SeqCst);
+    // Ingest drains first (a fixed run's rounds start once it has committed), then the loop.
+    while !probe.done() && !failed() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+    if index == 0 {
+        *shared.ingest_done.lock().expect("ingest time") = Some(Instant::now());
+    }
+    while !loop_probe.done() && !failed() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+}
+
+/// Sends the planned shards into the dataflow, each epoch read by its owner worker, with at
+/// most `runtime.max_epochs_in_flight` uncommitted epochs; in watch mode, keeps the dataflow
+/// (ingest and the rounds) moving and looks for new shards every `poll_seconds`, until a stop.
+fn feed_shards(
+    worker: &mut timely::worker::Worker,
+    shared: &Arc<Shared>,
+    mut plan: Vec<PlannedShard>,
+    input: &mut InputHandleVec<u64, EpochDocs>,
+    probe: &ProbeHandle<u64>,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    watch: bool,
+) {
+    let index = worker.index();
+    let peers = worker.peers() as u64;
+    let owner = move |epoch: u64| epoch % peers;
     let in_flight = shared.spec.runtime.max_epochs_in_flight as usize;
     let mut sent: Vec<u64> = Vec::new();
     let failed = || shared.failed.load(Ordering::SeqCst);
@@ -521,7 +380,7 @@ fn run_worker(
             }
             input.advance_to(planned.epoch);
             if owner(planned.epoch) == index as u64 {
-                let docs = read_local(shared, &planned, &local);
+                let docs = read_local(shared, &planned, local);
                 input.send(EpochDocs {
                     epoch: planned.epoch,
                     docs,
@@ -565,21 +424,194 @@ fn run_worker(
             Err(e) => shared.fail(e),
         }
     }
-    drop(input);
-    // Ingest drains first (a fixed run's rounds start once it has committed), then the loop.
-    while !probe.done() && !failed() {
-        worker.step_or_park(Some(Duration::from_millis(1)));
-    }
-    if index == 0 {
-        *shared.ingest_done.lock().expect("ingest time") = Some(Instant::now());
-    }
-    while !loop_probe.done() && !failed() {
-        worker.step_or_park(Some(Duration::from_millis(1)));
-    }
-    // After a failure, let the other operators see it and drain what they hold.
-    while !(probe.done() && loop_probe.done()) {
-        worker.step_or_park(Some(Duration::from_millis(1)));
-    }
+}
+
+/// Decides each epoch on worker 0, strictly in epoch order once no more of its documents can
+/// come: duplicates (ids seen in an earlier position) and, for `random`, the selection.
+fn admit_operator<'scope>(
+    docs: StreamVec<'scope, u64, EpochDocs>,
+    shared: &Arc<Shared>,
+) -> StreamVec<'scope, u64, Verdicts> {
+    let admit_shared = shared.clone();
+docs.unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
+            Exchange::new(|_: &EpochDocs| 0),
+            "Admit",
+            move |_capability, _info| {
+                let mut admitter = match Admitter::new(
+                    admit_shared.spec.seed,
+                    admit_shared.spec.select.clone(),
+                    admit_shared.store.clone(),
+                ) {
+                    Ok(admitter) => Some(admitter),
+                    Err(e) => {
+                        admit_shared.fail(e.into());
+                        None
+                    }
+                };
+                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DocMeta>)> =
+                    BTreeMap::new();
+                let mut decided: std::collections::BTreeSet<u64> = Default::default();
+                let mut halted = false;
+                move |(input, frontier), output| {
+                    input.for_each_stamp(|cap, data| {
+                        if let Some(cap) = cap.retain_least(output.output_index()) {
+                            for container in data {
+                                for epoch_docs in container.drain(..) {
+                                    let entry =
+                                        stash.entry(epoch_docs.epoch).or_insert_with(|| {
+                                            (cap.delayed(&epoch_docs.epoch), Vec::new())
+                                        });
+                                    entry.1.extend(epoch_docs.docs);
+                                }
+                            }
+                        }
+                    });
+                    // Decide epochs strictly in order, once no more of their documents can come.
+                    while let Some((&epoch, _)) = stash.first_key_value() {
+                        if frontier.less_equal(&epoch) {
+                            break;
+                        }
+                        let (cap, mut docs) = stash.remove(&epoch).expect("first key");
+                        let Some(admitter) = admitter.as_mut() else {
+                            continue;
+                        };
+                        // After a stop request some worker may not have read an earlier
+                        // epoch. Deciding later epochs without it would break shard order
+                        // (dedup, budget), so they are left for the next run.
+                        if STOP.load(Ordering::SeqCst) && !halted {
+                            match admit_shared.store.pending_epochs() {
+                                Ok(pending) => {
+                                    if let Some(missing) = pending.range(..epoch).find(|e| !decided.contains(e)) {
+                                        tracing::warn!("epoch {missing} was not read before the stop; epoch {epoch} and later are left for the next run");
+                                        halted = true;
+                                    }
+                                }
+                                Err(e) => admit_shared.fail(e.into()),
+                            }
+                        }
+                        if halted {
+                            continue;
+                        }
+                        decided.insert(epoch);
+                        match admitter.admit(epoch, &mut docs) {
+                            Ok(v) => output.session(&cap).give(v),
+                            Err(e) => admit_shared.fail(e.into()),
+                        }
+                    }
+                }
+            },
+        )
+}
+
+/// Writes and commits each epoch on the worker that read its shard (the rows are there), on a
+/// writer thread, and sends the clusters' changes once the commit is done; an epoch's
+/// capability is held until then, so a probe after it passes committed epochs only.
+fn epoch_sink_operator<'scope>(
+    verdicts: StreamVec<'scope, u64, Verdicts>,
+    clusters: StreamVec<'scope, u64, EpochClusters>,
+    shared: &Arc<Shared>,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+) -> StreamVec<'scope, u64, ClusterChange> {
+    let scope = verdicts.scope();
+    let peers = scope.peers() as u64;
+    let owner = move |epoch: u64| epoch % peers;
+    let sink_shared = shared.clone();
+    let sink_local = local.clone();
+verdicts
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
+            clusters,
+            Exchange::new(move |v: &Verdicts| owner(v.epoch)),
+            Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
+            "Sink",
+            move |_capability, info| {
+                // Compression, fsync and the store commit run on a writer thread, so the
+                // worker reads the next shard meanwhile. An epoch's capability is held until
+                // its commit is done, so the probe only passes committed epochs.
+                let (jobs, writer_jobs) = std::sync::mpsc::channel::<(
+                    u64,
+                    LocalShard,
+                    Verdicts,
+                    Option<ClusterCommit>,
+                )>();
+                let (writer_done, done) =
+                    std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
+                let writer_shared = sink_shared.clone();
+                std::thread::spawn(move || {
+                    for (epoch, shard, verdicts, clusters) in writer_jobs {
+                        let changes =
+                            commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
+                                .unwrap_or_else(|e| {
+                                    writer_shared.fail(e);
+                                    Vec::new()
+                                });
+                        if writer_done.send((epoch, changes)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let activator = scope.activator_for(info.address);
+                let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
+                let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
+                let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
+                let clustering = sink_shared.clustering.is_some();
+                move |(input, frontier), (cluster_input, cluster_frontier), output| {
+                    input.for_each_stamp(|cap, data| {
+                        if let Some(cap) = cap.retain_least(output.output_index()) {
+                            for container in data {
+                                for v in container.drain(..) {
+                                    stash.insert(v.epoch, cap.delayed(&v.epoch));
+                                    verdicts_of.insert(v.epoch, v);
+                                }
+                            }
+                        }
+                    });
+                    cluster_input.for_each_stamp(|_cap, data| {
+                        for container in data {
+                            for c in container.drain(..) {
+                                clusters_of.insert(c.epoch, c.commit);
+                            }
+                        }
+                    });
+                    while let Some((&epoch, _)) = stash.first_key_value() {
+                        if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch)
+                        {
+                            break;
+                        }
+                        let cap = stash.remove(&epoch).expect("first key");
+                        let shard = sink_local.borrow_mut().remove(&epoch);
+                        let clusters = clusters_of.remove(&epoch);
+                        if clustering && clusters.is_none() {
+                            sink_shared.fail(anyhow::anyhow!(
+                                "internal: epoch {epoch} reached the sink without its clusters"
+                            ));
+                            continue;
+                        }
+                        match (shard, verdicts_of.remove(&epoch)) {
+                            (Some(shard), Some(verdicts)) => {
+                                if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
+                                    sink_shared
+                                        .fail(anyhow::anyhow!("the writer thread stopped"));
+                                }
+                                writing.insert(epoch, cap);
+                            }
+                            _ => sink_shared.fail(anyhow::anyhow!(
+                                "internal: epoch {epoch} reached the sink without its shard"
+                            )),
+                        }
+                    }
+                    for (epoch, changes) in done.try_iter() {
+                        if let Some(cap) = writing.remove(&epoch) {
+                            output.session(&cap).give_iterator(changes.into_iter());
+                        }
+                    }
+                    if !writing.is_empty() {
+                        // Look again shortly for commits the writer finished.
+                        activator.activate_after(Duration::from_millis(1));
+                    }
+                }
+            },
+        )
 }
 
 /// The Quad loop's context on this worker: the store, the scorer factory (worker 0 builds the
@@ -928,46 +960,6 @@ fn assign_operator<'scope>(
             }
         },
     )
-}
-
-/// Keeps each cluster's members on the worker that owns the cluster (`cluster % peers`): the
-/// index the bandit's sample requests are served from. Starts from the committed membership.
-fn membership_operator(
-    assigned: StreamVec<'_, u64, EpochClusters>,
-    shared: &Arc<Shared>,
-    index: u64,
-    peers: u64,
-) {
-    let shared = shared.clone();
-    assigned
-        .flat_map(|c: EpochClusters| c.commit.members)
-        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-            Exchange::new(move |m: &Member| u64::from(m.cluster) % peers),
-            "Membership",
-            move |_capability, _info| {
-                let mut members: BTreeMap<u32, Vec<Member>> = BTreeMap::new();
-                let loaded = shared.store.clusters().and_then(|clusters| {
-                    for info in clusters {
-                        if u64::from(info.cluster) % peers == index {
-                            members.insert(info.cluster, shared.store.members(info.cluster)?);
-                        }
-                    }
-                    Ok(())
-                });
-                if let Err(e) = loaded {
-                    shared.fail(e.into());
-                }
-                move |input, _output| {
-                    input.for_each_stamp(|_cap, data| {
-                        for container in data {
-                            for member in container.drain(..) {
-                                members.entry(member.cluster).or_default().push(member);
-                            }
-                        }
-                    });
-                }
-            },
-        );
 }
 
 /// Reads a shard this worker owns and keeps it until its epoch is written.

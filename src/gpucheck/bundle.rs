@@ -104,7 +104,7 @@ fn write_script(out: &Path) -> Result<(), GpuCheckError> {
 fn write_tiny_llama(assets: &Path, out: &Path) -> Result<(), GpuCheckError> {
     let tokenizer =
         crate::model::hf::read_tokenizer(&assets.join(MINILM_ASSET).join("tokenizer.json"))?;
-    let cfg = super::synthetic::tiny_llama(tokenizer.get_vocab_size(true) as i64);
+    let cfg = crate::model::LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
     let model = CausalLm::random(&cfg, tokenizer, Device::Cpu, Kind::Float, 3);
     Ok(model.save_hf(&out.join(layout::TINY_LLAMA))?)
 }

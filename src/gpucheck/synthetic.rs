@@ -102,17 +102,6 @@ fn small_llama() -> LlamaConfig {
     llama(64, 128, 2, (4, 2), 49_152)
 }
 
-/// The tiny test Llama of the integration tests (tests/quadloop.rs): hidden 32, 2 layers,
-/// 4/2 heads, MLP 64, the tokenizer's vocabulary.
-pub(crate) fn tiny_llama(vocab: i64) -> LlamaConfig {
-    LlamaConfig {
-        head_dim: None,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 512,
-        ..llama(32, 64, 2, (4, 2), vocab)
-    }
-}
-
 fn llama(
     hidden: i64,
     mlp: i64,

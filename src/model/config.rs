@@ -31,6 +31,26 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The tiny random-weight Llama of the integration tests, the scale bench and the GPU
+    /// check: hidden 32, 2 layers, 4/2 heads, MLP 64, tied head, the tokenizer's vocabulary.
+    pub fn tiny(vocab: i64) -> LlamaConfig {
+        LlamaConfig {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            vocab_size: vocab,
+            tie_word_embeddings: true,
+            max_position_embeddings: 512,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
     pub fn head_dim(&self) -> i64 {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
