@@ -1,5 +1,6 @@
-//! How a job's cost grows with the pool (issue 12): synthetic pools of 10k to 10M documents
-//! with a precomputed 32-d embedding column around 64 planted centres, the quad strategy over
+//! How a job's cost grows with the pool (issue 12): synthetic pools of 10k to 10M documents in
+//! shards of at most 125,000 documents (a crawl dump grows by shards of a fixed size), with a
+//! precomputed 32-d embedding column around 64 planted centres, the quad strategy over
 //! 64 clusters, a tiny random Llama as the influence model (so that scoring is cheap and the
 //! rest shows), 4 clusters x 10 documents scored per round and a fixed token budget (the same
 //! number of rounds at every size), `quad run -w 2` as a user runs it.
@@ -27,7 +28,8 @@ use rand_chacha::ChaCha8Rng;
 
 const DIM: usize = 32;
 const CENTRES: usize = 64;
-const SHARDS: usize = 8;
+/// Documents per shard at most; a pool has at least one shard per worker.
+const SHARD_DOCS: usize = 125_000;
 const WORKERS: usize = 2;
 const WORDS: [&str; 16] = [
     "river", "stone", "market", "engine", "garden", "letter", "signal", "harbour", "winter",
@@ -52,7 +54,7 @@ fn main() -> Result<()> {
     println!("| pool | ingest docs/s | rounds | median time per round | peak RSS | store bytes/doc | output files |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &sizes {
-        let pool = root.join(format!("pool-{n}"));
+        let pool = root.join(format!("pool-{n}-s{SHARD_DOCS}"));
         if !pool.join("done").exists() {
             let started = Instant::now();
             generate_pool(&pool, n)?;
@@ -95,14 +97,16 @@ fn unit(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
-/// `SHARDS` Parquet shards of `n` documents in all: id, text (12 words), embedding.
+/// Parquet shards of at most `SHARD_DOCS` documents, `n` in all: id, text (12 words),
+/// embedding.
 fn generate_pool(dir: &Path, n: usize) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let per = n.div_ceil(SHARDS);
-    for s in 0..SHARDS {
+    let shards = n.div_ceil(SHARD_DOCS).max(WORKERS);
+    let per = n.div_ceil(shards);
+    for s in 0..shards {
         let start = s * per;
         let count = per.min(n.saturating_sub(start));
-        write_docs(&dir.join(format!("shard-{s:03}.parquet")), start, count, s as u64)?;
+        write_docs(&dir.join(format!("shard-{s:05}.parquet")), start, count, s as u64)?;
     }
     Ok(())
 }
