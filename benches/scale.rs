@@ -40,7 +40,11 @@ fn main() -> Result<()> {
     let sizes: Vec<usize> = std::env::var("QUAD_SCALE_SIZES")
         .unwrap_or_else(|_| "10000,100000,1000000,10000000".into())
         .split(',')
-        .map(|s| s.trim().parse().context("QUAD_SCALE_SIZES: a comma-separated list of sizes"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("QUAD_SCALE_SIZES: a comma-separated list of sizes")
+        })
         .collect::<Result<_>>()?;
     let root = std::env::var_os("QUAD_SCALE_DIR")
         .map(PathBuf::from)
@@ -59,7 +63,10 @@ fn main() -> Result<()> {
             let started = Instant::now();
             generate_pool(&pool, n)?;
             std::fs::write(pool.join("done"), b"")?;
-            eprintln!("generated {n} documents in {:.1} s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "generated {n} documents in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
         }
         let row = run_pool(&root, &pool, n, &model, &reference)?;
         println!("{row}");
@@ -106,7 +113,12 @@ fn generate_pool(dir: &Path, n: usize) -> Result<()> {
     for s in 0..shards {
         let start = s * per;
         let count = per.min(n.saturating_sub(start));
-        write_docs(&dir.join(format!("shard-{s:05}.parquet")), start, count, s as u64)?;
+        write_docs(
+            &dir.join(format!("shard-{s:05}.parquet")),
+            start,
+            count,
+            s as u64,
+        )?;
     }
     Ok(())
 }
@@ -127,10 +139,16 @@ fn write_docs(path: &Path, start: usize, count: usize, seed: u64) -> Result<()> 
         let mut values = Vec::with_capacity(rows * DIM);
         for i in 0..rows {
             ids.push(format!("doc-{}", start + done + i));
-            let words: Vec<&str> = (0..12).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            let words: Vec<&str> = (0..12)
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
             texts.push(words.join(" "));
             let c = &centres[rng.random_range(0..CENTRES)];
-            values.extend(unit(c.iter().map(|x| x + 0.3 * rng.random_range(-1.0f32..1.0)).collect()));
+            values.extend(unit(
+                c.iter()
+                    .map(|x| x + 0.3 * rng.random_range(-1.0f32..1.0))
+                    .collect(),
+            ));
         }
         let embedding = FixedSizeListArray::try_new(
             Arc::new(Field::new("item", DataType::Float32, true)),
@@ -234,7 +252,10 @@ min_file_rows = 1000
     };
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut stdout)?;
-    anyhow::ensure!(status.success(), "quad run failed on the {n}-document pool: {status}");
+    anyhow::ensure!(
+        status.success(),
+        "quad run failed on the {n}-document pool: {status}"
+    );
     let summary: serde_json::Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("the run's JSON summary: {stdout}"))?;
     let docs = summary["documents"].as_f64().unwrap_or(0.0);

@@ -180,7 +180,8 @@ impl RoundTimes {
             if self.seconds.len() == ROUND_TIMES_KEPT {
                 self.seconds.pop_front();
             }
-            self.seconds.push_back(now.duration_since(last).as_secs_f64());
+            self.seconds
+                .push_back(now.duration_since(last).as_secs_f64());
         }
         self.last = Some(now);
     }
@@ -326,13 +327,10 @@ fn run_worker(
         } else {
             empty(verdicts.scope())
         };
-        let committed = epoch_sink_operator(verdicts, clusters, shared, &local)
-            .probe_with(&probe);
+        let committed = epoch_sink_operator(verdicts, clusters, shared, &local).probe_with(&probe);
         if quad_loop {
             let bandit = if index == 0 {
-                load_bandit(shared)
-                    .map_err(|e| shared.fail(e))
-                    .ok()
+                load_bandit(shared).map_err(|e| shared.fail(e)).ok()
             } else {
                 None
             };
@@ -433,7 +431,7 @@ fn admit_operator<'scope>(
     shared: &Arc<Shared>,
 ) -> StreamVec<'scope, u64, Verdicts> {
     let admit_shared = shared.clone();
-docs.unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
+    docs.unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
             Exchange::new(|_: &EpochDocs| 0),
             "Admit",
             move |_capability, _info| {
@@ -517,101 +515,92 @@ fn epoch_sink_operator<'scope>(
     let owner = move |epoch: u64| epoch % peers;
     let sink_shared = shared.clone();
     let sink_local = local.clone();
-verdicts
-        .binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
-            clusters,
-            Exchange::new(move |v: &Verdicts| owner(v.epoch)),
-            Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
-            "Sink",
-            move |_capability, info| {
-                // Compression, fsync and the store commit run on a writer thread, so the
-                // worker reads the next shard meanwhile. An epoch's capability is held until
-                // its commit is done, so the probe only passes committed epochs.
-                let (jobs, writer_jobs) = std::sync::mpsc::channel::<(
-                    u64,
-                    LocalShard,
-                    Verdicts,
-                    Option<ClusterCommit>,
-                )>();
-                let (writer_done, done) =
-                    std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
-                let writer_shared = sink_shared.clone();
-                std::thread::spawn(move || {
-                    for (epoch, shard, verdicts, clusters) in writer_jobs {
-                        let changes =
-                            commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
-                                .unwrap_or_else(|e| {
-                                    writer_shared.fail(e);
-                                    Vec::new()
-                                });
-                        if writer_done.send((epoch, changes)).is_err() {
-                            break;
+    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
+        clusters,
+        Exchange::new(move |v: &Verdicts| owner(v.epoch)),
+        Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
+        "Sink",
+        move |_capability, info| {
+            // Compression, fsync and the store commit run on a writer thread, so the
+            // worker reads the next shard meanwhile. An epoch's capability is held until
+            // its commit is done, so the probe only passes committed epochs.
+            let (jobs, writer_jobs) =
+                std::sync::mpsc::channel::<(u64, LocalShard, Verdicts, Option<ClusterCommit>)>();
+            let (writer_done, done) = std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
+            let writer_shared = sink_shared.clone();
+            std::thread::spawn(move || {
+                for (epoch, shard, verdicts, clusters) in writer_jobs {
+                    let changes = commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
+                        .unwrap_or_else(|e| {
+                            writer_shared.fail(e);
+                            Vec::new()
+                        });
+                    if writer_done.send((epoch, changes)).is_err() {
+                        break;
+                    }
+                }
+            });
+            let activator = scope.activator_for(info.address);
+            let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
+            let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
+            let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
+            let clustering = sink_shared.clustering.is_some();
+            move |(input, frontier), (cluster_input, cluster_frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                        for container in data {
+                            for v in container.drain(..) {
+                                stash.insert(v.epoch, cap.delayed(&v.epoch));
+                                verdicts_of.insert(v.epoch, v);
+                            }
                         }
                     }
                 });
-                let activator = scope.activator_for(info.address);
-                let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
-                let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
-                let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
-                let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
-                let clustering = sink_shared.clustering.is_some();
-                move |(input, frontier), (cluster_input, cluster_frontier), output| {
-                    input.for_each_stamp(|cap, data| {
-                        if let Some(cap) = cap.retain_least(output.output_index()) {
-                            for container in data {
-                                for v in container.drain(..) {
-                                    stash.insert(v.epoch, cap.delayed(&v.epoch));
-                                    verdicts_of.insert(v.epoch, v);
-                                }
-                            }
-                        }
-                    });
-                    cluster_input.for_each_stamp(|_cap, data| {
-                        for container in data {
-                            for c in container.drain(..) {
-                                clusters_of.insert(c.epoch, c.commit);
-                            }
-                        }
-                    });
-                    while let Some((&epoch, _)) = stash.first_key_value() {
-                        if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch)
-                        {
-                            break;
-                        }
-                        let cap = stash.remove(&epoch).expect("first key");
-                        let shard = sink_local.borrow_mut().remove(&epoch);
-                        let clusters = clusters_of.remove(&epoch);
-                        if clustering && clusters.is_none() {
-                            sink_shared.fail(anyhow::anyhow!(
-                                "internal: epoch {epoch} reached the sink without its clusters"
-                            ));
-                            continue;
-                        }
-                        match (shard, verdicts_of.remove(&epoch)) {
-                            (Some(shard), Some(verdicts)) => {
-                                if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
-                                    sink_shared
-                                        .fail(anyhow::anyhow!("the writer thread stopped"));
-                                }
-                                writing.insert(epoch, cap);
-                            }
-                            _ => sink_shared.fail(anyhow::anyhow!(
-                                "internal: epoch {epoch} reached the sink without its shard"
-                            )),
+                cluster_input.for_each_stamp(|_cap, data| {
+                    for container in data {
+                        for c in container.drain(..) {
+                            clusters_of.insert(c.epoch, c.commit);
                         }
                     }
-                    for (epoch, changes) in done.try_iter() {
-                        if let Some(cap) = writing.remove(&epoch) {
-                            output.session(&cap).give_iterator(changes.into_iter());
-                        }
+                });
+                while let Some((&epoch, _)) = stash.first_key_value() {
+                    if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch) {
+                        break;
                     }
-                    if !writing.is_empty() {
-                        // Look again shortly for commits the writer finished.
-                        activator.activate_after(Duration::from_millis(1));
+                    let cap = stash.remove(&epoch).expect("first key");
+                    let shard = sink_local.borrow_mut().remove(&epoch);
+                    let clusters = clusters_of.remove(&epoch);
+                    if clustering && clusters.is_none() {
+                        sink_shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached the sink without its clusters"
+                        ));
+                        continue;
+                    }
+                    match (shard, verdicts_of.remove(&epoch)) {
+                        (Some(shard), Some(verdicts)) => {
+                            if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
+                                sink_shared.fail(anyhow::anyhow!("the writer thread stopped"));
+                            }
+                            writing.insert(epoch, cap);
+                        }
+                        _ => sink_shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached the sink without its shard"
+                        )),
                     }
                 }
-            },
-        )
+                for (epoch, changes) in done.try_iter() {
+                    if let Some(cap) = writing.remove(&epoch) {
+                        output.session(&cap).give_iterator(changes.into_iter());
+                    }
+                }
+                if !writing.is_empty() {
+                    // Look again shortly for commits the writer finished.
+                    activator.activate_after(Duration::from_millis(1));
+                }
+            }
+        },
+    )
 }
 
 /// The Quad loop's context on this worker: the store, the scorer factory (worker 0 builds the
@@ -661,7 +650,11 @@ fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext> {
     });
     let file_shared = shared.clone();
     let on_file = Arc::new(move |_name: &str, _rows: usize| {
-        file_shared.summary.lock().expect("summary lock").files_written += 1;
+        file_shared
+            .summary
+            .lock()
+            .expect("summary lock")
+            .files_written += 1;
     });
     let fail_shared = shared.clone();
     let failed_shared = shared.clone();
@@ -1202,28 +1195,13 @@ fn tokens_by_source(
     duplicates: &std::collections::HashSet<u64>,
 ) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let Some(index) = data
-        .schema
-        .fields()
-        .iter()
-        .position(|f| f.name() == crate::quad_loop::SOURCE_COLUMN)
-    else {
+    let Some(sources) = data.doc_strings(crate::quad_loop::SOURCE_COLUMN) else {
         return out;
     };
-    let mut docs = data.docs.iter().peekable();
-    let mut row = 0u64;
-    for batch in &data.batches {
-        for i in 0..batch.num_rows() {
-            while docs.peek().is_some_and(|d| d.row < row) {
-                docs.next();
-            }
-            if let Some(doc) = docs.peek().filter(|d| d.row == row) {
-                if !duplicates.contains(&doc.row) {
-                    let source = source::string_at(batch.column(index), i).unwrap_or("(none)");
-                    *out.entry(source.to_string()).or_insert(0) += u64::from(doc.tokens);
-                }
-            }
-            row += 1;
+    for (doc, source) in data.docs.iter().zip(sources) {
+        if !duplicates.contains(&doc.row) {
+            *out.entry(source.unwrap_or("(none)").to_string())
+                .or_insert(0) += u64::from(doc.tokens);
         }
     }
     out

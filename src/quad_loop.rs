@@ -36,7 +36,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Capability, ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
-use crate::bandit::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundOutcome};
+use crate::bandit::{Bandit, ClusterChange, DocLoc, MemberRef, Pull, PullRequest, RoundOutcome};
 use crate::config::{SinkConfig, SourceConfig};
 use crate::report::RoundRecord;
 use crate::schema;
@@ -96,15 +96,26 @@ pub fn fit_sample_texts(
     n: usize,
 ) -> Result<Vec<String>> {
     let locations = store.fit_sample(n)?;
-    let paths = ShardPaths::new(store.clone());
+    let texts = texts_at(&ShardPaths::new(store.clone()), source, &locations)?;
+    Ok(texts.into_iter().flatten().collect())
+}
+
+/// The texts at `locations`, in their order (`None` where null), read back from their shards:
+/// one read per shard, of the id and text columns of the row groups that hold them.
+fn texts_at(
+    shards: &ShardPaths,
+    source: &SourceConfig,
+    locations: &[DocLoc],
+) -> Result<Vec<Option<String>>> {
     let mut by_epoch: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for loc in &locations {
+    for loc in locations {
         by_epoch.entry(loc.shard).or_default().push(loc.row);
     }
     let mut texts: BTreeMap<(u64, u64), String> = BTreeMap::new();
     for (epoch, mut rows) in by_epoch {
         rows.sort_unstable();
-        let path = paths.get(epoch)?;
+        rows.dedup();
+        let path = shards.get(epoch)?;
         let batch = source::fetch_rows(&path, &text_only(source), &rows)?;
         let column = column(&batch, &source.text_column, &path)?;
         for (i, row) in rows.iter().enumerate() {
@@ -115,7 +126,7 @@ pub fn fit_sample_texts(
     }
     Ok(locations
         .iter()
-        .filter_map(|loc| texts.remove(&(loc.shard, loc.row)))
+        .map(|loc| texts.get(&(loc.shard, loc.row)).cloned())
         .collect())
 }
 
@@ -148,9 +159,14 @@ pub struct LoopContext {
 /// scorer, and, after a round's commit, its selected rows to their owners' round sinks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum BanditMsg {
-    Pull { round: u64, request: PullRequest },
+    Pull {
+        round: u64,
+        request: PullRequest,
+    },
     /// To worker 0's scorer, so the round goes on even when nothing is scored.
-    Tick { round: u64 },
+    Tick {
+        round: u64,
+    },
     /// A committed round, to every worker's round sink (`to`), with its rows of the clusters
     /// that worker owns.
     Committed {
@@ -410,16 +426,23 @@ fn membership_operator<'scope>(
 
 fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Result<Fetched> {
     let started = std::time::Instant::now();
-    let pull = ctx
-        .store
-        .draw(ctx.seed, round, request)
-        .with_context(|| format!("drawing round {round}'s sample of cluster {}", request.cluster))?;
+    let pull = ctx.store.draw(ctx.seed, round, request).with_context(|| {
+        format!(
+            "drawing round {round}'s sample of cluster {}",
+            request.cluster
+        )
+    })?;
     let texts = if pull.score {
         fetch_texts(ctx, &pull.members)?
     } else {
         Vec::new()
     };
-    tracing::debug!(round, cluster = request.cluster, seconds = started.elapsed().as_secs_f64(), "drawn and fetched");
+    tracing::debug!(
+        round,
+        cluster = request.cluster,
+        seconds = started.elapsed().as_secs_f64(),
+        "drawn and fetched"
+    );
     Ok(Fetched::Drawn { round, pull, texts })
 }
 
@@ -481,7 +504,12 @@ fn score_round(
     let mut docs: Vec<(MemberRef, &str)> = drawn
         .iter()
         .filter(|(pull, _)| pull.score)
-        .flat_map(|(pull, texts)| pull.members.iter().copied().zip(texts.iter().map(|t| t.as_str())))
+        .flat_map(|(pull, texts)| {
+            pull.members
+                .iter()
+                .copied()
+                .zip(texts.iter().map(|t| t.as_str()))
+        })
         .collect();
     if docs.is_empty() {
         return Ok(Vec::new());
@@ -494,7 +522,11 @@ fn score_round(
     let texts: Vec<&str> = docs.iter().map(|(_, t)| *t).collect();
     let started = std::time::Instant::now();
     let values = scorer.score(&texts)?;
-    tracing::debug!(documents = texts.len(), seconds = started.elapsed().as_secs_f64(), "scored");
+    tracing::debug!(
+        documents = texts.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "scored"
+    );
     anyhow::ensure!(
         values.len() == docs.len(),
         "the scorer returned {} scores for {} documents",
@@ -600,7 +632,10 @@ fn close_file(
         .expect("a free name");
     let tokens_by_source = write_rows(ctx, &name, &rows)?;
     if ctx.crash_after_round.is_some_and(|crash| round >= crash) {
-        tracing::error!(file = name, "test hook: crashing after the file's rename, before its commit");
+        tracing::error!(
+            file = name,
+            "test hook: crashing after the file's rename, before its commit"
+        );
         std::process::abort();
     }
     ctx.store
@@ -625,30 +660,24 @@ fn by_shard<'a, T>(
     out
 }
 
-/// The texts of members in member order, read back from their shards by location (one read
-/// per shard, only the row groups and rows needed).
+/// The texts of members in member order (a null text, which ingest rejects, is an error
+/// naming the shard, row and column).
 fn fetch_texts(ctx: &LoopContext, members: &[MemberRef]) -> Result<Vec<String>> {
-    let mut texts: BTreeMap<MemberRef, String> = BTreeMap::new();
-    for (epoch, rows) in by_shard(members.iter().map(|m| (m, *m))) {
-        let path = ctx.shards.get(epoch)?;
-        let wanted: Vec<u64> = rows.iter().map(|(row, _)| *row).collect();
-        let batch = source::fetch_rows(&path, &text_only(&ctx.source), &wanted)?;
-        let column = column(&batch, &ctx.source.text_column, &path)?;
-        for (i, (row, member)) in rows.into_iter().enumerate() {
-            let text = source::string_at(column, i).with_context(|| {
-                format!(
-                    "{}: row {row}, column '{}': text is null on fetch",
-                    path.display(),
-                    ctx.source.text_column
-                )
-            })?;
-            texts.insert(member, text.to_string());
-        }
-    }
-    Ok(members
-        .iter()
-        .map(|m| texts.remove(m).unwrap_or_default())
-        .collect())
+    let locations: Vec<DocLoc> = members.iter().map(|m| m.loc).collect();
+    let texts = texts_at(&ctx.shards, &ctx.source, &locations)?;
+    texts
+        .into_iter()
+        .zip(&locations)
+        .map(|(text, loc)| match text {
+            Some(text) => Ok(text),
+            None => anyhow::bail!(
+                "{}: row {}, column '{}': text is null on fetch",
+                ctx.shards.get(loc.shard)?.display(),
+                loc.row,
+                ctx.source.text_column
+            ),
+        })
+        .collect()
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &std::path::Path) -> Result<&'a ArrayRef> {

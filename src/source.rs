@@ -56,23 +56,31 @@ pub struct ShardData {
 impl ShardData {
     /// The text of every document (in `docs` order), borrowed from the batches.
     pub fn doc_texts(&self, text_column: &str) -> Vec<&str> {
-        let Some(index) = root_index(&self.schema, text_column) else {
-            return Vec::new();
-        };
+        self.doc_strings(text_column)
+            .map(|values| values.into_iter().map(Option::unwrap_or_default).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every document's value of a string column (in `docs` order, `None` where null),
+    /// borrowed from the batches; `None` when the shard has no such column.
+    pub fn doc_strings(&self, column: &str) -> Option<Vec<Option<&str>>> {
+        let index = root_index(&self.schema, column)?;
         let mut starts = Vec::with_capacity(self.batches.len());
         let mut start = 0u64;
         for batch in &self.batches {
             starts.push(start);
             start += batch.num_rows() as u64;
         }
-        self.docs
-            .iter()
-            .map(|doc| {
-                let b = starts.partition_point(|&s| s <= doc.row) - 1;
-                let column = self.batches[b].column(index);
-                string_at(column, (doc.row - starts[b]) as usize).unwrap_or_default()
-            })
-            .collect()
+        Some(
+            self.docs
+                .iter()
+                .map(|doc| {
+                    let b = starts.partition_point(|&s| s <= doc.row) - 1;
+                    let column = self.batches[b].column(index);
+                    string_at(column, (doc.row - starts[b]) as usize)
+                })
+                .collect(),
+        )
     }
 }
 

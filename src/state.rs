@@ -456,9 +456,11 @@ impl StateStore {
         let mut clusters = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
         for c in &commit.clusters {
             let before = match clusters.get(c.cluster).map_err(|e| self.err(e))? {
-                Some(v) => bincode::deserialize::<ClusterInfo>(v.value())
-                    .map_err(|e| self.err(e))?
-                    .fresh,
+                Some(v) => {
+                    bincode::deserialize::<ClusterInfo>(v.value())
+                        .map_err(|e| self.err(e))?
+                        .fresh
+                }
                 None => 0,
             };
             let info = ClusterInfo {
@@ -619,12 +621,14 @@ impl StateStore {
                 .map_err(|e| self.err(e))?;
             let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
             for (m, _) in &outcome.scored {
-                *flags.entry((m.cluster, m.loc.shard, m.loc.row)).or_default() |=
-                    member_flags::SCORED;
+                *flags
+                    .entry((m.cluster, m.loc.shard, m.loc.row))
+                    .or_default() |= member_flags::SCORED;
             }
             for (m, _) in &outcome.selected {
-                *flags.entry((m.cluster, m.loc.shard, m.loc.row)).or_default() |=
-                    member_flags::SELECTED;
+                *flags
+                    .entry((m.cluster, m.loc.shard, m.loc.row))
+                    .or_default() |= member_flags::SELECTED;
             }
             let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
             let mut left: BTreeMap<u32, u64> = BTreeMap::new();
@@ -794,17 +798,20 @@ impl StateStore {
             let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
             for r in rows {
                 pending
-                    .remove((r.member.cluster, r.round, r.member.loc.shard, r.member.loc.row))
+                    .remove((
+                        r.member.cluster,
+                        r.round,
+                        r.member.loc.shard,
+                        r.member.loc.row,
+                    ))
                     .map_err(|e| self.err(e))?;
             }
             let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
-            let mut tally: BTreeMap<String, u64> = match run
-                .get(SELECTED_MIX_KEY)
-                .map_err(|e| self.err(e))?
-            {
-                Some(v) => serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
-                None => BTreeMap::new(),
-            };
+            let mut tally: BTreeMap<String, u64> =
+                match run.get(SELECTED_MIX_KEY).map_err(|e| self.err(e))? {
+                    Some(v) => serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
+                    None => BTreeMap::new(),
+                };
             for (source, tokens) in tokens_by_source {
                 *tally.entry(source.clone()).or_default() += tokens;
             }

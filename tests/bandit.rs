@@ -454,11 +454,18 @@ fn the_store_draws_like_memory_and_resumes_rounds_exactly() {
         .map(|c| (c.cluster, c.fresh))
         .collect();
     for (id, _, left) in straight.cluster_sizes() {
-        assert_eq!(fresh[&id], left, "cluster {id}: unsampled count in the store");
+        assert_eq!(
+            fresh[&id], left,
+            "cluster {id}: unsampled count in the store"
+        );
     }
     let pending = straight_store.pending_rows(|_| true).unwrap();
     let selected: usize = rounds.iter().map(|(_, o)| o.selected.len()).sum();
-    assert_eq!(pending.len(), selected, "every selected row waits for its file");
+    assert_eq!(
+        pending.len(),
+        selected,
+        "every selected row waits for its file"
+    );
 
     let path = dir.path().join("killed.redb");
     {
@@ -476,6 +483,9 @@ fn the_store_draws_like_memory_and_resumes_rounds_exactly() {
     while !resumed.is_done() {
         planted::store_round(&store, &mut resumed);
     }
-    assert_eq!(resumed, straight, "resumed loop ends where the uninterrupted one did");
+    assert_eq!(
+        resumed, straight,
+        "resumed loop ends where the uninterrupted one did"
+    );
     assert_eq!(store.pending_rows(|_| true).unwrap(), pending);
 }

@@ -217,7 +217,10 @@ fn quad_loop_is_deterministic_across_workers_and_seeds_and_keeps_the_budget() {
     // worker writes one file, two workers one file each (their clusters' rows).
     assert_eq!(output_files(&dir.path().join("one")).len(), 1);
     assert!(output_files(&dir.path().join("two")).len() <= 2);
-    assert!(st.pending_rows(|_| true).unwrap().is_empty(), "every row is in a closed file");
+    assert!(
+        st.pending_rows(|_| true).unwrap().is_empty(),
+        "every row is in a closed file"
+    );
     assert_eq!(
         tokens_by_source(&a, &st).values().sum::<u64>(),
         selected,
@@ -238,12 +241,28 @@ fn kill_in_the_middle_of_the_loop_then_resume_gives_the_uninterrupted_selection(
     // Small output files, so that files close while rounds go on.
     let small_files = |job: PathBuf| {
         let text = std::fs::read_to_string(&job).unwrap();
-        std::fs::write(&job, text.replace("[sink]\n", "[sink]\nmin_file_rows = 20\n")).unwrap();
+        std::fs::write(
+            &job,
+            text.replace("[sink]\n", "[sink]\nmin_file_rows = 20\n"),
+        )
+        .unwrap();
         job
     };
-    let straight = small_files(loop_job(dir.path(), "straight", 21, "strategy = \"quad\"", budget));
+    let straight = small_files(loop_job(
+        dir.path(),
+        "straight",
+        21,
+        "strategy = \"quad\"",
+        budget,
+    ));
     run_ok(&straight, 2);
-    let job = small_files(loop_job(dir.path(), "killed", 21, "strategy = \"quad\"", budget));
+    let job = small_files(loop_job(
+        dir.path(),
+        "killed",
+        21,
+        "strategy = \"quad\"",
+        budget,
+    ));
     let out = quad()
         .args(["run", "--json", "-w", "2"])
         .arg(&job)
@@ -579,11 +598,19 @@ fn in_watch_mode_new_shards_join_the_clusters_while_rounds_go_on() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out.status.code(), Some(0), "{log_text}");
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["shards_done"].as_u64().unwrap(), shards.len() as u64, "{s}");
+    assert_eq!(
+        s["shards_done"].as_u64().unwrap(),
+        shards.len() as u64,
+        "{s}"
+    );
 
     let st = store(dir.path(), "watch");
     let pool_docs: u64 = st.clusters().unwrap().iter().map(|c| c.size).sum();
-    assert_eq!(pool_docs, s["documents"].as_u64().unwrap(), "every document joined a cluster");
+    assert_eq!(
+        pool_docs,
+        s["documents"].as_u64().unwrap(),
+        "every document joined a cluster"
+    );
     let late_epochs = (first.len() as u64)..(shards.len() as u64);
     let late_members = st
         .clusters()

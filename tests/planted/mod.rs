@@ -71,7 +71,10 @@ pub fn step(b: &mut InMemoryBandit) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
 }
 
 /// Runs until done (or `max_rounds`); returns every round's pulls and outcome.
-pub fn run(b: &mut InMemoryBandit, max_rounds: usize) -> Vec<(Vec<quad::bandit::Pull>, RoundOutcome)> {
+pub fn run(
+    b: &mut InMemoryBandit,
+    max_rounds: usize,
+) -> Vec<(Vec<quad::bandit::Pull>, RoundOutcome)> {
     let mut out = Vec::new();
     while !b.is_done() && out.len() < max_rounds {
         out.push(step(b));
@@ -132,11 +135,7 @@ pub fn store_with_pool(
 }
 
 /// The bandit where the store's last round left it, with the store's aggregates.
-pub fn bandit_from_store(
-    store: &quad::state::StateStore,
-    seed: u64,
-    cfg: &BanditConfig,
-) -> Bandit {
+pub fn bandit_from_store(store: &quad::state::StateStore, seed: u64, cfg: &BanditConfig) -> Bandit {
     let mut b = store
         .bandit()
         .unwrap()
