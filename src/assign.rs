@@ -1,7 +1,9 @@
-//! The assign stage (DESIGN 1.1, step 3): the first `cluster.reservoir` documents, in epoch
-//! (shard) and row order, are held until the initial spherical k-means fit; from then on every
-//! document goes to its nearest centroid and centroids move by mini-batch updates, a far
-//! document opening a new cluster while k < k_max.
+//! The assign stage (DESIGN 1.1, step 3): the first `cluster.fit_window` documents, in epoch
+//! (shard) and row order, are held until the initial spherical k-means fit, which runs on a
+//! seeded uniform sample of `cluster.reservoir` of them (Algorithm R, so a window that spans
+//! several shards is sampled evenly even when the shards are sorted); then the held documents,
+//! and from then on every document, go to their nearest centroid and centroids move by
+//! mini-batch updates, a far document opening a new cluster while k < k_max.
 //!
 //! Documents must be given in epoch order and, within an epoch, in row order; the result then
 //! depends only on the seed and the input, not on the number of workers. The whole state is
@@ -11,7 +13,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{
-    fit_spherical_kmeans, KMeansBackend, KMeansConfig, StreamConfig, StreamingClusterer,
+    fit_spherical_kmeans, KMeansBackend, KMeansConfig, Reservoir, StreamConfig, StreamingClusterer,
 };
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
@@ -20,10 +22,12 @@ use crate::state::{ClusterCommit, ClusterInfo, Member};
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Phase {
-    /// Before the initial fit: the documents so far and their vectors (row-major).
+    /// Before the initial fit: the documents so far, their vectors (row-major) and the fit's
+    /// sample of them.
     Warmup {
         members: Vec<Member>,
         vectors: Vec<f32>,
+        sample: Option<Reservoir>,
     },
     Streaming(StreamingClusterer),
 }
@@ -38,6 +42,9 @@ pub struct Assigner {
     tokens: Vec<u64>,
 }
 
+/// Keeps the fit sample's random stream apart from the k-means seeding's (same job seed).
+const FIT_SAMPLE_STREAM: u64 = 0x6b6d_6561_6e73_5f72;
+
 fn invalid(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Invalid(e.to_string())
 }
@@ -49,6 +56,7 @@ impl Assigner {
             phase: Phase::Warmup {
                 members: Vec::new(),
                 vectors: Vec::new(),
+                sample: None,
             },
             sizes: Vec::new(),
             tokens: Vec::new(),
@@ -81,7 +89,7 @@ impl Assigner {
     }
 
     /// Assigns one epoch's documents (row order; `vectors` holds their unit vectors). The
-    /// initial fit runs once the held documents reach `cluster.reservoir`, or at this epoch if
+    /// initial fit runs once the held documents reach `cluster.fit_window`, or at this epoch if
     /// `fit_now` (the last epoch of a job that has fewer documents). Returns what the epoch
     /// commits: its new members, the clusters that changed, and the state after it.
     pub fn assign_epoch(
@@ -115,15 +123,22 @@ impl Assigner {
             Phase::Warmup {
                 members,
                 vectors: held,
+                sample,
             } => {
                 members.extend(new_members);
                 held.extend_from_slice(vectors);
-                if members.len() >= config.reservoir || (fit_now && !members.is_empty()) {
+                let sample = sample.get_or_insert_with(|| {
+                    Reservoir::new(config.reservoir, self.dim, seed ^ FIT_SAMPLE_STREAM)
+                });
+                sample.offer(vectors);
+                if members.len() >= config.fit_window() || (fit_now && !members.is_empty()) {
                     let members = std::mem::take(members);
                     let held = std::mem::take(held);
-                    commit.members = self.fit(members, &held, config, seed)?;
-                    let k = self.cluster_count() as u32;
-                    commit.clusters = (0..k).map(|c| self.info(c)).collect();
+                    let sample = sample.vectors().to_vec();
+                    commit.members = self.fit(members, &held, &sample, config, seed)?;
+                    commit.clusters = (0..self.cluster_count() as u32)
+                        .map(|c| self.info(c))
+                        .collect();
                 }
             }
             Phase::Streaming(clusterer) => {
@@ -144,19 +159,22 @@ impl Assigner {
         Ok(commit)
     }
 
-    /// The initial fit on the held documents; they become the first members.
+    /// The initial fit on the sample of the held documents; then the held documents go to
+    /// their nearest centroids, in order, as streamed documents do, and become the first
+    /// members.
     fn fit(
         &mut self,
         mut members: Vec<Member>,
         vectors: &[f32],
+        sample: &[f32],
         config: &ClusterConfig,
         seed: u64,
     ) -> Result<Vec<Member>, ClusterError> {
-        let n = members.len();
+        let n = sample.len() / self.dim.max(1);
         let k = config.k.min(n);
         let (backend, why) = KMeansBackend::from_setting(&config.backend, n, k, self.dim)?;
         let fit = fit_spherical_kmeans(
-            vectors,
+            sample,
             self.dim,
             &KMeansConfig {
                 k,
@@ -167,16 +185,17 @@ impl Assigner {
             },
         )?;
         tracing::info!(
-            documents = n,
+            documents = members.len(),
+            sample = n,
             k,
             iterations = fit.iterations,
             wcss = fit.wcss,
             backend = fit.backend_used,
             "initial clustering fit ({why})"
         );
-        let clusterer = StreamingClusterer::new(fit.centroids, StreamConfig::from(config));
-        for (member, &label) in members.iter_mut().zip(&fit.labels) {
-            member.cluster = label;
+        let mut clusterer = StreamingClusterer::new(fit.centroids, StreamConfig::from(config));
+        for (member, a) in members.iter_mut().zip(clusterer.assign_batch(vectors)) {
+            member.cluster = a.cluster;
         }
         for member in &members {
             self.count(member);

@@ -177,9 +177,16 @@ pub struct ClusterConfig {
     /// A document whose best cosine is below this opens a new cluster (while k < k_max).
     #[serde(default = "default_new_cluster_floor")]
     pub new_cluster_floor: f32,
-    /// The initial fit runs on the first this-many documents (in shard and row order).
+    /// The initial fit runs on a seeded uniform sample (Algorithm R) of this many of the
+    /// documents held before it.
     #[serde(default = "default_cluster_reservoir")]
     pub reservoir: usize,
+    /// Documents held (in shard and row order, with their vectors) before the initial fit,
+    /// which samples `reservoir` of them; default 4 x `reservoir`. A fixed run with fewer fits
+    /// at its last shard. A larger window spans more shards (sorted shards bias a window that
+    /// covers one) at the cost of holding its vectors until the fit.
+    #[serde(default)]
+    pub fit_window: Option<usize>,
     #[serde(default = "default_cluster_max_iter")]
     pub max_iter: usize,
     /// Lloyd steps stop when no centroid moves more than this (squared distance).
@@ -224,6 +231,7 @@ impl Default for ClusterConfig {
             k_max: default_cluster_k_max(),
             new_cluster_floor: default_new_cluster_floor(),
             reservoir: default_cluster_reservoir(),
+            fit_window: None,
             max_iter: default_cluster_max_iter(),
             tol: default_cluster_tol(),
             backend: default_cluster_backend(),
@@ -234,6 +242,11 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// Documents held before the initial fit (see `fit_window`).
+    pub fn fit_window(&self) -> usize {
+        self.fit_window.unwrap_or(self.reservoir.saturating_mul(4))
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.k == 0 || self.k_max < self.k {
             return Err(format!(
@@ -245,6 +258,13 @@ impl ClusterConfig {
             return Err(format!(
                 "cluster.reservoir ({}) must hold at least cluster.k ({}) documents",
                 self.reservoir, self.k
+            ));
+        }
+        if self.fit_window() < self.reservoir {
+            return Err(format!(
+                "cluster.fit_window ({}) must be at least cluster.reservoir ({})",
+                self.fit_window(),
+                self.reservoir
             ));
         }
         if !matches!(self.backend.as_str(), "auto" | "linfa" | "tch" | "tch-cpu") {

@@ -30,6 +30,7 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 
 use crate::assign::Assigner;
+use crate::bandit::aggregates::{cluster_aggregates, ClusterDelta, ClusterUpdate};
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::config::{JobSpec, Strategy};
 use crate::cost::Costs;
@@ -328,13 +329,14 @@ fn run_worker(
             empty(verdicts.scope())
         };
         let committed = epoch_sink_operator(verdicts, clusters, shared, &local).probe_with(&probe);
+        let changes = cluster_aggregates(committed);
         if quad_loop {
             let bandit = if index == 0 {
                 load_bandit(shared).map_err(|e| shared.fail(e)).ok()
             } else {
                 None
             };
-            build_loop(committed, bandit, loop_context(shared, watch), &loop_probe);
+            build_loop(changes, bandit, loop_context(shared, watch), &loop_probe);
         }
     });
 
@@ -502,20 +504,20 @@ fn admit_operator<'scope>(
 }
 
 /// Writes and commits each epoch on the worker that read its shard (the rows are there), on a
-/// writer thread, and sends the clusters' changes once the commit is done; an epoch's
+/// writer thread, and sends the members' cluster updates once the commit is done; an epoch's
 /// capability is held until then, so a probe after it passes committed epochs only.
 fn epoch_sink_operator<'scope>(
     verdicts: StreamVec<'scope, u64, Verdicts>,
     clusters: StreamVec<'scope, u64, EpochClusters>,
     shared: &Arc<Shared>,
     local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
-) -> StreamVec<'scope, u64, ClusterChange> {
+) -> StreamVec<'scope, u64, ClusterUpdate> {
     let scope = verdicts.scope();
     let peers = scope.peers() as u64;
     let owner = move |epoch: u64| epoch % peers;
     let sink_shared = shared.clone();
     let sink_local = local.clone();
-    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterChange>>, _, _, _, _>(
+    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _, _>(
         clusters,
         Exchange::new(move |v: &Verdicts| owner(v.epoch)),
         Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
@@ -526,7 +528,7 @@ fn epoch_sink_operator<'scope>(
             // its commit is done, so the probe only passes committed epochs.
             let (jobs, writer_jobs) =
                 std::sync::mpsc::channel::<(u64, LocalShard, Verdicts, Option<ClusterCommit>)>();
-            let (writer_done, done) = std::sync::mpsc::channel::<(u64, Vec<ClusterChange>)>();
+            let (writer_done, done) = std::sync::mpsc::channel::<(u64, Vec<ClusterUpdate>)>();
             let writer_shared = sink_shared.clone();
             std::thread::spawn(move || {
                 for (epoch, shard, verdicts, clusters) in writer_jobs {
@@ -610,17 +612,13 @@ fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext> {
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
         let spec = &scorer_shared.spec;
-        let pool = crate::quad_loop::fit_sample_texts(
+        let pool = crate::quad_loop::stored_fit_pool(
             &scorer_shared.store,
             &spec.source,
             spec.influence.fit_pool_docs,
         )?;
-        let scorer = crate::influence::setup::build_scorer(
-            &spec.influence,
-            &spec.source,
-            crate::influence::setup::FitPool::Texts(pool),
-            spec.seed,
-        )?;
+        let scorer =
+            crate::influence::setup::build_scorer(&spec.influence, &spec.source, pool, spec.seed)?;
         Ok(Box::new(TalliedScorer::new(
             scorer,
             scorer_shared.score_tally.clone(),
@@ -1014,7 +1012,7 @@ fn commit_epoch(
     shard: LocalShard,
     verdicts: Verdicts,
     clusters: Option<ClusterCommit>,
-) -> Result<Vec<ClusterChange>> {
+) -> Result<Vec<ClusterUpdate>> {
     let spec = &shared.spec;
     let shard_name = shard.shard.to_string_lossy().to_string();
     let mut fit_sample = Vec::new();
@@ -1096,7 +1094,7 @@ fn commit_epoch(
     let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
     let changes = clusters
         .as_ref()
-        .map(|c| cluster_changes(epoch, c))
+        .map(|c| member_updates(epoch, c))
         .unwrap_or_default();
     let result = shared.store.commit_epoch(&EpochCommit {
         epoch,
@@ -1135,36 +1133,21 @@ fn commit_epoch(
     Ok(changes)
 }
 
-/// What an epoch's clustering commit changes per cluster, for the bandit: members joined
-/// (counts and tokens) and the moved centroids.
-fn cluster_changes(epoch: u64, commit: &ClusterCommit) -> Vec<ClusterChange> {
-    let mut changes: BTreeMap<u32, ClusterChange> = commit
-        .clusters
-        .iter()
-        .map(|info| {
-            let change = ClusterChange {
-                cluster: info.cluster,
-                centroid: Some((epoch, info.centroid.clone())),
-                docs: 0,
-                tokens: 0,
-                fresh: 0,
-            };
-            (info.cluster, change)
-        })
-        .collect();
-    for m in &commit.members {
-        let change = changes.entry(m.cluster).or_insert_with(|| ClusterChange {
-            cluster: m.cluster,
-            centroid: None,
-            docs: 0,
-            tokens: 0,
-            fresh: 0,
-        });
-        change.docs += 1;
-        change.tokens += u64::from(m.tokens);
-        change.fresh += u64::from(m.flags == 0);
-    }
-    changes.into_values().collect()
+/// What an epoch's clustering commit changes, as updates of the cluster aggregates the bandit
+/// reads: one per member that joined (its tokens) and one per moved centroid.
+fn member_updates(epoch: u64, commit: &ClusterCommit) -> Vec<ClusterUpdate> {
+    let centroids = commit.clusters.iter().map(|info| {
+        (
+            info.cluster,
+            epoch,
+            ClusterDelta::centroid(epoch, info.centroid.clone()),
+        )
+    });
+    let members = commit.members.iter().map(|m| {
+        let delta = ClusterDelta::member(u64::from(m.tokens), m.flags == 0);
+        (m.cluster, epoch, delta)
+    });
+    centroids.chain(members).collect()
 }
 
 /// The epoch's candidates for the factor-fitting pool sample: its `n` accepted documents with

@@ -38,6 +38,8 @@ use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::{Bandit, ClusterChange, DocLoc, MemberRef, Pull, PullRequest, RoundOutcome};
 use crate::config::{SinkConfig, SourceConfig};
+use crate::influence::setup::FitPool;
+use crate::influence::InfluenceError;
 use crate::report::RoundRecord;
 use crate::schema;
 use crate::sink;
@@ -88,16 +90,31 @@ fn text_only(source: &SourceConfig) -> SourceConfig {
     }
 }
 
-/// The texts of the factor-fitting pool sample a job's store kept during ingest (a few hundred
-/// documents, fetched by location: no pass over the pool), in sample order.
-pub fn fit_sample_texts(
+/// The factor-fitting pool sample a job's store kept during ingest (a few hundred documents):
+/// named by a hash of its documents' id hashes and locations, which the factor cache key
+/// uses, and fetched by location only when the factors are fitted (no pass over the pool).
+pub fn stored_fit_pool(
     store: &Arc<StateStore>,
     source: &SourceConfig,
     n: usize,
-) -> Result<Vec<String>> {
-    let locations = store.fit_sample(n)?;
-    let texts = texts_at(&ShardPaths::new(store.clone()), source, &locations)?;
-    Ok(texts.into_iter().flatten().collect())
+) -> Result<FitPool<'static>> {
+    let sample = store.fit_sample(n)?;
+    let mut identity = xxhash_rust::xxh3::Xxh3::new();
+    for (priority, loc) in &sample {
+        for word in [*priority, loc.shard, u64::from(loc.row_group), loc.row] {
+            identity.update(&word.to_le_bytes());
+        }
+    }
+    let (store, source) = (store.clone(), source.clone());
+    Ok(FitPool::Stored {
+        identity: format!("{:016x}", identity.digest()),
+        texts: Box::new(move || {
+            let locations: Vec<DocLoc> = sample.iter().map(|(_, loc)| *loc).collect();
+            let texts = texts_at(&ShardPaths::new(store), &source, &locations)
+                .map_err(|e| InfluenceError::PoolSample(format!("{e:#}")))?;
+            Ok(texts.into_iter().flatten().collect())
+        }),
+    })
 }
 
 /// The texts at `locations`, in their order (`None` where null), read back from their shards:

@@ -827,20 +827,21 @@ impl StateStore {
         Ok(self.run_value(SELECTED_MIX_KEY)?.unwrap_or_default())
     }
 
-    /// The factor-fitting pool sample: (epoch, row group, row) of the `n` kept documents, in
-    /// sample order.
-    pub fn fit_sample(&self, n: usize) -> Result<Vec<crate::bandit::DocLoc>, StateError> {
+    /// The factor-fitting pool sample: the `n` kept documents in sample order, each as its
+    /// priority (a seeded hash of its id) and its location.
+    pub fn fit_sample(&self, n: usize) -> Result<Vec<(u64, crate::bandit::DocLoc)>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(FIT_SAMPLE).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.err(e))?.take(n) {
             let (k, v) = entry.map_err(|e| self.err(e))?;
-            let (_, shard, row) = k.value();
-            out.push(crate::bandit::DocLoc {
+            let (priority, shard, row) = k.value();
+            let loc = crate::bandit::DocLoc {
                 shard,
                 row_group: v.value(),
                 row,
-            });
+            };
+            out.push((priority, loc));
         }
         Ok(out)
     }

@@ -109,20 +109,14 @@ fn sample_clusters(
 fn build_scorer(spec: &JobSpec) -> Result<InfluenceScorer> {
     let store = std::sync::Arc::new(StateStore::open_existing(&spec.state_path())?);
     let pool =
-        crate::quad_loop::fit_sample_texts(&store, &spec.source, spec.influence.fit_pool_docs)?;
-    drop(store);
-    crate::influence::setup::build_scorer(
-        &spec.influence,
-        &spec.source,
-        crate::influence::setup::FitPool::Texts(pool),
-        spec.seed,
-    )
-    .with_context(|| {
-        format!(
-            "building the influence scorer ({})",
-            spec.influence.model.display()
-        )
-    })
+        crate::quad_loop::stored_fit_pool(&store, &spec.source, spec.influence.fit_pool_docs)?;
+    crate::influence::setup::build_scorer(&spec.influence, &spec.source, pool, spec.seed)
+        .with_context(|| {
+            format!(
+                "building the influence scorer ({})",
+                spec.influence.model.display()
+            )
+        })
 }
 
 fn score_members(

@@ -634,3 +634,75 @@ fn in_watch_mode_new_shards_join_the_clusters_while_rounds_go_on() {
     assert_eq!(sel.len() as u64, bandit.selected_docs());
     assert!(st.pending_rows(|_| true).unwrap().is_empty());
 }
+
+/// The factor cache key names a job's stored fit sample by identity: a second scorer over the
+/// same sample reuses the factors without fetching a text of it; another sample refits.
+#[test]
+fn factor_cache_key_is_known_without_reading_the_pool_sample() {
+    use quad::influence::setup::{build_scorer, FitPool};
+    use quad::influence::{InfluenceConfig, InfluenceError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let reference = demo_slice().join("reference.parquet");
+    let cfg: InfluenceConfig = toml::from_str(&format!(
+        r#"model = "{model}"
+reference = "{reference}"
+reference_docs = 8
+fit_pool_docs = 8
+window = 64
+max_tokens = 64
+batch = 8
+device = "cpu"
+preconditioner = "kfac"
+factor_cache = "{cache}"
+"#,
+        model = tiny_model().display(),
+        reference = reference.display(),
+        cache = dir.path().join("factors").display(),
+    ))
+    .unwrap();
+    let source: quad::config::SourceConfig =
+        toml::from_str(&format!("shards = \"{}\"", reference.display())).unwrap();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let pool = |identity: &str| {
+        let fetches = fetches.clone();
+        FitPool::Stored {
+            identity: identity.to_string(),
+            texts: Box::new(move || {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, InfluenceError>(
+                    (0..8)
+                        .map(|i| format!("pool document {i} about rivers and harbours"))
+                        .collect(),
+                )
+            }),
+        }
+    };
+    let factor_files = || {
+        std::fs::read_dir(dir.path().join("factors"))
+            .unwrap()
+            .count()
+    };
+    build_scorer(&cfg, &source, pool("sample-a"), 5).unwrap();
+    assert_eq!((fetches.load(Ordering::SeqCst), factor_files()), (1, 1));
+    build_scorer(&cfg, &source, pool("sample-a"), 5).unwrap();
+    assert_eq!(
+        (fetches.load(Ordering::SeqCst), factor_files()),
+        (1, 1),
+        "the same sample reuses the cached factors without fetching its texts"
+    );
+    build_scorer(&cfg, &source, pool("sample-b"), 5).unwrap();
+    assert_eq!(
+        (fetches.load(Ordering::SeqCst), factor_files()),
+        (2, 2),
+        "another sample is fetched and fitted"
+    );
+    let unreadable = FitPool::Stored {
+        identity: "sample-c".into(),
+        texts: Box::new(|| Err(InfluenceError::PoolSample("shard gone".into()))),
+    };
+    let err = build_scorer(&cfg, &source, unreadable, 5).err().unwrap();
+    assert!(err.to_string().contains("shard gone"), "{err}");
+}

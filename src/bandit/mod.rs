@@ -13,6 +13,7 @@
 //!
 //! The state is `Serialize`/`Deserialize`, stored with each round, so a killed job resumes
 //! exactly.
+pub mod aggregates;
 pub mod arms;
 pub mod config;
 pub mod draw;

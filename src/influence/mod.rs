@@ -35,6 +35,8 @@ pub enum InfluenceError {
     Input { path: PathBuf, message: String },
     #[error("influence settings: {0}")]
     Settings(String),
+    #[error("reading the factor-fitting pool sample: {0}")]
+    PoolSample(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

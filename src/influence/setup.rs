@@ -100,8 +100,23 @@ pub enum FitPool<'a> {
     /// A seeded sample of `influence.fit_pool_docs` documents read from the shards of a glob
     /// (tools that run outside a job: `quad score`, `quad tune`).
     Glob(&'a str),
-    /// The texts of the sample a job kept during ingest (`StateStore::fit_sample`).
-    Texts(Vec<String>),
+    /// The sample a job kept during ingest (`StateStore::fit_sample`): `identity` names its
+    /// documents (so the factor cache key is known without reading them), `texts` fetches
+    /// them, which only a cache miss does.
+    Stored {
+        identity: String,
+        texts: Box<dyn FnOnce() -> Result<Vec<String>, InfluenceError> + 'a>,
+    },
+}
+
+/// The kind of device, for the factor cache key (factors fitted on one GPU serve another).
+fn device_kind(device: tch::Device) -> &'static str {
+    match device {
+        tch::Device::Cpu => "cpu",
+        tch::Device::Cuda(_) => "cuda",
+        tch::Device::Mps => "mps",
+        tch::Device::Vulkan => "vulkan",
+    }
 }
 
 /// Builds the scorer the `[influence]` section describes, fitting its factors on the reference
@@ -127,12 +142,18 @@ pub fn build_scorer(
     let factors = if cfg.preconditioner == Preconditioner::Identity {
         None
     } else {
-        let mut fit = reference.clone();
-        let pool = match pool {
-            FitPool::Glob(glob) => pool_sample(glob, source, cfg.fit_pool_docs, seed)?,
-            FitPool::Texts(texts) => texts,
+        type Tokens<'b> = Box<dyn FnOnce() -> Result<Vec<Vec<i64>>, InfluenceError> + 'b>;
+        let (pool_identity, pool_tokens): (String, Tokens<'_>) = match pool {
+            FitPool::Glob(glob) => {
+                let texts = pool_sample(glob, source, cfg.fit_pool_docs, seed)?;
+                let tokens = encode_all(&model, &texts, cfg.max_tokens)?;
+                (cache::tokens_hash(&tokens), Box::new(move || Ok(tokens)))
+            }
+            FitPool::Stored { identity, texts } => (
+                identity,
+                Box::new(|| encode_all(&model, &texts()?, cfg.max_tokens)),
+            ),
         };
-        fit.extend(encode_all(&model, &pool, cfg.max_tokens)?);
         let settings = FitSettings {
             fisher: cfg.fisher,
             qkv: cfg.qkv,
@@ -142,18 +163,23 @@ pub fn build_scorer(
             batch: cfg.batch,
             seed,
         };
+        // Every setting that changes the factors (sampled labels depend on the padding of a
+        // batch, and kernels on the device), the model, and the fitting data by identity.
         let key = serde_json::json!({
-            "version": 1,
+            "version": 2,
             "model": cache::model_hash(&model),
             "dtype": cfg.dtype,
+            "device": device_kind(device),
             "fisher": cfg.fisher,
             "qkv": cfg.qkv,
             "gate_up": cfg.gate_up,
             "ekfac": settings.ekfac,
             "window": cfg.window,
+            "batch": cfg.batch,
             "max_tokens": cfg.max_tokens,
             "seed": seed,
-            "data": cache::tokens_hash(&fit),
+            "reference": cache::tokens_hash(&reference),
+            "pool": pool_identity,
         });
         let dir = cfg
             .factor_cache
@@ -166,6 +192,8 @@ pub fn build_scorer(
                 Some(f)
             }
             None => {
+                let mut fit = reference.clone();
+                fit.extend(pool_tokens()?);
                 tracing::info!(docs = fit.len(), "fitting K-FAC factors");
                 let f = fit_factors(&model, &fit, &settings)?;
                 cache::save(&path, &key, &f)?;
