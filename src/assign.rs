@@ -1,9 +1,10 @@
 //! The assign stage (DESIGN 1.1, step 3): the first `cluster.fit_window` documents, in epoch
 //! (shard) and row order, are held until the initial spherical k-means fit, which runs on a
 //! seeded uniform sample of `cluster.reservoir` of them (Algorithm R, so a window that spans
-//! several shards is sampled evenly even when the shards are sorted); then the held documents,
-//! and from then on every document, go to their nearest centroid and centroids move by
-//! mini-batch updates, a far document opening a new cluster while k < k_max.
+//! several shards is sampled evenly even when the shards are sorted); then the held documents
+//! go to their nearest fitted centroid, and from then on every document goes to its nearest
+//! centroid and centroids move by mini-batch updates, a far document opening a new cluster
+//! while k < k_max.
 //!
 //! Documents must be given in epoch order and, within an epoch, in row order; the result then
 //! depends only on the seed and the input, not on the number of workers. The whole state is
@@ -160,8 +161,9 @@ impl Assigner {
     }
 
     /// The initial fit on the sample of the held documents; then the held documents go to
-    /// their nearest centroids, in order, as streamed documents do, and become the first
-    /// members.
+    /// their nearest fitted centroid (none opens a cluster: a document far from the sample's
+    /// clusters would open one that only the held documents after it could join) and become
+    /// the first members.
     fn fit(
         &mut self,
         mut members: Vec<Member>,
@@ -194,7 +196,7 @@ impl Assigner {
             "initial clustering fit ({why})"
         );
         let mut clusterer = StreamingClusterer::new(fit.centroids, StreamConfig::from(config));
-        for (member, a) in members.iter_mut().zip(clusterer.assign_batch(vectors)) {
+        for (member, a) in members.iter_mut().zip(clusterer.assign_to_fitted(vectors)) {
             member.cluster = a.cluster;
         }
         for member in &members {
@@ -242,5 +244,80 @@ impl Assigner {
             tokens: self.tokens.get(cluster as usize).copied().unwrap_or(0),
             fresh: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` unit vectors of width 4 near axis `axis`, and their documents.
+    fn shard(axis: usize, n: usize) -> (Vec<DocMeta>, Vec<f32>) {
+        let mut vectors = Vec::new();
+        let docs = (0..n)
+            .map(|i| {
+                let mut v = [0.05f32; 4];
+                v[axis] = 1.0;
+                v[(axis + 1) % 4] += 0.01 * (i % 7) as f32;
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                vectors.extend(v.iter().map(|x| x / norm));
+                DocMeta {
+                    row: i as u64,
+                    row_group: 0,
+                    id: format!("{axis}-{i}"),
+                    tokens: 10,
+                }
+            })
+            .collect();
+        (docs, vectors)
+    }
+
+    /// Shards sorted by domain: the first holds only domain A, the second only domain B. The
+    /// initial fit samples the whole window, so it finds both (the first `reservoir` documents
+    /// alone are all A).
+    #[test]
+    fn the_initial_fit_samples_the_whole_window_not_its_first_shard() {
+        let config = ClusterConfig {
+            k: 2,
+            k_max: 2,
+            reservoir: 40,
+            fit_window: Some(200),
+            new_cluster_floor: -1.0,
+            backend: "linfa".into(),
+            ..ClusterConfig::default()
+        };
+        let mut assigner = Assigner::new(4);
+        let (a_docs, a_vectors) = shard(0, 100);
+        let (b_docs, b_vectors) = shard(2, 100);
+        let first = assigner
+            .assign_epoch(0, &a_docs, &a_vectors, &config, 7, false)
+            .unwrap();
+        assert!(first.members.is_empty(), "held until the window is full");
+        assert!(!assigner.fitted());
+        let second = assigner
+            .assign_epoch(1, &b_docs, &b_vectors, &config, 7, false)
+            .unwrap();
+        assert_eq!(second.members.len(), 200);
+        let cluster_of = |epoch: u64| -> BTreeSet<u32> {
+            second
+                .members
+                .iter()
+                .filter(|m| m.epoch == epoch)
+                .map(|m| m.cluster)
+                .collect()
+        };
+        let (a, b) = (cluster_of(0), cluster_of(1));
+        assert_eq!((a.len(), b.len()), (1, 1), "each domain is one cluster");
+        assert_ne!(a, b, "the two domains are told apart");
+        // The same input resumes to the same state from a snapshot taken while holding.
+        let mut again = Assigner::new(4);
+        again
+            .assign_epoch(0, &a_docs, &a_vectors, &config, 7, false)
+            .unwrap();
+        let mut resumed = Assigner::restore(Some(&again.snapshot().unwrap()), 4).unwrap();
+        let replay = resumed
+            .assign_epoch(1, &b_docs, &b_vectors, &config, 7, false)
+            .unwrap();
+        assert_eq!(replay.members, second.members);
     }
 }

@@ -46,9 +46,10 @@ use crate::sink;
 use crate::source;
 use crate::state::{PendingRow, StateStore};
 
-/// Scores documents by their texts; the influence scorer implements it.
+/// Scores documents by their texts; the influence scorer implements it. A document that cannot
+/// be scored (too short to predict a token, a score that is not finite) gets the reason.
 pub trait DocScorer {
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<f64>>;
+    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>>;
 }
 
 /// Builds the scorer on the worker that scores (models are not shared across threads).
@@ -198,19 +199,23 @@ enum Fetched {
     Drawn {
         round: u64,
         pull: Pull,
-        /// Texts of the sample's members, in member order, when the pull is scored.
-        texts: Vec<String>,
+        /// Texts of the sample's members, in member order, when the pull is scored; the reason
+        /// where a text could not be fetched again (null now, the shard gone).
+        texts: Vec<Result<String, String>>,
     },
     Tick {
         round: u64,
     },
 }
 
-/// A round's pulls as drawn, with the scores of their scored members, for the bandit.
+/// A round's pulls as drawn, with the scores of their scored members, for the bandit. A member
+/// that could not be scored has a NaN score (the bandit neither credits nor selects it) and its
+/// reason in `unscorable`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Scored {
     pulls: Vec<Pull>,
     scores: Vec<(MemberRef, f64)>,
+    unscorable: Vec<(MemberRef, String)>,
 }
 
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
@@ -294,6 +299,7 @@ fn bandit_operator<'scope>(
                         for part in container.drain(..) {
                             entry.pulls.extend(part.pulls);
                             entry.scores.extend(part.scores);
+                            entry.unscorable.extend(part.unscorable);
                         }
                     }
                 });
@@ -385,10 +391,18 @@ impl BanditSide {
             .iter()
             .filter_map(|r| by_cluster.remove(&r.cluster))
             .collect();
-        let outcome = self
+        let mut outcome = self
             .bandit
             .observe(round, &pulls, &scored.scores)
             .with_context(|| format!("bandit round {round}"))?;
+        // The scorer's reasons replace the bandit's "not finite" where it knows better.
+        let reasons: BTreeMap<MemberRef, String> = scored.unscorable.into_iter().collect();
+        for (member, reason) in &mut outcome.unscorable {
+            if let Some(known) = reasons.get(member) {
+                reason.clone_from(known);
+            }
+            tracing::warn!(round, cluster = member.cluster, shard = member.loc.shard, row = member.loc.row, %reason, "document not scored: rejected");
+        }
         let record = RoundRecord::new(&pulls, &outcome);
         self.ctx
             .store
@@ -450,7 +464,7 @@ fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Resul
         )
     })?;
     let texts = if pull.score {
-        fetch_texts(ctx, &pull.members)?
+        fetch_texts(ctx, &pull.members)
     } else {
         Vec::new()
     };
@@ -474,8 +488,7 @@ fn score_operator<'scope>(
         "Score",
         move |_capability, _info| {
             let mut scorer: Option<Box<dyn DocScorer>> = None;
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<(Pull, Vec<String>)>)> =
-                BTreeMap::new();
+            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DrawnTexts>)> = BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(output.output_index()) else {
@@ -499,9 +512,10 @@ fn score_operator<'scope>(
                     let (cap, mut drawn) = stash.remove(&time).expect("first key");
                     drawn.sort_by_key(|(pull, _)| pull.cluster);
                     match score_round(&ctx, &mut scorer, &drawn) {
-                        Ok(scores) => output.session(&cap).give(Scored {
+                        Ok((scores, unscorable)) => output.session(&cap).give(Scored {
                             pulls: drawn.into_iter().map(|(pull, _)| pull).collect(),
                             scores,
+                            unscorable,
                         }),
                         Err(e) => (ctx.fail)(e),
                     }
@@ -511,32 +525,41 @@ fn score_operator<'scope>(
     )
 }
 
+/// A drawn pull with the texts of its members (or why a text is missing).
+type DrawnTexts = (Pull, Vec<Result<String, String>>);
+
 /// The scores of a round's scored members, scored in member order (the same batches whatever
-/// the number of workers).
+/// the number of workers); a member that cannot be scored gets NaN, and its reason.
+#[allow(clippy::type_complexity)]
 fn score_round(
     ctx: &LoopContext,
     scorer: &mut Option<Box<dyn DocScorer>>,
-    drawn: &[(Pull, Vec<String>)],
-) -> Result<Vec<(MemberRef, f64)>> {
-    let mut docs: Vec<(MemberRef, &str)> = drawn
+    drawn: &[DrawnTexts],
+) -> Result<(Vec<(MemberRef, f64)>, Vec<(MemberRef, String)>)> {
+    let mut docs: Vec<(MemberRef, &Result<String, String>)> = drawn
         .iter()
         .filter(|(pull, _)| pull.score)
-        .flat_map(|(pull, texts)| {
-            pull.members
-                .iter()
-                .copied()
-                .zip(texts.iter().map(|t| t.as_str()))
-        })
+        .flat_map(|(pull, texts)| pull.members.iter().copied().zip(texts.iter()))
         .collect();
-    if docs.is_empty() {
-        return Ok(Vec::new());
-    }
     docs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut unscorable: Vec<(MemberRef, String)> = docs
+        .iter()
+        .filter_map(|(m, text)| text.as_ref().err().map(|reason| (*m, reason.clone())))
+        .collect();
+    let readable: Vec<(MemberRef, &str)> = docs
+        .iter()
+        .filter_map(|(m, text)| text.as_ref().ok().map(|t| (*m, t.as_str())))
+        .collect();
+    let mut scores: Vec<(MemberRef, f64)> =
+        unscorable.iter().map(|(m, _)| (*m, f64::NAN)).collect();
+    if readable.is_empty() {
+        return Ok((scores, unscorable));
+    }
     if scorer.is_none() {
         *scorer = Some((ctx.scorer)().context("loading the influence scorer")?);
     }
     let scorer = scorer.as_mut().expect("just set");
-    let texts: Vec<&str> = docs.iter().map(|(_, t)| *t).collect();
+    let texts: Vec<&str> = readable.iter().map(|(_, t)| *t).collect();
     let started = std::time::Instant::now();
     let values = scorer.score(&texts)?;
     tracing::debug!(
@@ -545,12 +568,21 @@ fn score_round(
         "scored"
     );
     anyhow::ensure!(
-        values.len() == docs.len(),
+        values.len() == readable.len(),
         "the scorer returned {} scores for {} documents",
         values.len(),
-        docs.len()
+        readable.len()
     );
-    Ok(docs.iter().map(|(m, _)| *m).zip(values).collect())
+    for ((m, _), value) in readable.iter().zip(values) {
+        match value {
+            Ok(v) => scores.push((*m, v)),
+            Err(reason) => {
+                scores.push((*m, f64::NAN));
+                unscorable.push((*m, reason));
+            }
+        }
+    }
+    Ok((scores, unscorable))
 }
 
 /// Writes the selected rows of the clusters this worker owns into output files of at least
@@ -679,22 +711,33 @@ fn by_shard<'a, T>(
 
 /// The texts of members in member order (a null text, which ingest rejects, is an error
 /// naming the shard, row and column).
-fn fetch_texts(ctx: &LoopContext, members: &[MemberRef]) -> Result<Vec<String>> {
+/// The members' texts, fetched again by location; where one cannot be had (null now, the shard
+/// unreadable or gone) the reason, so that member is rejected and the round goes on.
+fn fetch_texts(ctx: &LoopContext, members: &[MemberRef]) -> Vec<Result<String, String>> {
     let locations: Vec<DocLoc> = members.iter().map(|m| m.loc).collect();
-    let texts = texts_at(&ctx.shards, &ctx.source, &locations)?;
-    texts
-        .into_iter()
-        .zip(&locations)
-        .map(|(text, loc)| match text {
-            Some(text) => Ok(text),
-            None => anyhow::bail!(
-                "{}: row {}, column '{}': text is null on fetch",
-                ctx.shards.get(loc.shard)?.display(),
-                loc.row,
-                ctx.source.text_column
-            ),
-        })
-        .collect()
+    let where_ = |loc: &DocLoc| match ctx.shards.get(loc.shard) {
+        Ok(path) => format!("{}: row {}", path.display(), loc.row),
+        Err(_) => format!("epoch {}: row {}", loc.shard, loc.row),
+    };
+    match texts_at(&ctx.shards, &ctx.source, &locations) {
+        Ok(texts) => texts
+            .into_iter()
+            .zip(&locations)
+            .map(|(text, loc)| {
+                text.ok_or_else(|| {
+                    format!(
+                        "{}, column '{}': text is null on fetch",
+                        where_(loc),
+                        ctx.source.text_column
+                    )
+                })
+            })
+            .collect(),
+        Err(e) => locations
+            .iter()
+            .map(|loc| Err(format!("{}: fetching the text: {e:#}", where_(loc))))
+            .collect(),
+    }
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &std::path::Path) -> Result<&'a ArrayRef> {
@@ -810,7 +853,7 @@ impl TalliedScorer {
 }
 
 impl DocScorer for TalliedScorer {
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<f64>> {
+    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>> {
         let scores = self.scorer.score(texts)?;
         let mut tally = self.tally.lock().expect("score tally");
         let window = self.window.max(1);
@@ -825,6 +868,16 @@ impl DocScorer for TalliedScorer {
                 *tally.windows.entry(s.tokens % window).or_default() += 1;
             }
         }
-        Ok(scores.into_iter().map(|s| s.influence).collect())
+        Ok(scores
+            .into_iter()
+            .map(|s| match s.influence {
+                _ if s.tokens < 2 => Err(format!(
+                    "{} token(s): nothing to predict, so no influence",
+                    s.tokens
+                )),
+                v if !v.is_finite() => Err(format!("influence is not finite ({v})")),
+                v => Ok(v),
+            })
+            .collect())
     }
 }

@@ -58,6 +58,8 @@ pub mod member_flags {
     pub const SELECTED: u8 = 1;
     /// Its influence was computed.
     pub const SCORED: u8 = 2;
+    /// Drawn to be scored but could not be (rejected with the reason in the rejects table).
+    pub const UNSCORABLE: u8 = 4;
 }
 
 /// A cluster as the state store holds it.
@@ -629,6 +631,21 @@ impl StateStore {
                 *flags
                     .entry((m.cluster, m.loc.shard, m.loc.row))
                     .or_default() |= member_flags::SELECTED;
+            }
+            let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+            for (m, reason) in &outcome.unscorable {
+                *flags
+                    .entry((m.cluster, m.loc.shard, m.loc.row))
+                    .or_default() |= member_flags::UNSCORABLE;
+                let reject = Reject {
+                    row: m.loc.row,
+                    column: "quad_influence".into(),
+                    reason: reason.clone(),
+                };
+                let json = serde_json::to_string(&reject).map_err(|e| self.err(e))?;
+                rejects
+                    .insert((m.loc.shard, m.loc.row), json.as_str())
+                    .map_err(|e| self.err(e))?;
             }
             let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
             let mut left: BTreeMap<u32, u64> = BTreeMap::new();

@@ -410,16 +410,58 @@ fn observe_checks_its_input() {
         b.observe(0, &scores),
         Err(BanditError::MissingScore { .. })
     ));
-    let mut scores = scores_of(&pulls, planted::influence);
-    scores[0].1 = f64::NAN;
-    assert!(matches!(
-        b.observe(0, &scores),
-        Err(BanditError::NotFinite { .. })
-    ));
     assert_eq!(b, before, "a refused round changes nothing");
     b.observe(0, &scores_of(&pulls, planted::influence))
         .unwrap();
     assert_eq!(b.next_round(), 1);
+}
+
+/// A score that is not finite is no score: the member is sampled and rejected with the reason,
+/// never selected, and left out of its cluster's reward; the round goes on.
+#[test]
+fn a_score_that_is_not_finite_rejects_the_document_not_the_round() {
+    let cfg = BanditConfig {
+        tau: -1e9, // every finite score passes
+        ..config(2)
+    };
+    let mut b = InMemoryBandit::new(3, Strategy::Quad, cfg).unwrap();
+    b.sync_clusters(&[
+        small(0, vec![1.0, 0.0], 20, 10),
+        small(1, vec![0.0, 1.0], 20, 10),
+    ])
+    .unwrap();
+    let pulls = b.plan_round(0);
+    let first = pulls[0].members[0];
+    let mut scores = scores_of(&pulls, |_| 2.0);
+    scores[0].1 = f64::NAN;
+    scores[1].1 = f64::INFINITY;
+    let second = scores[1].0;
+    let out = b.observe(0, &scores).unwrap();
+    let unscorable: Vec<MemberRef> = out.unscorable.iter().map(|(m, _)| *m).collect();
+    assert_eq!(unscorable, vec![first, second]);
+    assert!(
+        out.unscorable[0].1.contains("not finite"),
+        "{:?}",
+        out.unscorable
+    );
+    assert!(out.selected.iter().all(|(m, _)| !unscorable.contains(m)));
+    assert!(out.scored.iter().all(|(_, v)| v.is_finite()));
+    assert_eq!(out.selected.len(), scores.len() - 2);
+    assert!(
+        out.rewards.iter().all(|(_, r)| *r == 2.0),
+        "rewards are means of the finite scores: {:?}",
+        out.rewards
+    );
+    assert!(
+        out.sampled().contains(&first),
+        "an unscorable member leaves the draw order"
+    );
+    // The next round goes on and never draws them again.
+    let next = b.plan_round(1);
+    assert!(next
+        .iter()
+        .flat_map(|p| &p.members)
+        .all(|m| !unscorable.contains(m)));
 }
 
 /// The store's draw order is the in-memory one (the same draws, so the same rounds), a killed

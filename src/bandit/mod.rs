@@ -95,6 +95,10 @@ pub struct RoundOutcome {
     pub selected: Vec<(MemberRef, Option<f64>)>,
     /// Every scored member with its influence.
     pub scored: Vec<(MemberRef, f64)>,
+    /// Members drawn to be scored that could not be (a score that is not finite, a text that
+    /// could not be read): sampled, rejected with the reason, never selected, not in a reward.
+    #[serde(default)]
+    pub unscorable: Vec<(MemberRef, String)>,
     /// r_i per pulled and scored cluster: the mean influence of its sample.
     pub rewards: Vec<(u32, f64)>,
     /// Tokens selected so far (all rounds).
@@ -104,12 +108,14 @@ pub struct RoundOutcome {
 }
 
 impl RoundOutcome {
-    /// Members that leave the unsampled pool in this round (scored or taken), each once.
+    /// Members that leave the unsampled pool in this round (scored, unscorable or taken), each
+    /// once.
     pub fn sampled(&self) -> Vec<MemberRef> {
         let mut out: Vec<MemberRef> = self
             .scored
             .iter()
             .map(|(m, _)| *m)
+            .chain(self.unscorable.iter().map(|(m, _)| *m))
             .chain(self.selected.iter().map(|(m, _)| *m))
             .collect();
         out.sort_unstable();
@@ -147,12 +153,6 @@ pub enum BanditError {
         round: u64,
         cluster: u32,
         member: DocLoc,
-    },
-    #[error("round {round}: influence of {member:?} is not finite ({value})")]
-    NotFinite {
-        round: u64,
-        member: DocLoc,
-        value: f64,
     },
 }
 
@@ -496,13 +496,6 @@ impl Bandit {
     ) -> Result<Vec<Vec<f64>>, BanditError> {
         let mut by_loc: HashMap<(u32, DocLoc), f64> = HashMap::with_capacity(scores.len());
         for (m, v) in scores {
-            if !v.is_finite() {
-                return Err(BanditError::NotFinite {
-                    round,
-                    member: m.loc,
-                    value: *v,
-                });
-            }
             by_loc.insert((m.cluster, m.loc), *v);
         }
         let mut values_of = Vec::with_capacity(pulls.len());
@@ -563,23 +556,35 @@ impl Bandit {
                 }
                 continue;
             }
+            // A score that is not finite is no score: the member is sampled and rejected, and
+            // neither counts in the reward nor is selected.
+            let mut finite: Vec<(MemberRef, f64)> = Vec::with_capacity(values.len());
             for (m, &v) in pull.members.iter().zip(&values) {
                 self.clusters[ci].fresh -= 1;
-                self.scored_docs += 1;
-                outcome.scored.push((*m, v));
+                if v.is_finite() {
+                    self.scored_docs += 1;
+                    outcome.scored.push((*m, v));
+                    finite.push((*m, v));
+                } else {
+                    outcome
+                        .unscorable
+                        .push((*m, format!("influence is not finite ({v})")));
+                }
             }
             if self.strategy == Strategy::TopkInfluence {
-                self.candidates
-                    .extend(pull.members.iter().copied().zip(values.iter().copied()));
+                self.candidates.extend(finite);
                 continue;
             }
-            let reward = values.iter().sum::<f64>() / values.len().max(1) as f64;
+            if finite.is_empty() {
+                continue; // nothing to learn about the arm
+            }
+            let reward = finite.iter().map(|(_, v)| v).sum::<f64>() / finite.len() as f64;
             outcome.rewards.push((pull.cluster, reward));
             self.credit(ci, reward);
             let tau = self.config.tau;
-            for (m, &v) in pull.members.iter().zip(&values) {
-                if v >= tau && self.take(ci, m, false) {
-                    outcome.selected.push((*m, Some(v)));
+            for (m, v) in &finite {
+                if *v >= tau && self.take(ci, m, false) {
+                    outcome.selected.push((*m, Some(*v)));
                 }
             }
             if self.config.mode == TauMode::Block && reward >= tau {

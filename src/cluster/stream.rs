@@ -127,6 +127,23 @@ impl StreamingClusterer {
         out
     }
 
+    /// Assigns the rows of `x` to their nearest existing centroid (no cluster opens), then
+    /// applies the mini-batch update: how the documents held for the initial fit join the
+    /// fitted clusters, all against the same centroids, as the fit's own labels would.
+    pub fn assign_to_fitted(&mut self, x: &[f32]) -> Vec<Assignment> {
+        let out: Vec<Assignment> = self
+            .nearest(x)
+            .into_iter()
+            .map(|(cluster, cosine)| Assignment {
+                cluster,
+                cosine,
+                opened: false,
+            })
+            .collect();
+        self.update(x, &out);
+        out
+    }
+
     /// Sculley's update in input order, then the moved centroids are re-normalised.
     fn update(&mut self, x: &[f32], assigned: &[Assignment]) {
         let dim = self.centroids.dim;
