@@ -302,13 +302,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             limit,
         } => {
             let spec = JobSpec::load(&job)?;
-            let summary = crate::influence::setup::score_file(
-                &spec,
-                &input,
-                &output,
-                sketches.as_deref(),
-                limit,
-            )?;
+            let summary =
+                crate::score::score_file(&spec, &input, &output, sketches.as_deref(), limit)?;
             eprintln!("{summary}");
             Ok(exit::OK)
         }
@@ -319,9 +314,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             device,
         } => {
             let spec = JobSpec::load(&job)?;
-            let overrides = crate::model::warmup::WarmupOverrides { steps, out, device };
-            let report = crate::model::warmup::run_warmup(&spec, &overrides)
-                .with_context(|| format!("quad warmup {}", job.display()))?;
+            let overrides = crate::warmup::WarmupOverrides { steps, out, device };
+            let report = crate::warmup::run_warmup(
+                &spec.warmup,
+                &spec.source,
+                &spec.influence.reference,
+                spec.seed,
+                &overrides,
+            )
+            .with_context(|| format!("quad warmup {}", job.display()))?;
             println!("{report}");
             Ok(exit::OK)
         }
@@ -335,8 +336,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 },
         } => {
             let spec = JobSpec::load(&job)?;
-            let options = crate::cluster::tune::TuneKOptions { sample, ks, out };
-            println!("{}", crate::cluster::tune::tune_k(&spec, &options)?);
+            let options = crate::tune::k::TuneKOptions { sample, ks, out };
+            println!("{}", crate::tune::k::tune_k(&spec, &options)?);
             Ok(exit::OK)
         }
         Command::Tune {

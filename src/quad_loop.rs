@@ -37,11 +37,12 @@ use timely::dataflow::operators::{Capability, ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::{Bandit, ClusterChange, DocLoc, MemberRef, Pull, PullRequest, RoundOutcome};
-use crate::config::{SinkConfig, SourceConfig};
 use crate::report::RoundRecord;
 use crate::schema;
 use crate::sink;
+use crate::sink::SinkConfig;
 use crate::source;
+use crate::source::SourceConfig;
 use crate::state::{PendingRow, StateStore};
 
 /// Scores documents by their texts; the influence scorer implements it.

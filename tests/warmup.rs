@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use quad::config::SourceConfig;
-use quad::model::warmup::{
+use quad::model::{CausalLm, LlamaConfig};
+use quad::warmup::{
     load_tokenizer, mean_loss, pack, train, train_texts, ProxyTokenizer, TrainOptions, WarmupConfig,
 };
-use quad::model::{CausalLm, LlamaConfig};
 use tch::{Device, Kind, Tensor};
 
 use common::{demo_slice, quad, repo, slice_glob};

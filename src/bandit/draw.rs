@@ -13,11 +13,11 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::Strategy;
 use super::{
     Bandit, BanditConfig, BanditError, ClusterChange, DocLoc, MemberRef, Pull, PullRequest,
     RoundOutcome,
 };
-use crate::config::Strategy;
 
 /// Why a ChaCha stream is drawn; part of its seed.
 #[derive(Clone, Copy)]
