@@ -1,4 +1,4 @@
-//! `quad warmup` (src/model/warmup.rs): the proxy's training loop on real text from a slice of
+//! `quad warmup` (src/warmup.rs): the proxy's training loop on real text from a slice of
 //! the demo corpus, with a tiny model (hidden 32, one layer, the SmolLM2 tokenizer) so the
 //! whole file runs in well under a minute on 2 CPU cores.
 //!

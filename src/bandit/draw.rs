@@ -139,12 +139,6 @@ impl MemoryMembership {
     pub fn is_selected(&self, cluster: u32, loc: &DocLoc) -> bool {
         self.selected.contains(&(cluster, *loc))
     }
-
-    /// Whether a member is still unsampled.
-    pub fn is_fresh(&self, m: &MemberRef) -> bool {
-        self.fresh
-            .contains_key(&(m.cluster, sample_key(self.seed, &m.loc), m.loc))
-    }
 }
 
 /// The bandit with its membership in memory: plan, draw and observe in one place, for tests,
