@@ -13,10 +13,10 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterConfig;
 use crate::cluster::{
     fit_spherical_kmeans, KMeansBackend, KMeansConfig, Reservoir, StreamConfig, StreamingClusterer,
 };
-use crate::config::ClusterConfig;
 use crate::error::ClusterError;
 use crate::source::DocMeta;
 use crate::state::{ClusterCommit, ClusterInfo, Member};

@@ -1,5 +1,5 @@
 //! The command line. `main.rs` maps errors to exit codes.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -254,26 +254,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             once,
             reset,
             json,
-        } => {
-            let spec = JobSpec::load(&job)?;
-            if workers == 0 {
-                anyhow::bail!("--workers must be at least 1");
-            }
-            if reset {
-                reset_job(&spec)?;
-            }
-            tracing::info!(job = %job.display(), workers, "starting");
-            let summary = run_job(&spec, &RunOptions { workers, once })?;
-            eprintln!("{summary}");
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            }
-            Ok(if summary.shards_quarantined > 0 {
-                exit::QUARANTINED
-            } else {
-                exit::OK
-            })
-        }
+        } => run_cmd(&job, workers, once, reset, json),
         Command::Report { job, out } => {
             let path = crate::report::write_report(&job, out.as_deref())?;
             println!("{}", path.display());
@@ -302,13 +283,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             limit,
         } => {
             let spec = JobSpec::load(&job)?;
-            let summary = crate::influence::setup::score_file(
-                &spec,
-                &input,
-                &output,
-                sketches.as_deref(),
-                limit,
-            )?;
+            let summary =
+                crate::score::score_file(&spec, &input, &output, sketches.as_deref(), limit)?;
             eprintln!("{summary}");
             Ok(exit::OK)
         }
@@ -319,68 +295,19 @@ pub fn run(cli: Cli) -> Result<i32> {
             device,
         } => {
             let spec = JobSpec::load(&job)?;
-            let overrides = crate::model::warmup::WarmupOverrides { steps, out, device };
-            let report = crate::model::warmup::run_warmup(&spec, &overrides)
-                .with_context(|| format!("quad warmup {}", job.display()))?;
+            let overrides = crate::warmup::WarmupOverrides { steps, out, device };
+            let report = crate::warmup::run_warmup(
+                &spec.warmup,
+                &spec.source,
+                &spec.influence.reference,
+                spec.seed,
+                &overrides,
+            )
+            .with_context(|| format!("quad warmup {}", job.display()))?;
             println!("{report}");
             Ok(exit::OK)
         }
-        Command::Tune {
-            which:
-                TuneCommand::K {
-                    job,
-                    sample,
-                    ks,
-                    out,
-                },
-        } => {
-            let spec = JobSpec::load(&job)?;
-            let options = crate::cluster::tune::TuneKOptions { sample, ks, out };
-            println!("{}", crate::cluster::tune::tune_k(&spec, &options)?);
-            Ok(exit::OK)
-        }
-        Command::Tune {
-            which:
-                TuneCommand::Tau {
-                    job,
-                    per_cluster,
-                    buckets,
-                    steps,
-                    out,
-                },
-        } => {
-            let spec = JobSpec::load(&job)?;
-            let options = crate::tune::TuneTauOptions {
-                per_cluster,
-                buckets,
-                steps,
-                out,
-            };
-            println!("{}", crate::tune::tune_tau_cmd(&spec, &options)?);
-            Ok(exit::OK)
-        }
-        Command::Tune {
-            which:
-                TuneCommand::Gamma {
-                    job,
-                    clusters,
-                    members,
-                    max_ratio,
-                    tolerance,
-                    out,
-                },
-        } => {
-            let spec = JobSpec::load(&job)?;
-            let options = crate::tune::TuneGammaOptions {
-                clusters,
-                members,
-                max_ratio,
-                tolerance,
-                out,
-            };
-            println!("{}", crate::tune::tune_gamma_cmd(&spec, &options)?);
-            Ok(exit::OK)
-        }
+        Command::Tune { which } => run_tune(which),
         Command::GpuCheck { what } => run_gpu_check(what),
         Command::Inspect {
             what:
@@ -405,6 +332,81 @@ pub fn run(cli: Cli) -> Result<i32> {
         } => {
             let file = file.context("quad inspect: give a Parquet file, or `clusters JOB`")?;
             print!("{}", crate::inspect::inspect(&file, rows)?);
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// `quad run`.
+fn run_cmd(job: &Path, workers: usize, once: bool, reset: bool, json: bool) -> Result<i32> {
+    let spec = JobSpec::load(job)?;
+    if workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    if reset {
+        reset_job(&spec)?;
+    }
+    tracing::info!(job = %job.display(), workers, "starting");
+    let summary = run_job(&spec, &RunOptions { workers, once })?;
+    eprintln!("{summary}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(if summary.shards_quarantined > 0 {
+        exit::QUARANTINED
+    } else {
+        exit::OK
+    })
+}
+
+/// `quad tune k|tau|gamma`.
+fn run_tune(which: TuneCommand) -> Result<i32> {
+    match which {
+        TuneCommand::K {
+            job,
+            sample,
+            ks,
+            out,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::tune::k::TuneKOptions { sample, ks, out };
+            println!("{}", crate::tune::k::tune_k(&spec, &options)?);
+            Ok(exit::OK)
+        }
+        TuneCommand::Tau {
+            job,
+            per_cluster,
+            buckets,
+            steps,
+            out,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::tune::TuneTauOptions {
+                per_cluster,
+                buckets,
+                steps,
+                out,
+            };
+            println!("{}", crate::tune::tune_tau_cmd(&spec, &options)?);
+            Ok(exit::OK)
+        }
+        TuneCommand::Gamma {
+            job,
+            clusters,
+            members,
+            max_ratio,
+            tolerance,
+            out,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let options = crate::tune::TuneGammaOptions {
+                clusters,
+                members,
+                max_ratio,
+                tolerance,
+                out,
+            };
+            println!("{}", crate::tune::tune_gamma_cmd(&spec, &options)?);
             Ok(exit::OK)
         }
     }

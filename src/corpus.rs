@@ -11,11 +11,56 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{CorpusConfig, SinkConfig};
 use crate::select::priority;
-use crate::sink::write_durably;
+use crate::sink::{write_durably, SinkConfig};
+
+/// How `quad corpus demo` builds the demo corpus from the fetched assets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusConfig {
+    #[serde(default = "default_assets")]
+    pub assets: PathBuf,
+    /// Output folder: shards/, reference.parquet, eval.parquet, manifest.json.
+    pub out: PathBuf,
+    #[serde(default = "default_corpus_shards")]
+    pub shards: usize,
+    #[serde(default = "default_corpus_row_group")]
+    pub rows_per_group: usize,
+    /// The domain (value of the `source` column) whose held-out sample is the reference set.
+    pub reference_domain: String,
+    #[serde(default = "default_reference_docs")]
+    pub reference_docs: usize,
+    /// Fraction of the remaining documents held out for evaluation.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// At most this many documents of one domain (the tweets alone are 63,000).
+    #[serde(default = "default_max_per_domain")]
+    pub max_per_domain: usize,
+    /// Keep only this many pool documents (for small test slices); all when absent.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn default_assets() -> PathBuf {
+    "assets".into()
+}
+fn default_corpus_shards() -> usize {
+    8
+}
+fn default_corpus_row_group() -> usize {
+    1_000
+}
+fn default_reference_docs() -> usize {
+    400
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+fn default_max_per_domain() -> usize {
+    8_000
+}
 
 /// Paragraph chunks of long texts (speeches, chapters) stop growing past this many characters.
 const CHUNK_CHARS: usize = 2_500;

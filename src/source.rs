@@ -14,10 +14,48 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 
-use crate::config::SourceConfig;
 use crate::error::ShardError;
 use crate::schema;
 use crate::tokens::TokenCounter;
+
+/// Where shards come from and which of their columns are read (`[source]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Glob of input shards, e.g. "data/demo/shards/*.parquet". Shards are taken in path order.
+    pub shards: String,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    #[serde(default = "default_text_column")]
+    pub text_column: String,
+    /// Columns passed through to the output besides id and text; all when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Keep polling the glob for new shards (a long-lived job); stop with Ctrl-C / SIGTERM.
+    #[serde(default)]
+    pub watch: bool,
+    #[serde(default = "default_poll_seconds")]
+    pub poll_seconds: u64,
+}
+
+impl SourceConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id_column == self.text_column {
+            return Err("source.id_column and source.text_column must differ".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_id_column() -> String {
+    "id".into()
+}
+fn default_text_column() -> String {
+    "text".into()
+}
+fn default_poll_seconds() -> u64 {
+    30
+}
 
 /// Rows decoded at once.
 const BATCH_ROWS: usize = 8_192;

@@ -915,6 +915,15 @@ impl StateStore {
     }
 }
 
+/// Where the state store lives (`[state]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The redb file; defaults to `<sink.path>/_state/quad.redb`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,28 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// How tokens are counted (`[tokens]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// "whitespace", or the path of a Hugging Face tokenizer.json whose tokens are counted.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            tokenizer: default_tokenizer(),
+        }
+    }
+}
+
+fn default_tokenizer() -> String {
+    "whitespace".into()
+}
 
 pub enum TokenCounter {
     Whitespace,

@@ -1,7 +1,7 @@
 //! `quad tune tau` and `quad tune gamma` (DESIGN 1.2): the bandit's threshold and sample ratio
 //! measured on the job's own clusters with its influence model. Both read the clusters a
 //! `quad run` committed to the state store, fetch member texts by location, and score them
-//! with the scorer the `[influence]` section describes. (`quad tune k` is in `cluster::tune`.)
+//! with the scorer the `[influence]` section describes. (`quad tune k` is in [`k`].)
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -16,9 +16,11 @@ use crate::bandit::tune::{tau_candidates, tune_gamma, GammaTuning};
 use crate::bandit::MemberRef;
 use crate::config::JobSpec;
 use crate::influence::scorer::InfluenceScorer;
-use crate::model::warmup::{reference_loss, train_texts, WarmupError};
 use crate::model::CausalLm;
 use crate::state::StateStore;
+use crate::warmup::{reference_loss, train_texts, WarmupError};
+
+pub mod k;
 
 /// Seed streams of the tuning samples (apart from the bandit's and k-means').
 const GAMMA_STREAM: u64 = 0x6a77_0001;

@@ -1,4 +1,4 @@
-//! `quad warmup` (src/model/warmup.rs): the proxy's training loop on real text from a slice of
+//! `quad warmup` (src/warmup.rs): the proxy's training loop on real text from a slice of
 //! the demo corpus, with a tiny model (hidden 32, one layer, the SmolLM2 tokenizer) so the
 //! whole file runs in well under a minute on 2 CPU cores.
 //!
@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use quad::config::SourceConfig;
-use quad::model::warmup::{
+use quad::model::{CausalLm, LlamaConfig};
+use quad::warmup::{
     load_tokenizer, mean_loss, pack, train, train_texts, ProxyTokenizer, TrainOptions, WarmupConfig,
 };
-use quad::model::{CausalLm, LlamaConfig};
 use tch::{Device, Kind, Tensor};
 
 use common::{demo_slice, quad, repo, slice_glob};

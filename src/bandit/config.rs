@@ -9,6 +9,23 @@
 //! this project's choices for the demo scale, to be tuned per job (`quad tune tau|gamma`).
 use serde::{Deserialize, Serialize};
 
+/// The selection strategy (`select.strategy`): `random` decides at ingest, the others run the
+/// bandit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Seeded uniform sampling: each document is kept with probability `ratio`.
+    Random,
+    /// The Quad bandit: UCB over clusters with influence rewards (`[bandit]` section).
+    Quad,
+    /// The bandit with alpha = 0: after every arm's first pull, always the best mean reward.
+    Exploit,
+    /// Clusters chosen uniformly at random, sampled documents taken without scoring.
+    Explore,
+    /// Every document scored; the best by influence taken until the budget.
+    TopkInfluence,
+}
+
 /// How tau is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -13,11 +13,11 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::Strategy;
 use super::{
     Bandit, BanditConfig, BanditError, ClusterChange, DocLoc, MemberRef, Pull, PullRequest,
     RoundOutcome,
 };
-use crate::config::Strategy;
 
 /// Why a ChaCha stream is drawn; part of its seed.
 #[derive(Clone, Copy)]
@@ -138,12 +138,6 @@ impl MemoryMembership {
     /// Whether a member was selected.
     pub fn is_selected(&self, cluster: u32, loc: &DocLoc) -> bool {
         self.selected.contains(&(cluster, *loc))
-    }
-
-    /// Whether a member is still unsampled.
-    pub fn is_fresh(&self, m: &MemberRef) -> bool {
-        self.fresh
-            .contains_key(&(m.cluster, sample_key(self.seed, &m.loc), m.loc))
     }
 }
 

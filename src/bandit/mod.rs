@@ -25,10 +25,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 pub use arms::Arm;
-pub use config::{BanditConfig, Budget, TauMode};
+pub use config::{BanditConfig, Budget, Strategy, TauMode};
 pub use draw::{ClusterInput, InMemoryBandit, Member, MemoryMembership};
-
-use crate::config::Strategy;
 
 /// Where a document lives: its shard (by epoch), row group and row. The bandit only compares
 /// and orders locations; the dataflow uses them to fetch rows.

@@ -9,12 +9,13 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+mod config;
 mod kmeans;
 mod knee;
 mod reservoir;
 mod stream;
-pub mod tune;
 
+pub use config::{ClusterConfig, TuneKConfig};
 pub use kmeans::{fit_spherical_kmeans, lloyd_step, seed_plus_plus};
 pub use knee::knee_kneedle;
 pub use reservoir::Reservoir;

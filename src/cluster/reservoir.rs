@@ -60,10 +60,6 @@ impl Reservoir {
         self.data.is_empty()
     }
 
-    pub fn is_full(&self) -> bool {
-        self.len() >= self.capacity
-    }
-
     /// Rows offered so far.
     pub fn seen(&self) -> u64 {
         self.seen

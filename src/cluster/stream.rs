@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use super::ClusterConfig;
 use super::{dot_exact, nearest_rows, normalize, Centroids};
-use crate::config::ClusterConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamConfig {

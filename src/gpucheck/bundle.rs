@@ -6,7 +6,7 @@ use std::process::Command;
 use tch::{Device, Kind};
 
 use super::GpuCheckError;
-use crate::config::CorpusConfig;
+use crate::corpus::CorpusConfig;
 use crate::model::CausalLm;
 
 /// Where things are inside the bundle.
@@ -111,7 +111,7 @@ fn write_tiny_llama(assets: &Path, out: &Path) -> Result<(), GpuCheckError> {
 
 fn write_smollm2_tokenizer(assets: &Path, out: &Path) -> Result<(), GpuCheckError> {
     let gguf = assets.join(SMOLLM2_ASSET);
-    let tok = crate::model::warmup::load_tokenizer(&gguf)?;
+    let tok = crate::warmup::load_tokenizer(&gguf)?;
     let path = out.join(layout::SMOLLM2_TOKENIZER);
     tok.tokenizer
         .save(&path, false)

@@ -8,8 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::bundle::layout;
 use super::{CheckOptions, GpuCheckError};
-use crate::config::SourceConfig;
 use crate::model::{CausalLm, LlamaConfig};
+use crate::source::SourceConfig;
 
 /// Width of MiniLM's vectors, which the k-means steps cluster.
 pub(crate) const EMBED_DIM: usize = 384;
@@ -251,9 +251,8 @@ pub(crate) fn encoder_weights_note(real: bool) -> &'static str {
 pub(crate) fn proxy_dir(opts: &CheckOptions) -> Result<PathBuf, GpuCheckError> {
     let dir = opts.work.join("proxy-random");
     generate_once(&dir, |tmp| {
-        let tok =
-            crate::model::warmup::load_tokenizer(&opts.bundle.join(layout::SMOLLM2_TOKENIZER))?;
-        let cfg = crate::model::warmup::WarmupConfig::default().llama_config(
+        let tok = crate::warmup::load_tokenizer(&opts.bundle.join(layout::SMOLLM2_TOKENIZER))?;
+        let cfg = crate::warmup::WarmupConfig::default().llama_config(
             tok.vocab,
             Some(tok.separator),
             Some(tok.separator),

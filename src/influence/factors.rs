@@ -269,10 +269,6 @@ pub struct KfacFactors {
 }
 
 impl KfacFactors {
-    pub fn has_ekfac(&self) -> bool {
-        self.blocks.iter().all(|b| b.ekfac.is_some())
-    }
-
     pub fn set_ekfac(&mut self, eigenvalues: Vec<Tensor>) {
         for (b, e) in self.blocks.iter_mut().zip(eigenvalues) {
             b.ekfac = Some(e);

@@ -6,7 +6,6 @@ pub mod gguf;
 pub mod hf;
 pub mod llama;
 pub mod tokenizer;
-pub mod warmup;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -10,10 +10,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::{fit_spherical_kmeans, knee_kneedle, KMeansBackend, KMeansConfig};
-use crate::config::{JobSpec, SourceConfig};
+use crate::cluster::{fit_spherical_kmeans, knee_kneedle, KMeansBackend, KMeansConfig};
+use crate::config::JobSpec;
 use crate::embed::SentenceEncoder;
-use crate::source::{discover, read_shard, string_at};
+use crate::source::{discover, read_shard, string_at, SourceConfig};
 use crate::tokens::TokenCounter;
 
 /// Stream offsets of the job seed, so that sampling and seeding never share random numbers.

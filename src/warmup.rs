@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
 use tokenizers::Tokenizer;
 
-use super::{gguf, hf, tokenizer, CausalLm, LlamaConfig, ModelError};
-use crate::config::JobSpec;
 use crate::influence::InfluenceError;
+use crate::model::{gguf, hf, tokenizer, CausalLm, LlamaConfig, ModelError};
+use crate::source::SourceConfig;
 
 /// Why a warmup could not run.
 #[derive(Debug, thiserror::Error)]
@@ -635,12 +635,17 @@ impl fmt::Display for WarmupReport {
 /// `quad warmup`: samples the pool, trains the proxy the `[warmup]` section describes,
 /// reports the reference loss before and after (when the influence reference set exists) and
 /// saves a Hugging Face directory with a `warmup.json` holding this report.
+/// `source` is the pool, `reference` the influence reference set, `job_seed` the seed used
+/// when `[warmup]` names none.
 pub fn run_warmup(
-    spec: &JobSpec,
+    warmup: &WarmupConfig,
+    source: &SourceConfig,
+    reference: &Path,
+    job_seed: u64,
     overrides: &WarmupOverrides,
 ) -> Result<WarmupReport, WarmupError> {
     let started = Instant::now();
-    let mut cfg = spec.warmup.clone();
+    let mut cfg = warmup.clone();
     if let Some(steps) = overrides.steps {
         cfg.steps = steps;
     }
@@ -651,7 +656,7 @@ pub fn run_warmup(
     cfg.validate().map_err(WarmupError::Settings)?;
     let device: Device =
         crate::influence::scorer::parse_device(&cfg.device).map_err(WarmupError::Settings)?;
-    let seed = cfg.seed.unwrap_or(spec.seed);
+    let seed = cfg.seed.unwrap_or(job_seed);
 
     let tok = load_tokenizer(&cfg.tokenizer)?;
     let llama = cfg.llama_config(tok.vocab, Some(tok.separator), Some(tok.separator));
@@ -663,16 +668,12 @@ pub fn run_warmup(
         "warmup: proxy initialised"
     );
 
-    let texts = crate::influence::setup::pool_sample(
-        &spec.source.shards,
-        &spec.source,
-        cfg.sample_docs,
-        seed,
-    )?;
+    let texts =
+        crate::influence::setup::pool_sample(&source.shards, source, cfg.sample_docs, seed)?;
     if texts.is_empty() {
         return Err(WarmupError::Data(format!(
             "no documents in the pool {}",
-            spec.source.shards
+            source.shards
         )));
     }
     let docs = encode_all(&lm, &texts, cfg.doc_max_tokens)?;
@@ -682,7 +683,7 @@ pub fn run_warmup(
         return Err(WarmupError::Data(format!(
             "the {} sampled documents of {} give {tokens} tokens, less than one window of {}",
             texts.len(),
-            spec.source.shards,
+            source.shards,
             cfg.seq_len + 1
         )));
     }
@@ -696,13 +697,12 @@ pub fn run_warmup(
         "warmup: pool sample packed"
     );
 
-    let reference_path = &spec.influence.reference;
+    let reference_path = reference;
     let reference: Vec<String> = if cfg.reference_docs > 0 && reference_path.is_file() {
-        let mut r: Vec<String> =
-            crate::influence::setup::read_documents(reference_path, &spec.source)?
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect();
+        let mut r: Vec<String> = crate::influence::setup::read_documents(reference_path, source)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
         r.truncate(cfg.reference_docs);
         r
     } else {

@@ -1,0 +1,91 @@
+//! The admit operator: dedup and, for `random`, the selection, on worker 0 in epoch order.
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::{EpochDocs, Shared, STOP};
+use crate::select::{Admitter, Verdicts};
+use crate::source::DocMeta;
+
+/// Decides each epoch on worker 0, strictly in epoch order once no more of its documents can
+/// come: duplicates (ids seen in an earlier position) and, for `random`, the selection.
+pub(super) fn admit_operator<'scope>(
+    docs: StreamVec<'scope, u64, EpochDocs>,
+    shared: &Arc<Shared>,
+) -> StreamVec<'scope, u64, Verdicts> {
+    let admit_shared = shared.clone();
+    docs.unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
+            Exchange::new(|_: &EpochDocs| 0),
+            "Admit",
+            move |_capability, _info| {
+                let mut admitter = match Admitter::new(
+                    admit_shared.spec.seed,
+                    admit_shared.spec.select.clone(),
+                    admit_shared.store.clone(),
+                ) {
+                    Ok(admitter) => Some(admitter),
+                    Err(e) => {
+                        admit_shared.fail(e.into());
+                        None
+                    }
+                };
+                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DocMeta>)> =
+                    BTreeMap::new();
+                let mut decided: std::collections::BTreeSet<u64> = Default::default();
+                let mut halted = false;
+                move |(input, frontier), output| {
+                    input.for_each_stamp(|cap, data| {
+                        if let Some(cap) = cap.retain_least(output.output_index()) {
+                            for container in data {
+                                for epoch_docs in container.drain(..) {
+                                    let entry =
+                                        stash.entry(epoch_docs.epoch).or_insert_with(|| {
+                                            (cap.delayed(&epoch_docs.epoch), Vec::new())
+                                        });
+                                    entry.1.extend(epoch_docs.docs);
+                                }
+                            }
+                        }
+                    });
+                    // Decide epochs strictly in order, once no more of their documents can come.
+                    while let Some((&epoch, _)) = stash.first_key_value() {
+                        if frontier.less_equal(&epoch) {
+                            break;
+                        }
+                        let (cap, mut docs) = stash.remove(&epoch).expect("first key");
+                        let Some(admitter) = admitter.as_mut() else {
+                            continue;
+                        };
+                        // After a stop request some worker may not have read an earlier
+                        // epoch. Deciding later epochs without it would break shard order
+                        // (dedup, budget), so they are left for the next run.
+                        if STOP.load(Ordering::SeqCst) && !halted {
+                            match admit_shared.store.pending_epochs() {
+                                Ok(pending) => {
+                                    if let Some(missing) = pending.range(..epoch).find(|e| !decided.contains(e)) {
+                                        tracing::warn!("epoch {missing} was not read before the stop; epoch {epoch} and later are left for the next run");
+                                        halted = true;
+                                    }
+                                }
+                                Err(e) => admit_shared.fail(e.into()),
+                            }
+                        }
+                        if halted {
+                            continue;
+                        }
+                        decided.insert(epoch);
+                        match admitter.admit(epoch, &mut docs) {
+                            Ok(v) => output.session(&cap).give(v),
+                            Err(e) => admit_shared.fail(e.into()),
+                        }
+                    }
+                }
+            },
+        )
+}

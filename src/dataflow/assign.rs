@@ -1,0 +1,129 @@
+//! The assign operator: documents to clusters on worker 0, epoch by epoch in order.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::embed::EmbeddedEpoch;
+use super::Shared;
+use crate::assign::Assigner;
+use crate::select::Verdicts;
+use crate::state::ClusterCommit;
+
+/// What the assign stage commits with an epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct EpochClusters {
+    pub(super) epoch: u64,
+    pub(super) commit: ClusterCommit,
+}
+
+/// Assigns documents to clusters on worker 0, epoch by epoch in order, once admit has decided
+/// the epoch (its duplicates are not clustered) and its vectors are in.
+pub(super) fn assign_operator<'scope>(
+    verdicts: StreamVec<'scope, u64, Verdicts>,
+    embedded: StreamVec<'scope, u64, EmbeddedEpoch>,
+    shared: &Arc<Shared>,
+    fit_epoch: Option<u64>,
+) -> StreamVec<'scope, u64, EpochClusters> {
+    let shared = shared.clone();
+    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<EpochClusters>>, _, _, _, _>(
+        embedded,
+        Pipeline,
+        Exchange::new(|_: &EmbeddedEpoch| 0),
+        "Assign",
+        move |_capability, _info| {
+            let dim = shared.clustering.unwrap_or(0);
+            let stored = shared.store.clusterer_state();
+            let mut assigner = match stored
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| Ok(Assigner::restore(bytes.as_deref(), dim)?))
+            {
+                Ok(assigner) => Some(assigner),
+                Err(e) => {
+                    shared.fail(e);
+                    None
+                }
+            };
+            let mut decided: BTreeMap<u64, (Capability<u64>, Verdicts)> = BTreeMap::new();
+            let mut vectors: BTreeMap<u64, EmbeddedEpoch> = BTreeMap::new();
+            move |(verdict_input, verdict_frontier), (embedded_input, embedded_frontier), output| {
+                verdict_input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                        for container in data {
+                            for v in container.drain(..) {
+                                decided.insert(v.epoch, (cap.delayed(&v.epoch), v));
+                            }
+                        }
+                    }
+                });
+                embedded_input.for_each_stamp(|_cap, data| {
+                    for container in data {
+                        for e in container.drain(..) {
+                            vectors.insert(e.epoch, e);
+                        }
+                    }
+                });
+                loop {
+                    let next = decided.keys().next().copied();
+                    let next_vectors = vectors.keys().next().copied();
+                    let Some(epoch) = next.into_iter().chain(next_vectors).min() else {
+                        break;
+                    };
+                    if verdict_frontier.less_equal(&epoch) || embedded_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let embedded = vectors.remove(&epoch);
+                    // An epoch admit did not decide (left for the next run) is not assigned.
+                    let Some((cap, verdicts)) = decided.remove(&epoch) else {
+                        continue;
+                    };
+                    let Some(assigner) = assigner.as_mut() else {
+                        continue;
+                    };
+                    let Some(embedded) = embedded else {
+                        shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached assign without its vectors"
+                        ));
+                        continue;
+                    };
+                    let duplicates: std::collections::HashSet<u64> =
+                        verdicts.duplicates.iter().map(|d| d.row).collect();
+                    let mut docs = Vec::with_capacity(embedded.docs.len());
+                    let mut kept = Vec::with_capacity(embedded.vectors.len());
+                    for (doc, vector) in embedded
+                        .docs
+                        .into_iter()
+                        .zip(embedded.vectors.chunks(dim.max(1)))
+                    {
+                        if !duplicates.contains(&doc.row) {
+                            docs.push(doc);
+                            kept.extend_from_slice(vector);
+                        }
+                    }
+                    let result = assigner.assign_epoch(
+                        epoch,
+                        &docs,
+                        &kept,
+                        &shared.spec.cluster,
+                        shared.spec.seed,
+                        fit_epoch == Some(epoch),
+                    );
+                    match result {
+                        Ok(mut commit) => {
+                            commit.seed = shared.spec.seed;
+                            output.session(&cap).give(EpochClusters { epoch, commit })
+                        }
+                        Err(e) => shared.fail(
+                            anyhow::Error::from(e).context(format!("clustering epoch {epoch}")),
+                        ),
+                    }
+                }
+            }
+        },
+    )
+}

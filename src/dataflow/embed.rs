@@ -1,0 +1,125 @@
+//! The embed operator: each epoch's vectors, on the worker that read its shard.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::StreamVec;
+
+use super::{EpochDocs, LocalShard, Shared};
+use crate::embed::SentenceEncoder;
+use crate::source::DocMeta;
+
+/// An epoch's documents with their unit vectors (row-major), from the embed operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct EmbeddedEpoch {
+    pub(super) epoch: u64,
+    pub(super) docs: Vec<DocMeta>,
+    pub(super) vectors: Vec<f32>,
+}
+
+/// Embeds each epoch's documents on the worker that read the shard (its rows are there): the
+/// precomputed column's vectors when the spec names one, else the sentence encoder's (one
+/// encoder a worker, loaded at the first epoch that needs it).
+pub(super) fn embed_operator<'scope>(
+    docs: StreamVec<'scope, u64, EpochDocs>,
+    shared: &Arc<Shared>,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+) -> StreamVec<'scope, u64, EmbeddedEpoch> {
+    let shared = shared.clone();
+    let local = local.clone();
+    docs.unary::<CapacityContainerBuilder<Vec<EmbeddedEpoch>>, _, _, _>(
+        Pipeline,
+        "Embed",
+        move |_capability, _info| {
+            let mut encoder: Option<SentenceEncoder> = None;
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    for container in data {
+                        for epoch_docs in container.drain(..) {
+                            let epoch = epoch_docs.epoch;
+                            match embed_epoch(&shared, &local, &mut encoder, epoch_docs) {
+                                Ok(embedded) => output.session(&cap).give(embedded),
+                                Err(e) => {
+                                    shared.fail(e.context(format!("embedding epoch {epoch}")))
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        },
+    )
+}
+
+fn embed_epoch(
+    shared: &Shared,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    encoder: &mut Option<SentenceEncoder>,
+    epoch_docs: EpochDocs,
+) -> Result<EmbeddedEpoch> {
+    let spec = &shared.spec;
+    let dim = shared.clustering.unwrap_or(0);
+    let local = local.borrow();
+    let shard = local
+        .get(&epoch_docs.epoch)
+        .with_context(|| format!("internal: epoch {} is not held here", epoch_docs.epoch))?;
+    let Ok(data) = &shard.data else {
+        // Quarantined: nothing to embed, but assign still sees the epoch.
+        return Ok(EmbeddedEpoch {
+            epoch: epoch_docs.epoch,
+            ..Default::default()
+        });
+    };
+    let vectors = match &data.vectors {
+        Some(vectors) => vectors.clone(),
+        None => {
+            if encoder.is_none() {
+                let device = spec.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
+                let loaded =
+                    SentenceEncoder::load(&spec.embed.model, device, spec.embed.max_tokens)
+                        .with_context(|| {
+                            format!("loading the encoder {}", spec.embed.model.display())
+                        })?;
+                anyhow::ensure!(
+                    loaded.dim() == dim,
+                    "{}: the encoder gives vectors of width {}, embed.dim says {dim}",
+                    spec.embed.model.display(),
+                    loaded.dim()
+                );
+                *encoder = Some(loaded);
+            }
+            let encoder = encoder.as_ref().expect("loaded above");
+            let start = Instant::now();
+            let texts = data.doc_texts(&spec.source.text_column);
+            let vectors = encoder.encode(&texts, spec.embed.batch_size)?;
+            let max = encoder.max_tokens() as u64;
+            let flops = crate::cost::embed_flops(
+                encoder.shape(),
+                data.docs.iter().map(|d| u64::from(d.tokens).min(max)),
+            );
+            let mut cost = shared.embed_cost.lock().expect("embed cost");
+            cost.0 += flops;
+            cost.1 += texts.len() as u64;
+            drop(cost);
+            tracing::info!(
+                shard = %shard.shard.display(),
+                documents = texts.len(),
+                docs_per_s = texts.len() as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                "embedded"
+            );
+            vectors.concat()
+        }
+    };
+    Ok(EmbeddedEpoch {
+        epoch: epoch_docs.epoch,
+        docs: data.docs.clone(),
+        vectors,
+    })
+}

@@ -1,0 +1,348 @@
+//! The ingest sink: each epoch's output file and its commit (epoch, members, clusterer state)
+//! in one store transaction, on the worker that read the shard.
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::assign::EpochClusters;
+use super::{LocalShard, Shared};
+use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
+use crate::bandit::Strategy;
+use crate::select::Verdicts;
+use crate::sink;
+use crate::source::{self, ShardData};
+use crate::state::{ClusterCommit, EpochCommit, EpochRecord};
+
+/// Clustering jobs commit epochs strictly in epoch order, so the stored clusterer state is
+/// always the state after every committed epoch and no later one: what resuming needs.
+#[derive(Default)]
+pub(super) struct CommitOrder {
+    /// Epochs of this run not committed yet.
+    waiting: Mutex<std::collections::BTreeSet<u64>>,
+    turn: std::sync::Condvar,
+}
+
+impl CommitOrder {
+    pub(super) fn add(&self, epochs: impl IntoIterator<Item = u64>) {
+        self.waiting.lock().expect("commit order").extend(epochs);
+    }
+
+    /// Blocks until every earlier epoch of this run has committed; false if the job failed.
+    pub(super) fn wait_turn(&self, epoch: u64, failed: &AtomicBool) -> bool {
+        let mut waiting = self.waiting.lock().expect("commit order");
+        while waiting.first().is_some_and(|&first| first < epoch) {
+            if failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            waiting = self
+                .turn
+                .wait_timeout(waiting, Duration::from_millis(100))
+                .expect("commit order")
+                .0;
+        }
+        true
+    }
+
+    pub(super) fn done(&self, epoch: u64) {
+        self.waiting.lock().expect("commit order").remove(&epoch);
+        self.turn.notify_all();
+    }
+}
+
+/// Writes and commits each epoch on the worker that read its shard (the rows are there), on a
+/// writer thread, and sends the members' cluster updates once the commit is done; an epoch's
+/// capability is held until then, so a probe after it passes committed epochs only.
+pub(super) fn epoch_sink_operator<'scope>(
+    verdicts: StreamVec<'scope, u64, Verdicts>,
+    clusters: StreamVec<'scope, u64, EpochClusters>,
+    shared: &Arc<Shared>,
+    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+) -> StreamVec<'scope, u64, ClusterUpdate> {
+    let scope = verdicts.scope();
+    let peers = scope.peers() as u64;
+    let owner = move |epoch: u64| epoch % peers;
+    let sink_shared = shared.clone();
+    let sink_local = local.clone();
+    verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _, _>(
+        clusters,
+        Exchange::new(move |v: &Verdicts| owner(v.epoch)),
+        Exchange::new(move |c: &EpochClusters| owner(c.epoch)),
+        "Sink",
+        move |_capability, info| {
+            // Compression, fsync and the store commit run on a writer thread, so the
+            // worker reads the next shard meanwhile. An epoch's capability is held until
+            // its commit is done, so the probe only passes committed epochs.
+            let (jobs, writer_jobs) =
+                std::sync::mpsc::channel::<(u64, LocalShard, Verdicts, Option<ClusterCommit>)>();
+            let (writer_done, done) = std::sync::mpsc::channel::<(u64, Vec<ClusterUpdate>)>();
+            let writer_shared = sink_shared.clone();
+            std::thread::spawn(move || {
+                for (epoch, shard, verdicts, clusters) in writer_jobs {
+                    let changes = commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
+                        .unwrap_or_else(|e| {
+                            writer_shared.fail(e);
+                            Vec::new()
+                        });
+                    if writer_done.send((epoch, changes)).is_err() {
+                        break;
+                    }
+                }
+            });
+            let activator = scope.activator_for(info.address);
+            let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
+            let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
+            let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
+            let clustering = sink_shared.clustering.is_some();
+            move |(input, frontier), (cluster_input, cluster_frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                        for container in data {
+                            for v in container.drain(..) {
+                                stash.insert(v.epoch, cap.delayed(&v.epoch));
+                                verdicts_of.insert(v.epoch, v);
+                            }
+                        }
+                    }
+                });
+                cluster_input.for_each_stamp(|_cap, data| {
+                    for container in data {
+                        for c in container.drain(..) {
+                            clusters_of.insert(c.epoch, c.commit);
+                        }
+                    }
+                });
+                while let Some((&epoch, _)) = stash.first_key_value() {
+                    if frontier.less_equal(&epoch) || cluster_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let cap = stash.remove(&epoch).expect("first key");
+                    let shard = sink_local.borrow_mut().remove(&epoch);
+                    let clusters = clusters_of.remove(&epoch);
+                    if clustering && clusters.is_none() {
+                        sink_shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached the sink without its clusters"
+                        ));
+                        continue;
+                    }
+                    match (shard, verdicts_of.remove(&epoch)) {
+                        (Some(shard), Some(verdicts)) => {
+                            if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
+                                sink_shared.fail(anyhow::anyhow!("the writer thread stopped"));
+                            }
+                            writing.insert(epoch, cap);
+                        }
+                        _ => sink_shared.fail(anyhow::anyhow!(
+                            "internal: epoch {epoch} reached the sink without its shard"
+                        )),
+                    }
+                }
+                for (epoch, changes) in done.try_iter() {
+                    if let Some(cap) = writing.remove(&epoch) {
+                        output.session(&cap).give_iterator(changes.into_iter());
+                    }
+                }
+                if !writing.is_empty() {
+                    // Look again shortly for commits the writer finished.
+                    activator.activate_after(Duration::from_millis(1));
+                }
+            }
+        },
+    )
+}
+
+/// Writes an epoch's output and commits it with the epoch's state in one transaction. Returns
+/// the clusters' changes for the bandit (after the commit, so a draw sees the new members).
+fn commit_epoch(
+    shared: &Shared,
+    epoch: u64,
+    shard: LocalShard,
+    verdicts: Verdicts,
+    clusters: Option<ClusterCommit>,
+) -> Result<Vec<ClusterUpdate>> {
+    let spec = &shared.spec;
+    let shard_name = shard.shard.to_string_lossy().to_string();
+    let mut fit_sample = Vec::new();
+    let (record, accepted, rejects) = match &shard.data {
+        Err(reason) => (
+            EpochRecord {
+                shard: shard_name.clone(),
+                quarantined: Some(reason.clone()),
+                ..Default::default()
+            },
+            Vec::new(),
+            Vec::new(),
+        ),
+        Ok(data) => {
+            let file =
+                sink::write_epoch(&spec.sink.path, epoch, data, &verdicts.selected, &spec.sink)?;
+            if let (Some(file), Some(crash)) = (&file, shared.hooks.crash_after_rename) {
+                if crash == epoch {
+                    tracing::error!(file, "test hook: crashing after rename, before commit");
+                    std::process::abort();
+                }
+            }
+            let tokens_of: HashMap<u64, u32> =
+                data.docs.iter().map(|d| (d.row, d.tokens)).collect();
+            let duplicate_rows: std::collections::HashSet<u64> =
+                verdicts.duplicates.iter().map(|d| d.row).collect();
+            let accepted: Vec<(String, u64)> = data
+                .docs
+                .iter()
+                .filter(|d| !duplicate_rows.contains(&d.row))
+                .map(|d| (d.id.clone(), d.row))
+                .collect();
+            let mut rejects = data.rejects.clone();
+            for dup in &verdicts.duplicates {
+                tracing::warn!("{}: row {}, column '{}': duplicate id {:?} (first at epoch {} row {}); row rejected", shard_name, dup.row, spec.source.id_column, dup.id, dup.first_epoch, dup.first_row);
+                rejects.push(source::Reject {
+                    row: dup.row,
+                    column: spec.source.id_column.clone(),
+                    reason: format!("duplicate id {:?}", dup.id),
+                });
+            }
+            if spec.select.strategy != Strategy::Random {
+                fit_sample = fit_sample_candidates(
+                    spec.seed,
+                    data,
+                    &duplicate_rows,
+                    spec.influence.fit_pool_docs,
+                );
+            }
+            let record = EpochRecord {
+                tokens_by_source: tokens_by_source(data, &duplicate_rows),
+                shard: shard_name.clone(),
+                quarantined: None,
+                rows: data.rows,
+                docs: accepted.len() as u64,
+                rejected: data.rejects.len() as u64,
+                duplicates: verdicts.duplicates.len() as u64,
+                selected: verdicts.selected.len() as u64,
+                tokens: accepted
+                    .iter()
+                    .map(|(_, row)| u64::from(tokens_of[row]))
+                    .sum(),
+                selected_tokens: verdicts
+                    .selected
+                    .iter()
+                    .map(|row| u64::from(tokens_of[row]))
+                    .sum(),
+                file,
+            };
+            (record, accepted, rejects)
+        }
+    };
+    if let Some(delay) = shared.hooks.delay {
+        std::thread::sleep(delay);
+    }
+    if shared.clustering.is_some() && !shared.order.wait_turn(epoch, &shared.failed) {
+        return Ok(Vec::new()); // the job failed elsewhere; this epoch stays uncommitted
+    }
+    let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
+    let changes = clusters
+        .as_ref()
+        .map(|c| member_updates(epoch, c))
+        .unwrap_or_default();
+    let result = shared.store.commit_epoch(&EpochCommit {
+        epoch,
+        record: record.clone(),
+        accepted,
+        rejects,
+        clusters,
+        fit_sample,
+        fit_sample_size: shared.spec.influence.fit_pool_docs,
+    });
+    shared.order.done(epoch);
+    result.with_context(|| format!("committing epoch {epoch}"))?;
+    let mut summary = shared.summary.lock().expect("summary lock");
+    match &record.quarantined {
+        Some(reason) => {
+            summary.shards_quarantined += 1;
+            summary
+                .quarantined
+                .push((shard_name.clone(), reason.clone()));
+        }
+        None => summary.shards_done += 1,
+    }
+    summary.rows_read += record.rows;
+    summary.documents += record.docs;
+    summary.rejected += record.rejected;
+    summary.duplicates += record.duplicates;
+    summary.selected += record.selected;
+    summary.tokens += record.tokens;
+    summary.selected_tokens += record.selected_tokens;
+    summary.files_written += u64::from(record.file.is_some());
+    summary.clustered += clustered;
+    drop(summary);
+    shared
+        .progress
+        .epoch_done(epoch, &shard_name, record.docs, record.selected);
+    Ok(changes)
+}
+
+/// What an epoch's clustering commit changes, as updates of the cluster aggregates the bandit
+/// reads: one per member that joined (its tokens) and one per moved centroid.
+fn member_updates(epoch: u64, commit: &ClusterCommit) -> Vec<ClusterUpdate> {
+    let centroids = commit.clusters.iter().map(|info| {
+        (
+            info.cluster,
+            epoch,
+            ClusterDelta::centroid(epoch, info.centroid.clone()),
+        )
+    });
+    let members = commit.members.iter().map(|m| {
+        let delta = ClusterDelta::member(u64::from(m.tokens), m.flags == 0);
+        (m.cluster, epoch, delta)
+    });
+    centroids.chain(members).collect()
+}
+
+/// The epoch's candidates for the factor-fitting pool sample: its `n` accepted documents with
+/// the lowest seeded priority of their id (the store keeps the lowest `n` over all epochs).
+fn fit_sample_candidates(
+    seed: u64,
+    data: &ShardData,
+    duplicates: &std::collections::HashSet<u64>,
+    n: usize,
+) -> Vec<(u64, u64, u32)> {
+    let mut candidates: Vec<(u64, u64, u32)> = data
+        .docs
+        .iter()
+        .filter(|d| !duplicates.contains(&d.row))
+        .map(|d| {
+            let priority = xxhash_rust::xxh3::xxh3_64_with_seed(d.id.as_bytes(), seed ^ 0x9001);
+            (priority, d.row, d.row_group)
+        })
+        .collect();
+    candidates.sort_unstable();
+    candidates.truncate(n);
+    candidates
+}
+
+/// The accepted documents' tokens by the shard's `source` column (empty when it has none).
+fn tokens_by_source(
+    data: &ShardData,
+    duplicates: &std::collections::HashSet<u64>,
+) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Some(sources) = data.doc_strings(crate::quad_loop::SOURCE_COLUMN) else {
+        return out;
+    };
+    for (doc, source) in data.docs.iter().zip(sources) {
+        if !duplicates.contains(&doc.row) {
+            *out.entry(source.unwrap_or("(none)").to_string())
+                .or_insert(0) += u64::from(doc.tokens);
+        }
+    }
+    out
+}

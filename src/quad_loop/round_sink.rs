@@ -1,0 +1,211 @@
+//! The round sink: the selected rows of the clusters a worker owns, accumulated over rounds
+//! into output files of at least `sink.min_file_rows` rows, each committed when closed.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow::array::{Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::StreamVec;
+
+use super::{route, BanditMsg, LoopContext};
+use crate::bandit::MemberRef;
+use crate::schema;
+use crate::sink;
+use crate::source;
+use crate::state::PendingRow;
+
+/// Writes the selected rows of the clusters this worker owns into output files of at least
+/// `sink.min_file_rows` rows: rounds accumulate until a file is full, the rest goes into a last
+/// file when the loop ends. A file is committed when closed, together with the pending rows it
+/// took (kept in the store until then, so a killed job loses none and repeats none).
+pub(super) fn round_sink_operator<'scope>(
+    messages: StreamVec<'scope, u64, BanditMsg>,
+    ctx: Arc<LoopContext>,
+    index: u64,
+    peers: u64,
+) -> StreamVec<'scope, u64, ()> {
+    messages.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Exchange::new(move |m: &BanditMsg| route(m, peers)),
+        "RoundSink",
+        move |_capability, _info| {
+            let owned = move |cluster: u32| u64::from(cluster) % peers == index;
+            let mut pending = match ctx.store.pending_rows(owned) {
+                Ok(rows) => rows.len(),
+                Err(e) => {
+                    (ctx.fail)(e.into());
+                    0
+                }
+            };
+            let mut last_round: Option<u64> = None;
+            let mut stash: BTreeMap<u64, Vec<(u64, usize)>> = BTreeMap::new();
+            let mut closed = false;
+            move |(input, frontier), _output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(&time) = cap.least() else {
+                        return;
+                    };
+                    let entry = stash.entry(time).or_default();
+                    for container in data {
+                        for msg in container.drain(..) {
+                            if let BanditMsg::Committed { round, rows, .. } = msg {
+                                entry.push((round, rows));
+                            }
+                        }
+                    }
+                });
+                while let Some((&time, _)) = stash.first_key_value() {
+                    if frontier.less_equal(&time) {
+                        break;
+                    }
+                    for (round, rows) in stash.remove(&time).expect("first key") {
+                        pending += rows;
+                        last_round = Some(last_round.map_or(round, |r| r.max(round)));
+                    }
+                    let full = ctx.sink.min_file_rows.max(1);
+                    let Some(round) = last_round else {
+                        continue; // no round of this run has passed yet
+                    };
+                    if pending >= full && !(ctx.failed)() {
+                        match close_file(&ctx, owned, index, Some(round)) {
+                            Ok(written) => pending -= written.min(pending),
+                            Err(e) => (ctx.fail)(e),
+                        }
+                    }
+                }
+                // The loop is over: the rest goes into a last file.
+                if frontier.is_empty() && !closed {
+                    closed = true;
+                    if pending > 0 && !(ctx.failed)() {
+                        if let Err(e) = close_file(&ctx, owned, index, None) {
+                            (ctx.fail)(e);
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Writes the pending rows of the owned clusters (of rounds up to `through`, or all) as one
+/// file and commits it. Returns the rows written.
+fn close_file(
+    ctx: &LoopContext,
+    owned: impl Fn(u32) -> bool,
+    index: u64,
+    through: Option<u64>,
+) -> Result<usize> {
+    let mut rows = ctx.store.pending_rows(owned)?;
+    if let Some(through) = through {
+        rows.retain(|r| r.round <= through);
+    }
+    let Some(round) = rows.iter().map(|r| r.round).max() else {
+        return Ok(0);
+    };
+    // Named by its last round and the worker; a name a committed file already has (another
+    // run with another number of workers) gets a suffix.
+    let committed = ctx.store.outputs()?;
+    let name = (0..)
+        .map(|n| round_file_name(round, index, n))
+        .find(|name| !committed.contains(name))
+        .expect("a free name");
+    let tokens_by_source = write_rows(ctx, &name, &rows)?;
+    if ctx.crash_after_round.is_some_and(|crash| round >= crash) {
+        tracing::error!(
+            file = name,
+            "test hook: crashing after the file's rename, before its commit"
+        );
+        std::process::abort();
+    }
+    ctx.store
+        .commit_output_file(&name, round, &rows, &tokens_by_source)
+        .with_context(|| format!("committing {name}"))?;
+    (ctx.on_file)(&name, rows.len());
+    tracing::info!(file = name, rows = rows.len(), "output file committed");
+    Ok(rows.len())
+}
+
+/// Members grouped by the shard holding them, rows ascending.
+fn by_shard<'a, T>(
+    items: impl Iterator<Item = (&'a MemberRef, T)>,
+) -> BTreeMap<u64, Vec<(u64, T)>> {
+    let mut out: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
+    for (m, value) in items {
+        out.entry(m.loc.shard).or_default().push((m.loc.row, value));
+    }
+    for rows in out.values_mut() {
+        rows.sort_by_key(|(row, _)| *row);
+    }
+    out
+}
+
+/// Writes rows (fetched back by location) with quad_cluster, quad_influence and quad_round as
+/// one Parquet file; returns their tokens by the rows' `source` column.
+fn write_rows(ctx: &LoopContext, name: &str, rows: &[PendingRow]) -> Result<BTreeMap<String, u64>> {
+    let mut tokens_by_source = BTreeMap::new();
+    let mut batches = Vec::new();
+    let mut out_schema = None;
+    let selected = by_shard(rows.iter().map(|r| (&r.member, r)));
+    for (epoch, rows) in selected {
+        let path = ctx.shards.get(epoch)?;
+        let wanted: Vec<u64> = rows.iter().map(|(row, _)| *row).collect();
+        let batch = source::fetch_rows(&path, &ctx.source, &wanted)?;
+        let schema = schema::output_schema(&batch.schema());
+        match &out_schema {
+            None => out_schema = Some(schema.clone()),
+            Some(first) if first != &schema => anyhow::bail!(
+                "{}: its columns differ from the other shards' ({:?}); one output file needs one schema",
+                path.display(),
+                batch.schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+            ),
+            Some(_) => {}
+        }
+        if let Ok(index) = batch.schema().index_of(SOURCE_COLUMN) {
+            for (i, (_, r)) in rows.iter().enumerate() {
+                let domain = source::string_at(batch.column(index), i).unwrap_or("(none)");
+                *tokens_by_source.entry(domain.to_string()).or_default() += r.member.tokens;
+            }
+        }
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for field in schema::output_fields() {
+            let array: ArrayRef = match field.name().as_str() {
+                "quad_cluster" => Arc::new(Int32Array::from_iter_values(
+                    rows.iter().map(|(_, r)| r.member.cluster as i32),
+                )),
+                "quad_influence" => Arc::new(
+                    rows.iter()
+                        .map(|(_, r)| r.influence)
+                        .collect::<Float64Array>(),
+                ),
+                "quad_round" => Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|(_, r)| r.round as i64),
+                )),
+                other => anyhow::bail!("internal: unknown output column {other}"),
+            };
+            debug_assert_eq!(array.len(), batch.num_rows());
+            columns.push(array);
+        }
+        batches.push(RecordBatch::try_new(schema, columns)?);
+    }
+    let Some(out_schema) = out_schema else {
+        return Ok(tokens_by_source);
+    };
+    sink::write_durably(&ctx.sink.path, name, out_schema, &batches, &ctx.sink)
+        .with_context(|| format!("writing {}", ctx.sink.path.join(name).display()))?;
+    Ok(tokens_by_source)
+}
+
+/// The column whose values the report's "selected tokens by source" plot groups by.
+pub const SOURCE_COLUMN: &str = "source";
+
+/// Output file of the Quad loop whose last round is `round`, closed by worker `index`
+/// (`part-` so that leftovers of an uncommitted file are removed like those of an uncommitted
+/// epoch); `n` > 0 only when that name is taken.
+pub fn round_file_name(round: u64, index: u64, n: u32) -> String {
+    match n {
+        0 => format!("part-r{round:06}-w{index:03}.parquet"),
+        n => format!("part-r{round:06}-w{index:03}-{n}.parquet"),
+    }
+}

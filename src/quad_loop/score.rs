@@ -1,0 +1,187 @@
+//! The score operator: each round's drawn samples scored on worker 0 (the process's influence
+//! model) in a fixed order, the scores sent into the feedback edge; and what scoring cost.
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::{DocScorer, Fetched, LoopContext, Scored};
+use crate::bandit::{MemberRef, Pull};
+
+/// Scores each round's drawn samples on worker 0 (the process's model), in a fixed order, and
+/// sends the pulls with their scores into the feedback edge.
+pub(super) fn score_operator<'scope>(
+    fetched: StreamVec<'scope, u64, Fetched>,
+    ctx: Arc<LoopContext>,
+) -> StreamVec<'scope, u64, Scored> {
+    fetched.unary_frontier::<CapacityContainerBuilder<Vec<Scored>>, _, _, _>(
+        Exchange::new(|_: &Fetched| 0),
+        "Score",
+        move |_capability, _info| {
+            let mut scorer: Option<Box<dyn DocScorer>> = None;
+            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DrawnTexts>)> = BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let entry = stash
+                        .entry(*cap.time())
+                        .or_insert_with(|| (cap.clone(), Vec::new()));
+                    for container in data {
+                        for msg in container.drain(..) {
+                            if let Fetched::Drawn { pull, texts, .. } = msg {
+                                entry.1.push((pull, texts));
+                            }
+                        }
+                    }
+                });
+                while let Some((&time, _)) = stash.first_key_value() {
+                    if frontier.less_equal(&time) {
+                        break;
+                    }
+                    let (cap, mut drawn) = stash.remove(&time).expect("first key");
+                    drawn.sort_by_key(|(pull, _)| pull.cluster);
+                    match score_round(&ctx, &mut scorer, &drawn) {
+                        Ok((scores, unscorable)) => output.session(&cap).give(Scored {
+                            pulls: drawn.into_iter().map(|(pull, _)| pull).collect(),
+                            scores,
+                            unscorable,
+                        }),
+                        Err(e) => (ctx.fail)(e),
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A drawn pull with the texts of its members (or why a text is missing).
+type DrawnTexts = (Pull, Vec<Result<String, String>>);
+
+/// The scores of a round's scored members, scored in member order (the same batches whatever
+/// the number of workers); a member that cannot be scored gets NaN, and its reason.
+#[allow(clippy::type_complexity)]
+fn score_round(
+    ctx: &LoopContext,
+    scorer: &mut Option<Box<dyn DocScorer>>,
+    drawn: &[DrawnTexts],
+) -> Result<(Vec<(MemberRef, f64)>, Vec<(MemberRef, String)>)> {
+    let mut docs: Vec<(MemberRef, &Result<String, String>)> = drawn
+        .iter()
+        .filter(|(pull, _)| pull.score)
+        .flat_map(|(pull, texts)| pull.members.iter().copied().zip(texts.iter()))
+        .collect();
+    docs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut unscorable: Vec<(MemberRef, String)> = docs
+        .iter()
+        .filter_map(|(m, text)| text.as_ref().err().map(|reason| (*m, reason.clone())))
+        .collect();
+    let readable: Vec<(MemberRef, &str)> = docs
+        .iter()
+        .filter_map(|(m, text)| text.as_ref().ok().map(|t| (*m, t.as_str())))
+        .collect();
+    let mut scores: Vec<(MemberRef, f64)> =
+        unscorable.iter().map(|(m, _)| (*m, f64::NAN)).collect();
+    if readable.is_empty() {
+        return Ok((scores, unscorable));
+    }
+    if scorer.is_none() {
+        *scorer = Some((ctx.scorer)().context("loading the influence scorer")?);
+    }
+    let scorer = scorer.as_mut().expect("just set");
+    let texts: Vec<&str> = readable.iter().map(|(_, t)| *t).collect();
+    let started = std::time::Instant::now();
+    let values = scorer.score(&texts)?;
+    tracing::debug!(
+        documents = texts.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "scored"
+    );
+    anyhow::ensure!(
+        values.len() == readable.len(),
+        "the scorer returned {} scores for {} documents",
+        values.len(),
+        readable.len()
+    );
+    for ((m, _), value) in readable.iter().zip(values) {
+        match value {
+            Ok(v) => scores.push((*m, v)),
+            Err(reason) => {
+                scores.push((*m, f64::NAN));
+                unscorable.push((*m, reason));
+            }
+        }
+    }
+    Ok((scores, unscorable))
+}
+
+/// What the influence operator spent, for the cost accounting (DESIGN 1.4): the model's shape
+/// and the scored documents' token and window counts, O(1) whatever the pool.
+#[derive(Debug, Clone, Default)]
+pub struct ScoreTally {
+    /// The model's shape and K-FAC blocks, once the scorer is built.
+    pub shape: Option<(crate::cost::TransformerShape, Vec<crate::cost::Linear>)>,
+    pub docs: u64,
+    pub tokens: u64,
+    /// Windows of each length scored (length -> count).
+    pub windows: BTreeMap<u64, u64>,
+}
+
+/// The influence scorer as the loop's `DocScorer`, counting what it scores.
+pub struct TalliedScorer {
+    pub scorer: crate::influence::InfluenceScorer,
+    pub tally: Arc<Mutex<ScoreTally>>,
+    pub window: u64,
+}
+
+impl TalliedScorer {
+    pub fn new(
+        scorer: crate::influence::InfluenceScorer,
+        tally: Arc<Mutex<ScoreTally>>,
+        window: u64,
+    ) -> TalliedScorer {
+        let shape = crate::cost::TransformerShape::llama(&scorer.model().config);
+        tally.lock().expect("score tally").shape = Some(shape);
+        TalliedScorer {
+            scorer,
+            tally,
+            window,
+        }
+    }
+}
+
+impl DocScorer for TalliedScorer {
+    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>> {
+        let scores = self.scorer.score(texts)?;
+        let mut tally = self.tally.lock().expect("score tally");
+        let window = self.window.max(1);
+        for s in &scores {
+            tally.docs += 1;
+            tally.tokens += s.tokens;
+            let full = s.tokens / window;
+            if full > 0 {
+                *tally.windows.entry(window).or_default() += full;
+            }
+            if s.tokens % window > 0 {
+                *tally.windows.entry(s.tokens % window).or_default() += 1;
+            }
+        }
+        Ok(scores
+            .into_iter()
+            .map(|s| match s.influence {
+                _ if s.tokens < 2 => Err(format!(
+                    "{} token(s): nothing to predict, so no influence",
+                    s.tokens
+                )),
+                v if !v.is_finite() => Err(format!("influence is not finite ({v})")),
+                v => Ok(v),
+            })
+            .collect())
+    }
+}
