@@ -106,7 +106,6 @@ impl Assigner {
             epoch,
             row_group: d.row_group,
             row: d.row,
-            id: d.id.clone(),
             tokens: d.tokens,
             flags: 0,
         });

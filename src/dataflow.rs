@@ -439,6 +439,7 @@ fn admit_operator<'scope>(
                     admit_shared.spec.seed,
                     admit_shared.spec.select.clone(),
                     admit_shared.store.clone(),
+                    (admit_shared.spec.runtime.dedup_filter_mib << 20) as usize,
                 ) {
                     Ok(admitter) => Some(admitter),
                     Err(e) => {
@@ -1049,7 +1050,17 @@ fn commit_epoch(
                 .collect();
             let mut rejects = data.rejects.clone();
             for dup in &verdicts.duplicates {
-                tracing::warn!("{}: row {}, column '{}': duplicate id {:?} (first at epoch {} row {}); row rejected", shard_name, dup.row, spec.source.id_column, dup.id, dup.first_epoch, dup.first_row);
+                let first = match dup.first_row {
+                    Some(row) => format!("epoch {} row {row}", dup.first_epoch),
+                    None => format!("epoch {}", dup.first_epoch),
+                };
+                tracing::warn!(
+                    "{}: row {}, column '{}': duplicate id {:?} (first at {first}); row rejected",
+                    shard_name,
+                    dup.row,
+                    spec.source.id_column,
+                    dup.id
+                );
                 rejects.push(source::Reject {
                     row: dup.row,
                     column: spec.source.id_column.clone(),
