@@ -294,6 +294,18 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         .expect("ingest time")
         .map(|t| t.duration_since(start).as_secs_f64());
     summary.round_seconds_median = shared.round_times.lock().expect("round times").median();
+    // The store's file is compacted when the run ends (see `StateStore::compact`); only when
+    // nothing else holds it, which is the case once the workers are done.
+    if let Ok(shared) = Arc::try_unwrap(shared) {
+        if let Ok(mut store) = Arc::try_unwrap(shared.store) {
+            let compacting = Instant::now();
+            store.compact().context("compacting the state store")?;
+            tracing::info!(
+                seconds = compacting.elapsed().as_secs_f64(),
+                "state store compacted"
+            );
+        }
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
