@@ -596,7 +596,7 @@ impl StateStore {
             ));
         }
         // In key order, so that the B-tree writes of one cluster are together.
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_unstable_by_key(|row| row.0);
         for (key, value, m) in &rows {
             let known = unsampled
                 .insert(key, value)
