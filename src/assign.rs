@@ -115,7 +115,6 @@ impl Assigner {
             epoch,
             row_group: d.row_group,
             row: d.row,
-            id: d.id.clone(),
             tokens: d.tokens,
             flags: 0,
         });

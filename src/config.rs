@@ -66,18 +66,28 @@ pub struct RuntimeConfig {
     /// Backpressure: at most this many epochs (shards) in flight per worker.
     #[serde(default = "default_in_flight")]
     pub max_epochs_in_flight: u64,
+    /// Size of the in-memory filter in front of the store's duplicate-id lookups, in MiB
+    /// (0: none, every id is looked up). Fixed whatever the pool; past about 6 million ids a
+    /// MiB it answers "maybe" more often and more ids are looked up in the store.
+    #[serde(default = "default_dedup_filter_mib")]
+    pub dedup_filter_mib: u64,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             max_epochs_in_flight: default_in_flight(),
+            dedup_filter_mib: default_dedup_filter_mib(),
         }
     }
 }
 
 fn default_in_flight() -> u64 {
     4
+}
+
+fn default_dedup_filter_mib() -> u64 {
+    64
 }
 
 impl JobSpec {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::Probe;
@@ -246,6 +246,18 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         .expect("ingest time")
         .map(|t| t.duration_since(start).as_secs_f64());
     summary.round_seconds_median = shared.round_times.lock().expect("round times").median();
+    // The store's file is compacted when the run ends (see `StateStore::compact`); only when
+    // nothing else holds it, which is the case once the workers are done.
+    if let Ok(shared) = Arc::try_unwrap(shared) {
+        if let Ok(mut store) = Arc::try_unwrap(shared.store) {
+            let compacting = Instant::now();
+            store.compact().context("compacting the state store")?;
+            tracing::info!(
+                seconds = compacting.elapsed().as_secs_f64(),
+                "state store compacted"
+            );
+        }
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }

@@ -54,6 +54,12 @@ pub enum StateError {
     Store { path: PathBuf, message: String },
     #[error("state store {path} belongs to a different job spec (its selection settings changed: {changed}); use a new sink path or `quad run --reset`")]
     SpecChanged { path: PathBuf, changed: String },
+    #[error("state store {path} has table layout {found}, this build reads layout {expected} (it was written by another version of quad); use a new sink path or `quad run --reset`")]
+    Layout {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
 }
 
 impl StateError {

@@ -156,10 +156,18 @@ pub fn inspect_clusters(
             .collect();
         let sources = crate::source::fetch_cells(shard, rows, &["source"])?;
         let example_rows: Vec<u64> = wanted.iter().copied().collect();
-        let texts = crate::source::fetch_cells(shard, &example_rows, &["title", text_column])?;
+        // The store keeps no ids: the examples' ids come from the shard too.
+        let id_column = spec.source.id_column.as_str();
+        let texts =
+            crate::source::fetch_cells(shard, &example_rows, &["title", text_column, id_column])?;
         for (row, source) in sources {
             let mut row_cells = source;
-            row_cells.extend(texts.get(&row).cloned().unwrap_or_else(|| vec![None, None]));
+            row_cells.extend(
+                texts
+                    .get(&row)
+                    .cloned()
+                    .unwrap_or_else(|| vec![None, None, None]),
+            );
             cells.insert((*epoch, row), row_cells);
         }
     }
@@ -205,7 +213,8 @@ pub fn inspect_clusters(
             } else {
                 ""
             };
-            out.push_str(&format!("    - [{}] {cut}{ellipsis}\n", m.id));
+            let id = row_cells.and_then(|c| c[3].as_deref()).unwrap_or("?");
+            out.push_str(&format!("    - [{id}] {cut}{ellipsis}\n"));
         }
     }
     if shown.len() < clusters.len() {

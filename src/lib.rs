@@ -16,6 +16,7 @@ pub mod config;
 pub mod corpus;
 pub mod cost;
 pub mod dataflow;
+pub mod dedup_filter;
 pub mod doctor;
 pub mod embed;
 pub mod error;

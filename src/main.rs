@@ -32,7 +32,7 @@ fn main() {
             if err.downcast_ref::<SpecError>().is_some()
                 || matches!(
                     err.downcast_ref::<StateError>(),
-                    Some(StateError::SpecChanged { .. })
+                    Some(StateError::SpecChanged { .. } | StateError::Layout { .. })
                 )
             {
                 exit::USAGE

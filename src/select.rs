@@ -4,6 +4,10 @@
 //!
 //! Decisions depend only on the seed, the ids and the shard order, never on which worker holds
 //! a document, so the output does not depend on the number of workers.
+//!
+//! The accepted ids live in the state store; a bounded in-memory filter (`DedupFilter`) in
+//! front of it answers "new" for most new ids, so only the ids it cannot rule out (duplicates
+//! and its false positives) are looked up in the store's B-tree.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::bandit::Strategy;
+use crate::dedup_filter::DedupFilter;
 use crate::error::StateError;
 use crate::source::DocMeta;
 use crate::state::StateStore;
@@ -69,7 +74,9 @@ pub struct Duplicate {
     pub row: u64,
     pub id: String,
     pub first_epoch: u64,
-    pub first_row: u64,
+    /// None when the first occurrence is in a committed epoch (the store keeps an id's epoch,
+    /// not its row).
+    pub first_row: Option<u64>,
 }
 
 /// The decisions for one epoch.
@@ -92,19 +99,31 @@ pub struct Admitter {
     /// Selected tokens of epochs committed before this run and not yet passed.
     committed: BTreeMap<u64, u64>,
     used_tokens: u64,
+    /// Every id accepted so far (committed or in flight) is in it; None: no filter.
+    filter: Option<DedupFilter>,
 }
 
 impl Admitter {
+    /// `filter_bytes`: the size of the dedup filter (0: none). A resumed job fills it from the
+    /// store's ids, one sequential pass over the id table.
     pub fn new(
         seed: u64,
         config: SelectConfig,
         store: Arc<StateStore>,
+        filter_bytes: usize,
     ) -> Result<Admitter, StateError> {
         let committed = store
             .epochs()?
             .into_iter()
             .map(|(epoch, record)| (epoch, record.selected_tokens))
             .collect();
+        let filter = if filter_bytes == 0 {
+            None
+        } else {
+            let mut filter = DedupFilter::new(filter_bytes, seed);
+            store.for_each_id_key(|key| filter.insert(key))?;
+            Some(filter)
+        };
         Ok(Admitter {
             seed,
             config,
@@ -112,6 +131,7 @@ impl Admitter {
             recent: BTreeMap::new(),
             committed,
             used_tokens: 0,
+            filter,
         })
     }
 
@@ -133,27 +153,53 @@ impl Admitter {
                 self.recent.remove(&e);
             }
         }
-        let committed = self.store.first_seen(docs.iter().map(|d| d.id.as_str()))?;
+        let keys: Vec<u128> = docs.iter().map(|d| crate::state::id_key(&d.id)).collect();
+        // Ids the filter cannot rule out may have been accepted in an earlier epoch (committed
+        // or in flight); the others are new to the run, so only these are looked up.
+        let maybe_seen: Vec<bool> = keys
+            .iter()
+            .map(|&key| self.filter.as_ref().is_none_or(|f| f.may_contain(key)))
+            .collect();
+        let lookup: Vec<u128> = keys
+            .iter()
+            .zip(&maybe_seen)
+            .filter(|(_, &maybe)| maybe)
+            .map(|(&key, _)| key)
+            .collect();
+        let mut found = self.store.first_seen_keys(&lookup)?.into_iter();
         let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
-        for (doc, committed) in docs.iter().zip(committed) {
+        for ((doc, &key), &maybe) in docs.iter().zip(&keys).zip(&maybe_seen) {
             let here = (epoch, doc.row);
-            let key = crate::state::id_key(&doc.id);
+            let committed = if maybe { found.next().flatten() } else { None };
             let in_flight = accepted.get(&key).map(|&row| (epoch, row)).or_else(|| {
-                self.recent
-                    .iter()
-                    .find_map(|(&e, ids)| ids.get(&key).map(|&row| (e, row)))
+                maybe
+                    .then(|| {
+                        self.recent
+                            .iter()
+                            .find_map(|(&e, ids)| ids.get(&key).map(|&row| (e, row)))
+                    })
+                    .flatten()
             });
-            let first = in_flight.or(committed);
-            if let Some(first) = first.filter(|&at| at < here) {
+            let first = in_flight
+                .map(|(e, row)| (e, Some(row)))
+                .or(committed.map(|e| (e, None)));
+            let earlier = first.filter(|&(e, row)| match row {
+                Some(row) => (e, row) < here,
+                None => e < epoch,
+            });
+            if let Some((first_epoch, first_row)) = earlier {
                 verdicts.duplicates.push(Duplicate {
                     row: doc.row,
                     id: doc.id.clone(),
-                    first_epoch: first.0,
-                    first_row: first.1,
+                    first_epoch,
+                    first_row,
                 });
                 continue;
             }
             accepted.insert(key, doc.row);
+            if let Some(filter) = self.filter.as_mut() {
+                filter.insert(key);
+            }
             // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
             if self.config.strategy != Strategy::Random {
                 continue;
@@ -197,7 +243,7 @@ mod tests {
             ratio,
             max_tokens,
         };
-        (dir, Admitter::new(7, config, store).unwrap())
+        (dir, Admitter::new(7, config, store, 1 << 12).unwrap())
     }
 
     #[test]
@@ -223,7 +269,7 @@ mod tests {
                 row: 2,
                 id: "a".into(),
                 first_epoch: 0,
-                first_row: 0
+                first_row: Some(0)
             }]
         );
         let mut e1 = vec![doc(0, "c", 10), doc(1, "d", 5), doc(2, "b", 1)];
@@ -234,5 +280,41 @@ mod tests {
             "10 more tokens would pass the budget of 25, 5 fit"
         );
         assert_eq!(v1.duplicates.len(), 1);
+    }
+
+    #[test]
+    fn ids_of_committed_epochs_are_duplicates_after_a_restart_with_or_without_the_filter() {
+        for filter_bytes in [0, 1 << 12] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(
+                StateStore::open(&dir.path().join("s.redb"), &serde_json::json!({})).unwrap(),
+            );
+            store
+                .commit_epoch(&crate::state::EpochCommit {
+                    epoch: 0,
+                    record: Default::default(),
+                    accepted: vec![("a".into(), 4), ("b".into(), 5)],
+                    rejects: vec![],
+                    clusters: None,
+                    fit_sample: vec![],
+                    fit_sample_size: 0,
+                })
+                .unwrap();
+            let config = SelectConfig {
+                strategy: Strategy::Random,
+                ratio: 1.0,
+                max_tokens: None,
+            };
+            let mut admit = Admitter::new(7, config, store, filter_bytes).unwrap();
+            let mut e1 = vec![doc(0, "c", 1), doc(1, "b", 1), doc(2, "c", 1)];
+            let v1 = admit.admit(1, &mut e1).unwrap();
+            assert_eq!(v1.selected, vec![0], "filter {filter_bytes}");
+            let firsts: Vec<(u64, Option<u64>)> = v1
+                .duplicates
+                .iter()
+                .map(|d| (d.first_epoch, d.first_row))
+                .collect();
+            assert_eq!(firsts, [(0, None), (1, Some(0))], "filter {filter_bytes}");
+        }
     }
 }

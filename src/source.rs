@@ -180,6 +180,23 @@ fn push_unit_vector(
     if array.is_null(row) {
         return Err("embedding is null".into());
     }
+    // The common case, a fixed-size list of float32: the row's values are a slice of the
+    // child array, read in place (no per-row array).
+    if let DataType::FixedSizeList(child, n) = array.data_type() {
+        if child.data_type() == &DataType::Float32 && *n as usize == dim {
+            let list = array.as_fixed_size_list();
+            let values = list.values().as_primitive::<Float32Type>();
+            let start = list.value_offset_at(row);
+            if values
+                .nulls()
+                .is_some_and(|nulls| (start..start + dim).any(|i| nulls.is_null(i)))
+            {
+                return Err("embedding contains a null value".into());
+            }
+            out.extend_from_slice(&values.values()[start..start + dim]);
+            return normalise_last(out, dim);
+        }
+    }
     let values: ArrayRef = match array.data_type() {
         DataType::FixedSizeList(..) => array.as_fixed_size_list().value(row),
         DataType::List(_) => array.as_list::<i32>().value(row),
@@ -207,6 +224,12 @@ fn push_unit_vector(
         ),
         other => return Err(format!("embedding values have type {other}")),
     }
+    normalise_last(out, out.len() - start)
+}
+
+/// Scales the last `dim` values of `out` to unit length, or removes them and says why not.
+fn normalise_last(out: &mut Vec<f32>, dim: usize) -> Result<(), String> {
+    let start = out.len() - dim;
     let vector = &mut out[start..];
     let norm = vector
         .iter()

@@ -2,6 +2,11 @@
 //! committed with their output files, accepted document ids (for duplicate detection across
 //! restarts) and rejected rows. An epoch's output file is recorded in the same transaction as
 //! the epoch itself, which is what makes the output exactly-once.
+//!
+//! Three tables grow with the pool, one row per document: the accepted ids, and each member in
+//! exactly one of the unsampled members (in draw order) and the sampled ones. Their keys and
+//! values are fixed-width big-endian bytes (see `layout`): redb stores fixed-width pairs with
+//! no per-entry overhead, and big-endian bytes sort as the numbers they hold.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -14,16 +19,24 @@ use crate::source::Reject;
 /// The store's page cache: bounded, so that the job's memory does not grow with the store
 /// (redb's default is 1 GiB); what a round touches is a few pages per drawn member.
 const STORE_CACHE_BYTES: usize = 128 << 20;
+
+/// The layout of the tables below. A store written with another layout is refused (it would be
+/// misread); bump it with every change to a table's key or value.
+pub const STORE_LAYOUT: &str = "2";
+const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
 const EPOCHS: TableDefinition<u64, &str> = TableDefinition::new("epochs");
 const OUTPUTS: TableDefinition<&str, u64> = TableDefinition::new("outputs");
-/// Accepted ids by their 128-bit hash (`id_key`): fixed-size keys keep the table small and fast.
-const IDS: TableDefinition<u128, (u64, u64)> = TableDefinition::new("ids");
+/// Accepted ids by their key (`layout::id_key`, 96 bits) -> the epoch that first accepted them
+/// (`layout::id_value`). The row is not kept: 4 bytes a document less, and a duplicate of a
+/// committed epoch is reported with its first epoch only.
+const IDS: TableDefinition<&[u8; 12], &[u8; 4]> = TableDefinition::new("ids");
 
-/// The key of a document id in the id table. A collision needs about 2^64 ids.
+/// The key of a document id: 96 bits of its xxh3-128 hash. A collision (a new document taken
+/// for a duplicate) needs about 2^48 ids.
 pub fn id_key(id: &str) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes()) >> 32
 }
 const REJECTS: TableDefinition<(u64, u64), &str> = TableDefinition::new("rejects");
 /// The Quad loop: one record per bandit round (JSON `report::RoundRecord`).
@@ -36,13 +49,16 @@ const BANDIT_KEY: &str = "bandit";
 const SELECTED_MIX_KEY: &str = "selected_tokens_by_source";
 /// Per cluster: bincode of `ClusterInfo` (centroid, size, tokens).
 const CLUSTERS: TableDefinition<u32, &[u8]> = TableDefinition::new("clusters");
-/// Per member, keyed (cluster, epoch, row): bincode of `MemberValue`. Never the text.
-const MEMBERS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("members");
 /// The assign stage's state after the last committed epoch (opaque bytes; see `assign`).
 const CLUSTERER: TableDefinition<&str, &[u8]> = TableDefinition::new("clusterer");
-/// Members not yet sampled, in draw order: (cluster, sample key, epoch, row) -> (row group,
-/// tokens). A round's draw reads O(n) entries from a seeded start (see `bandit::draw`).
-const FRESH: TableDefinition<(u32, u64, u64, u64), (u32, u32)> = TableDefinition::new("fresh");
+/// Members not yet sampled, in draw order: `layout::unsampled_key` (cluster, sample key, epoch,
+/// row) -> `layout::member_value` (row group, tokens). A round's draw reads O(n) entries from a
+/// seeded start (see `bandit::draw`). Never the text, nor the id (fetched back by location).
+const UNSAMPLED: TableDefinition<&[u8; 20], &[u8; 8]> = TableDefinition::new("unsampled");
+/// Members a round has sampled (scored or taken; they leave `UNSAMPLED`):
+/// `layout::sampled_key` (cluster, epoch, row) -> `layout::sampled_value` (row group, tokens,
+/// `member_flags`).
+const SAMPLED: TableDefinition<&[u8; 12], &[u8; 9]> = TableDefinition::new("sampled");
 /// Selected rows not yet in a closed output file: (cluster, round, epoch, row) -> (row group,
 /// tokens, influence; NaN when taken unscored).
 const PENDING: TableDefinition<(u32, u64, u64, u64), (u32, u64, f64)> =
@@ -78,7 +94,7 @@ pub struct ClusterInfo {
 }
 
 /// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
-/// never its text.
+/// never its text nor its id (both are in the shard, at that row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub cluster: u32,
@@ -87,7 +103,6 @@ pub struct Member {
     pub row_group: u32,
     /// Row in the shard, over all row groups.
     pub row: u64,
-    pub id: String,
     pub tokens: u32,
     /// `member_flags` bits.
     pub flags: u8,
@@ -104,12 +119,91 @@ impl Member {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct MemberValue {
-    row_group: u32,
-    id: String,
-    tokens: u32,
-    flags: u8,
+/// The fixed-width keys and values of the tables with a row per document. Big-endian, so that
+/// the byte order redb sorts by is the order of the numbers. Epochs and rows are held in 32
+/// bits (4 billion shards, 4 billion rows a shard; `narrow` refuses more).
+pub mod layout {
+    fn be32(bytes: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+    }
+
+    /// (cluster, sample key, epoch, row): the draw order of the unsampled members.
+    pub fn unsampled_key(cluster: u32, sample_key: u64, epoch: u32, row: u32) -> [u8; 20] {
+        let mut key = [0u8; 20];
+        key[..4].copy_from_slice(&cluster.to_be_bytes());
+        key[4..12].copy_from_slice(&sample_key.to_be_bytes());
+        key[12..16].copy_from_slice(&epoch.to_be_bytes());
+        key[16..].copy_from_slice(&row.to_be_bytes());
+        key
+    }
+
+    /// (cluster, sample key, epoch, row) of an `unsampled_key`.
+    pub fn parse_unsampled_key(key: &[u8; 20]) -> (u32, u64, u32, u32) {
+        (
+            be32(key, 0),
+            u64::from_be_bytes(key[4..12].try_into().expect("8 bytes")),
+            be32(key, 12),
+            be32(key, 16),
+        )
+    }
+
+    /// (cluster, epoch, row): a sampled member.
+    pub fn sampled_key(cluster: u32, epoch: u32, row: u32) -> [u8; 12] {
+        let mut key = [0u8; 12];
+        key[..4].copy_from_slice(&cluster.to_be_bytes());
+        key[4..8].copy_from_slice(&epoch.to_be_bytes());
+        key[8..].copy_from_slice(&row.to_be_bytes());
+        key
+    }
+
+    pub fn parse_sampled_key(key: &[u8; 12]) -> (u32, u32, u32) {
+        (be32(key, 0), be32(key, 4), be32(key, 8))
+    }
+
+    /// (row group, tokens) of an unsampled member.
+    pub fn member_value(row_group: u32, tokens: u32) -> [u8; 8] {
+        let mut value = [0u8; 8];
+        value[..4].copy_from_slice(&row_group.to_be_bytes());
+        value[4..].copy_from_slice(&tokens.to_be_bytes());
+        value
+    }
+
+    pub fn parse_member_value(value: &[u8]) -> (u32, u32) {
+        (be32(value, 0), be32(value, 4))
+    }
+
+    /// (row group, tokens, flags) of a sampled member.
+    pub fn sampled_value(row_group: u32, tokens: u32, flags: u8) -> [u8; 9] {
+        let mut value = [0u8; 9];
+        value[..8].copy_from_slice(&member_value(row_group, tokens));
+        value[8] = flags;
+        value
+    }
+
+    pub fn parse_sampled_value(value: &[u8; 9]) -> (u32, u32, u8) {
+        let (row_group, tokens) = parse_member_value(value);
+        (row_group, tokens, value[8])
+    }
+
+    /// An id's key (`super::id_key`, 96 bits) as the id table holds it.
+    pub fn id_key(key: u128) -> [u8; 12] {
+        key.to_be_bytes()[4..].try_into().expect("12 bytes")
+    }
+
+    pub fn parse_id_key(key: &[u8; 12]) -> u128 {
+        let mut bytes = [0u8; 16];
+        bytes[4..].copy_from_slice(key);
+        u128::from_be_bytes(bytes)
+    }
+
+    /// The epoch where an id was first accepted.
+    pub fn id_value(epoch: u32) -> [u8; 4] {
+        epoch.to_be_bytes()
+    }
+
+    pub fn parse_id_value(value: &[u8; 4]) -> u64 {
+        u64::from(u32::from_be_bytes(*value))
+    }
 }
 
 /// A selected row waiting for its output file.
@@ -243,8 +337,15 @@ impl StateStore {
                 None => {
                     meta.insert("fingerprint", wanted.as_str())
                         .map_err(|e| store.err(e))?;
+                    meta.insert(LAYOUT_KEY, STORE_LAYOUT)
+                        .map_err(|e| store.err(e))?;
                 }
             }
+            let layout = meta
+                .get(LAYOUT_KEY)
+                .map_err(|e| store.err(e))?
+                .map(|v| v.value().to_string());
+            store.check_layout(layout)?;
             // Create every table so readers never meet a missing one.
             txn.open_table(SHARDS).map_err(|e| store.err(e))?;
             txn.open_table(EPOCHS).map_err(|e| store.err(e))?;
@@ -252,9 +353,9 @@ impl StateStore {
             txn.open_table(IDS).map_err(|e| store.err(e))?;
             txn.open_table(REJECTS).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERS).map_err(|e| store.err(e))?;
-            txn.open_table(MEMBERS).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERER).map_err(|e| store.err(e))?;
-            txn.open_table(FRESH).map_err(|e| store.err(e))?;
+            txn.open_table(UNSAMPLED).map_err(|e| store.err(e))?;
+            txn.open_table(SAMPLED).map_err(|e| store.err(e))?;
             txn.open_table(PENDING).map_err(|e| store.err(e))?;
             txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
         }
@@ -274,14 +375,57 @@ impl StateStore {
             .set_cache_size(STORE_CACHE_BYTES)
             .open(path)
             .map_err(|e| StateError::store(path, e))?;
-        Ok(StateStore {
+        let store = StateStore {
             db,
             path: path.to_path_buf(),
-        })
+        };
+        let layout = {
+            let txn = store.db.begin_read().map_err(|e| store.err(e))?;
+            match txn.open_table(META) {
+                Ok(meta) => meta
+                    .get(LAYOUT_KEY)
+                    .map_err(|e| store.err(e))?
+                    .map(|v| v.value().to_string()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(store.err(e)),
+            }
+        };
+        store.check_layout(layout)?;
+        Ok(store)
+    }
+
+    /// Refuses a store whose tables have another layout than this build's.
+    fn check_layout(&self, found: Option<String>) -> Result<(), StateError> {
+        match found.as_deref() {
+            Some(STORE_LAYOUT) => Ok(()),
+            found => Err(StateError::Layout {
+                path: self.path.clone(),
+                found: found.unwrap_or("1").to_string(),
+                expected: STORE_LAYOUT,
+            }),
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StateError {
         StateError::store(&self.path, e)
+    }
+
+    /// Moves the store's pages to the front of the file and cuts the free space off. redb grows
+    /// the file by doubling it (until 4 GiB) and a commit copies the pages it touches (the
+    /// randomly keyed id and draw-order tables: most of their pages every epoch), so a run
+    /// leaves up to twice its pages in the file. Needs the only handle on the store.
+    pub fn compact(&mut self) -> Result<(), StateError> {
+        while self.db.compact().map_err(|e| self.err(e))? {}
+        Ok(())
+    }
+
+    /// An epoch or row as the member and id tables hold it (32 bits).
+    fn narrow(&self, what: &str, value: u64) -> Result<u32, StateError> {
+        u32::try_from(value).map_err(|_| {
+            self.err(format!(
+                "{what} {value} is past what the store holds (2^32 - 1)"
+            ))
+        })
     }
 
     /// Gives every shard not seen before the next epoch number (in path order) and returns
@@ -400,8 +544,9 @@ impl StateStore {
                 .map(|(id, row)| (id_key(id), *row))
                 .collect();
             keyed.sort_unstable();
-            for (key, row) in keyed {
-                ids.insert(key, (commit.epoch, row))
+            let value = layout::id_value(self.narrow("epoch", commit.epoch)?);
+            for (key, _) in keyed {
+                ids.insert(&layout::id_key(key), &value)
                     .map_err(|e| self.err(e))?;
             }
             let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
@@ -432,26 +577,34 @@ impl StateStore {
         txn: &redb::WriteTransaction,
         commit: &ClusterCommit,
     ) -> Result<(), StateError> {
-        let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
-        let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
+        let mut unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut joined: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut rows: Vec<([u8; 20], [u8; 8], &Member)> = Vec::with_capacity(commit.members.len());
         for m in &commit.members {
-            let value = bincode::serialize(&MemberValue {
-                row_group: m.row_group,
-                id: m.id.clone(),
-                tokens: m.tokens,
-                flags: m.flags,
-            })
-            .map_err(|e| self.err(e))?;
-            let known = members
-                .insert((m.cluster, m.epoch, m.row), value.as_slice())
+            let (epoch, row) = (self.narrow("epoch", m.epoch)?, self.narrow("row", m.row)?);
+            if m.flags != 0 {
+                let value = layout::sampled_value(m.row_group, m.tokens, m.flags);
+                sampled
+                    .insert(&layout::sampled_key(m.cluster, epoch, row), &value)
+                    .map_err(|e| self.err(e))?;
+                continue;
+            }
+            let sample_key = crate::bandit::draw::sample_key(commit.seed, &m.loc());
+            rows.push((
+                layout::unsampled_key(m.cluster, sample_key, epoch, row),
+                layout::member_value(m.row_group, m.tokens),
+                m,
+            ));
+        }
+        // In key order, so that the B-tree writes of one cluster are together.
+        rows.sort_unstable_by_key(|row| row.0);
+        for (key, value, m) in &rows {
+            let known = unsampled
+                .insert(key, value)
                 .map_err(|e| self.err(e))?
                 .is_some();
-            if !known && m.flags == 0 {
-                let key = crate::bandit::draw::sample_key(commit.seed, &m.loc());
-                fresh
-                    .insert((m.cluster, key, m.epoch, m.row), (m.row_group, m.tokens))
-                    .map_err(|e| self.err(e))?;
+            if !known {
                 *joined.entry(m.cluster).or_default() += 1;
             }
         }
@@ -498,30 +651,55 @@ impl StateStore {
         Ok(out)
     }
 
-    /// The members of one cluster, in (epoch, row) order.
+    /// The members of one cluster, in (epoch, row) order: the unsampled ones (flags 0) and
+    /// the sampled ones.
     pub fn members(&self, cluster: u32) -> Result<Vec<Member>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
-        let range = table
-            .range((cluster, 0, 0)..=(cluster, u64::MAX, u64::MAX))
-            .map_err(|e| self.err(e))?;
-        range
-            .map(|entry| {
-                let (k, v) = entry.map_err(|e| self.err(e))?;
-                let (cluster, epoch, row) = k.value();
-                let value: MemberValue =
-                    bincode::deserialize(v.value()).map_err(|e| self.err(e))?;
-                Ok(Member {
-                    cluster,
-                    epoch,
-                    row_group: value.row_group,
-                    row,
-                    id: value.id,
-                    tokens: value.tokens,
-                    flags: value.flags,
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        let unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let (low, high) = (
+            layout::unsampled_key(cluster, 0, 0, 0),
+            layout::unsampled_key(cluster, u64::MAX, u32::MAX, u32::MAX),
+        );
+        for entry in unsampled
+            .range::<&[u8; 20]>(&low..=&high)
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let (cluster, _, epoch, row) = layout::parse_unsampled_key(k.value());
+            let (row_group, tokens) = layout::parse_member_value(v.value());
+            out.push(Member {
+                cluster,
+                epoch: u64::from(epoch),
+                row_group,
+                row: u64::from(row),
+                tokens,
+                flags: 0,
+            });
+        }
+        let sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
+        let (low, high) = (
+            layout::sampled_key(cluster, 0, 0),
+            layout::sampled_key(cluster, u32::MAX, u32::MAX),
+        );
+        for entry in sampled
+            .range::<&[u8; 12]>(&low..=&high)
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let (cluster, epoch, row) = layout::parse_sampled_key(k.value());
+            let (row_group, tokens, flags) = layout::parse_sampled_value(v.value());
+            out.push(Member {
+                cluster,
+                epoch: u64::from(epoch),
+                row_group,
+                row: u64::from(row),
+                tokens,
+                flags,
+            });
+        }
+        out.sort_unstable_by_key(|m| (m.epoch, m.row));
+        Ok(out)
     }
 
     /// The assign stage's state after the last committed epoch; None before the first.
@@ -547,22 +725,40 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Where each id was first accepted in a committed epoch: (epoch, row). One read
-    /// transaction for the whole batch.
+    /// The committed epoch where each id was first accepted. One read transaction for the
+    /// whole batch.
     pub fn first_seen<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Vec<Option<(u64, u64)>>, StateError> {
+    ) -> Result<Vec<Option<u64>>, StateError> {
+        let keys: Vec<u128> = ids.into_iter().map(id_key).collect();
+        self.first_seen_keys(&keys)
+    }
+
+    /// `first_seen` by the ids' keys (`id_key`).
+    pub fn first_seen_keys(&self, keys: &[u128]) -> Result<Vec<Option<u64>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(IDS).map_err(|e| self.err(e))?;
-        ids.into_iter()
-            .map(|id| {
+        keys.iter()
+            .map(|&key| {
                 Ok(table
-                    .get(id_key(id))
+                    .get(&layout::id_key(key))
                     .map_err(|e| self.err(e))?
-                    .map(|v| v.value()))
+                    .map(|v| layout::parse_id_value(v.value())))
             })
             .collect()
+    }
+
+    /// Calls `f` with the key of every accepted id, in key order (to fill a dedup filter).
+    pub fn for_each_id_key(&self, mut f: impl FnMut(u128)) -> Result<(), StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(IDS).map_err(|e| self.err(e))?;
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            f(layout::parse_id_key(
+                entry.map_err(|e| self.err(e))?.0.value(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether epoch `epoch` is committed.
@@ -647,20 +843,8 @@ impl StateStore {
                     .insert((m.loc.shard, m.loc.row), json.as_str())
                     .map_err(|e| self.err(e))?;
             }
-            let mut fresh = txn.open_table(FRESH).map_err(|e| self.err(e))?;
-            let mut left: BTreeMap<u32, u64> = BTreeMap::new();
-            for m in outcome.sampled() {
-                let key = crate::bandit::draw::sample_key(seed, &m.loc);
-                if fresh
-                    .remove((m.cluster, key, m.loc.shard, m.loc.row))
-                    .map_err(|e| self.err(e))?
-                    .is_some()
-                {
-                    *left.entry(m.cluster).or_default() += 1;
-                }
-            }
+            let left = self.mark_sampled(&txn, seed, record.round, outcome, &flags)?;
             self.decrement_fresh(&txn, &left)?;
-            self.set_member_flags(&txn, record.round, &flags)?;
             let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
             for (m, influence) in &outcome.selected {
                 pending
@@ -698,31 +882,60 @@ impl StateStore {
         Ok(())
     }
 
-    fn set_member_flags(
+    /// Moves the round's sampled members from the unsampled table to the sampled one with
+    /// their flags (or adds the flags of one sampled before); returns how many left the
+    /// unsampled table, per cluster.
+    fn mark_sampled(
         &self,
         txn: &redb::WriteTransaction,
+        seed: u64,
         round: u64,
+        outcome: &crate::bandit::RoundOutcome,
         flags: &BTreeMap<(u32, u64, u64), u8>,
-    ) -> Result<(), StateError> {
-        let mut members = txn.open_table(MEMBERS).map_err(|e| self.err(e))?;
-        for (key, bits) in flags {
-            let current = members
-                .get(*key)
+    ) -> Result<BTreeMap<u32, u64>, StateError> {
+        let mut unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
+        let mut left: BTreeMap<u32, u64> = BTreeMap::new();
+        for m in outcome.sampled() {
+            let (epoch, row) = (
+                self.narrow("epoch", m.loc.shard)?,
+                self.narrow("row", m.loc.row)?,
+            );
+            let bits = flags
+                .get(&(m.cluster, m.loc.shard, m.loc.row))
+                .copied()
+                .unwrap_or(0);
+            let sample_key = crate::bandit::draw::sample_key(seed, &m.loc);
+            let key = layout::unsampled_key(m.cluster, sample_key, epoch, row);
+            let was_unsampled = unsampled
+                .remove(&key)
                 .map_err(|e| self.err(e))?
-                .map(|v| v.value().to_vec());
-            let Some(current) = current else {
-                return Err(self.err(format!(
-                    "round {round}: member {key:?} is not in the membership table"
-                )));
+                .map(|v| layout::parse_member_value(v.value()));
+            let sampled_key = layout::sampled_key(m.cluster, epoch, row);
+            let value = match was_unsampled {
+                Some((row_group, tokens)) => {
+                    *left.entry(m.cluster).or_default() += 1;
+                    layout::sampled_value(row_group, tokens, bits)
+                }
+                None => {
+                    let before = sampled
+                        .get(&sampled_key)
+                        .map_err(|e| self.err(e))?
+                        .map(|v| layout::parse_sampled_value(v.value()));
+                    let Some((row_group, tokens, old)) = before else {
+                        return Err(self.err(format!(
+                            "round {round}: member {:?} of cluster {} is not in the store",
+                            m.loc, m.cluster
+                        )));
+                    };
+                    layout::sampled_value(row_group, tokens, old | bits)
+                }
             };
-            let mut value: MemberValue = bincode::deserialize(&current).map_err(|e| self.err(e))?;
-            value.flags |= bits;
-            let bytes = bincode::serialize(&value).map_err(|e| self.err(e))?;
-            members
-                .insert(*key, bytes.as_slice())
+            sampled
+                .insert(&sampled_key, &value)
                 .map_err(|e| self.err(e))?;
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Draws round `round`'s pull of `request.cluster`: the unsampled members that follow the
@@ -738,29 +951,38 @@ impl StateStore {
         let start = crate::bandit::draw::start_key(seed, round, c);
         let want = request.sample + request.block;
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(FRESH).map_err(|e| self.err(e))?;
+        let table = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
         let mut drawn = Vec::with_capacity(want);
         let ranges = [
-            (c, start, 0, 0)..=(c, u64::MAX, u64::MAX, u64::MAX),
-            (c, 0, 0, 0)..=(c, start.saturating_sub(1), u64::MAX, u64::MAX),
+            (
+                layout::unsampled_key(c, start, 0, 0),
+                layout::unsampled_key(c, u64::MAX, u32::MAX, u32::MAX),
+            ),
+            (
+                layout::unsampled_key(c, 0, 0, 0),
+                layout::unsampled_key(c, start.saturating_sub(1), u32::MAX, u32::MAX),
+            ),
         ];
-        for (i, range) in ranges.into_iter().enumerate() {
+        for (i, (low, high)) in ranges.iter().enumerate() {
             if drawn.len() == want || (i == 1 && start == 0) {
                 break;
             }
-            for entry in table.range(range).map_err(|e| self.err(e))? {
+            for entry in table
+                .range::<&[u8; 20]>(low..=high)
+                .map_err(|e| self.err(e))?
+            {
                 if drawn.len() == want {
                     break;
                 }
                 let (k, v) = entry.map_err(|e| self.err(e))?;
-                let (cluster, _, shard, row) = k.value();
-                let (row_group, tokens) = v.value();
+                let (cluster, _, shard, row) = layout::parse_unsampled_key(k.value());
+                let (row_group, tokens) = layout::parse_member_value(v.value());
                 drawn.push(MemberRef {
                     cluster,
                     loc: DocLoc {
-                        shard,
+                        shard: u64::from(shard),
                         row_group,
-                        row,
+                        row: u64::from(row),
                     },
                     tokens: u64::from(tokens),
                 });
@@ -977,15 +1199,175 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(
-            store.first_seen(["x", "y"]).unwrap(),
-            vec![Some((0, 3)), None]
-        );
+        assert_eq!(store.first_seen(["x", "y"]).unwrap(), vec![Some(0), None]);
         assert!(store.outputs().unwrap().contains("part-000000.parquet"));
         drop(store);
         let err = StateStore::open(&path, &serde_json::json!({"seed": 2}))
             .err()
             .unwrap();
         assert!(err.to_string().contains("seed"), "{err}");
+    }
+
+    fn empty_epoch(epoch: u64, accepted: Vec<(String, u64)>) -> EpochCommit {
+        EpochCommit {
+            epoch,
+            record: EpochRecord::default(),
+            accepted,
+            rejects: vec![],
+            clusters: None,
+            fit_sample: vec![],
+            fit_sample_size: 0,
+        }
+    }
+
+    #[test]
+    fn a_store_of_another_layout_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let fp = serde_json::json!({"seed": 1});
+        drop(StateStore::open(&path, &fp).unwrap());
+        {
+            // What a store of the first layout looks like: a fingerprint, no layout.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(LAYOUT_KEY).unwrap();
+            txn.commit().unwrap();
+        }
+        for err in [
+            StateStore::open(&path, &fp).err().unwrap(),
+            StateStore::open_existing(&path).err().unwrap(),
+        ] {
+            assert!(matches!(err, StateError::Layout { .. }), "{err}");
+            assert!(err.to_string().contains("--reset"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sampled_members_move_out_of_the_draw_order_and_keep_their_flags() {
+        use crate::bandit::{DocLoc, MemberRef, PullRequest, RoundOutcome};
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s.redb"), &serde_json::json!({})).unwrap();
+        let members: Vec<Member> = (0..50)
+            .map(|row| Member {
+                cluster: 3,
+                epoch: 1,
+                row_group: (row / 10) as u32,
+                row,
+                tokens: 7,
+                flags: 0,
+            })
+            .collect();
+        let mut commit = empty_epoch(1, vec![]);
+        commit.clusters = Some(ClusterCommit {
+            members: members.clone(),
+            clusters: vec![ClusterInfo {
+                cluster: 3,
+                centroid: vec![1.0],
+                size: 50,
+                tokens: 350,
+                fresh: 0,
+            }],
+            state: vec![],
+            seed: 9,
+        });
+        store.commit_epoch(&commit).unwrap();
+        assert_eq!(store.members(3).unwrap(), members);
+        assert_eq!(store.clusters().unwrap()[0].fresh, 50);
+        let request = PullRequest {
+            cluster: 3,
+            sample: 4,
+            block: 0,
+            score: true,
+            cluster_score: None,
+        };
+        let pull = store.draw(9, 0, &request).unwrap();
+        assert_eq!(pull.members.len(), 4);
+        let reference: Vec<MemberRef> = members
+            .iter()
+            .map(|m| MemberRef {
+                cluster: 3,
+                loc: m.loc(),
+                tokens: 7,
+            })
+            .collect();
+        assert!(pull.members.iter().all(|m| reference.contains(m)));
+        let scored: Vec<(MemberRef, f64)> = pull.members.iter().map(|m| (*m, 1.0)).collect();
+        let outcome = RoundOutcome {
+            round: 0,
+            selected: vec![(pull.members[0], Some(1.0))],
+            scored,
+            ..Default::default()
+        };
+        let bandit = crate::bandit::Bandit::new(
+            9,
+            crate::config::Strategy::Quad,
+            crate::bandit::BanditConfig::default(),
+        )
+        .unwrap();
+        store
+            .commit_round(&Default::default(), &bandit, &outcome)
+            .unwrap();
+        let after = store.members(3).unwrap();
+        assert_eq!(after.len(), 50, "every member is in one of the two tables");
+        let flags_of = |loc: DocLoc| after.iter().find(|m| m.loc() == loc).unwrap().flags;
+        assert_eq!(
+            flags_of(pull.members[0].loc),
+            member_flags::SCORED | member_flags::SELECTED
+        );
+        assert_eq!(flags_of(pull.members[1].loc), member_flags::SCORED);
+        assert_eq!(after.iter().filter(|m| m.flags == 0).count(), 46);
+        assert_eq!(store.clusters().unwrap()[0].fresh, 46);
+        let next = store.draw(9, 0, &request).unwrap();
+        assert!(next.members.iter().all(|m| !pull.members.contains(m)));
+    }
+
+    /// The target is at most 128 bytes of store per document; this checks the layout
+    /// against it on a pool large enough for the B-trees' fill to show (the ids and the draw
+    /// order are randomly keyed, so their leaves are about 70% full), compacted as a run
+    /// leaves it.
+    #[test]
+    fn the_store_holds_a_document_in_at_most_128_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let mut store = StateStore::open(&path, &serde_json::json!({})).unwrap();
+        let (epochs, per_epoch) = (4u64, 50_000u64);
+        for epoch in 0..epochs {
+            let mut commit = empty_epoch(
+                epoch,
+                (0..per_epoch)
+                    .map(|row| (format!("doc-{epoch}-{row}"), row))
+                    .collect(),
+            );
+            let members: Vec<Member> = (0..per_epoch)
+                .map(|row| Member {
+                    cluster: (row % 64) as u32,
+                    epoch,
+                    row_group: (row / 1000) as u32,
+                    row,
+                    tokens: 12,
+                    flags: 0,
+                })
+                .collect();
+            commit.clusters = Some(ClusterCommit {
+                members,
+                clusters: (0..64)
+                    .map(|c| ClusterInfo {
+                        cluster: c,
+                        centroid: vec![0.0; 32],
+                        size: 0,
+                        tokens: 0,
+                        fresh: 0,
+                    })
+                    .collect(),
+                state: vec![],
+                seed: 1,
+            });
+            store.commit_epoch(&commit).unwrap();
+        }
+        store.compact().unwrap();
+        drop(store);
+        let bytes = std::fs::metadata(&path).unwrap().len() as f64;
+        let per_doc = bytes / (epochs * per_epoch) as f64;
+        assert!(per_doc <= 128.0, "{per_doc:.1} bytes per document");
     }
 }

@@ -49,9 +49,9 @@ fn membership(store: &StateStore) -> Membership {
     let clusters = store.clusters().unwrap();
     let mut members = Vec::new();
     for c in &clusters {
-        for m in store.members(c.cluster).unwrap() {
+        for (m, id) in members_with_ids(store, c.cluster) {
             assert_eq!(m.cluster, c.cluster);
-            members.push((m.cluster, m.epoch, m.row, m.id));
+            members.push((m.cluster, m.epoch, m.row, id));
         }
     }
     let centroids = clusters
@@ -141,8 +141,8 @@ fn streaming_assignment_agrees_with_batch_nearest_centroid() {
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let (mut agree, mut total) = (0usize, 0usize);
     for c in &clusters {
-        for m in store.members(c.cluster).unwrap() {
-            let v = &vector_of[&m.id];
+        for (m, id) in members_with_ids(&store, c.cluster) {
+            let v = &vector_of[&id];
             let best = clusters
                 .iter()
                 .max_by(|a, b| cos(v, &a.centroid).total_cmp(&cos(v, &b.centroid)))
@@ -152,8 +152,7 @@ fn streaming_assignment_agrees_with_batch_nearest_centroid() {
             // Centroids moved after the assignment (mini-batch updates), but not far.
             assert!(
                 cos(v, &best.centroid) - cos(v, &c.centroid) < 0.1,
-                "{} is far from its cluster {}",
-                m.id,
+                "{id} is far from its cluster {}",
                 m.cluster
             );
         }

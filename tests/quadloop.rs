@@ -133,8 +133,8 @@ fn run_ok(job: &Path, workers: usize) -> serde_json::Value {
 fn tokens_by_source(sel: &Selection, store: &StateStore) -> BTreeMap<String, u64> {
     let mut by_id = BTreeMap::new();
     for c in store.clusters().unwrap() {
-        for m in store.members(c.cluster).unwrap() {
-            by_id.insert(m.id, m.tokens);
+        for (m, id) in members_with_ids(store, c.cluster) {
+            by_id.insert(id, m.tokens);
         }
     }
     let mut out = BTreeMap::new();

@@ -28,6 +28,7 @@ pub(super) fn admit_operator<'scope>(
                     admit_shared.spec.seed,
                     admit_shared.spec.select.clone(),
                     admit_shared.store.clone(),
+                    (admit_shared.spec.runtime.dedup_filter_mib << 20) as usize,
                 ) {
                     Ok(admitter) => Some(admitter),
                     Err(e) => {

@@ -66,19 +66,20 @@ fn embed_epoch(
 ) -> Result<EmbeddedEpoch> {
     let spec = &shared.spec;
     let dim = shared.clustering.unwrap_or(0);
-    let local = local.borrow();
+    let mut local = local.borrow_mut();
     let shard = local
-        .get(&epoch_docs.epoch)
+        .get_mut(&epoch_docs.epoch)
         .with_context(|| format!("internal: epoch {} is not held here", epoch_docs.epoch))?;
-    let Ok(data) = &shard.data else {
+    let Ok(data) = &mut shard.data else {
         // Quarantined: nothing to embed, but assign still sees the epoch.
         return Ok(EmbeddedEpoch {
             epoch: epoch_docs.epoch,
             ..Default::default()
         });
     };
-    let vectors = match &data.vectors {
-        Some(vectors) => vectors.clone(),
+    // The precomputed vectors leave the shard (only assign reads them): moved, not copied.
+    let vectors = match data.vectors.take() {
+        Some(vectors) => vectors,
         None => {
             if encoder.is_none() {
                 let device = spec.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
@@ -119,7 +120,8 @@ fn embed_epoch(
     };
     Ok(EmbeddedEpoch {
         epoch: epoch_docs.epoch,
-        docs: data.docs.clone(),
+        // The same documents the read stage sent (`read_local`): this epoch's own copy.
+        docs: epoch_docs.docs,
         vectors,
     })
 }

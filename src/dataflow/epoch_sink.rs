@@ -204,7 +204,17 @@ fn commit_epoch(
                 .collect();
             let mut rejects = data.rejects.clone();
             for dup in &verdicts.duplicates {
-                tracing::warn!("{}: row {}, column '{}': duplicate id {:?} (first at epoch {} row {}); row rejected", shard_name, dup.row, spec.source.id_column, dup.id, dup.first_epoch, dup.first_row);
+                let first = match dup.first_row {
+                    Some(row) => format!("epoch {} row {row}", dup.first_epoch),
+                    None => format!("epoch {}", dup.first_epoch),
+                };
+                tracing::warn!(
+                    "{}: row {}, column '{}': duplicate id {:?} (first at {first}); row rejected",
+                    shard_name,
+                    dup.row,
+                    spec.source.id_column,
+                    dup.id
+                );
                 rejects.push(source::Reject {
                     row: dup.row,
                     column: spec.source.id_column.clone(),

@@ -367,3 +367,31 @@ pub fn planted_slice() -> &'static Path {
 pub fn planted_glob() -> String {
     format!("{}/*.parquet", planted_slice().display())
 }
+
+/// A cluster's members with their ids, read back from their shards by location (the store
+/// keeps no ids): one read per shard.
+pub fn members_with_ids(
+    store: &quad::state::StateStore,
+    cluster: u32,
+) -> Vec<(quad::state::Member, String)> {
+    let members = store.members(cluster).unwrap();
+    let shards = store.shard_paths().unwrap();
+    let mut rows_of: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for m in &members {
+        rows_of.entry(m.epoch).or_default().push(m.row);
+    }
+    let mut ids = std::collections::HashMap::new();
+    for (epoch, rows) in rows_of {
+        for (row, mut cells) in quad::source::fetch_cells(&shards[&epoch], &rows, &["id"]).unwrap()
+        {
+            ids.insert((epoch, row), cells.pop().flatten().expect("an id"));
+        }
+    }
+    members
+        .into_iter()
+        .map(|m| {
+            let id = ids[&(m.epoch, m.row)].clone();
+            (m, id)
+        })
+        .collect()
+}

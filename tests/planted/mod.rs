@@ -99,7 +99,6 @@ pub fn store_with_pool(
                 epoch: m.loc.shard,
                 row_group: m.loc.row_group,
                 row: m.loc.row,
-                id: format!("{}/{}", m.loc.shard, m.loc.row),
                 tokens: m.tokens as u32,
                 flags: 0,
             })
