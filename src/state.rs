@@ -1300,7 +1300,7 @@ mod tests {
         };
         let bandit = crate::bandit::Bandit::new(
             9,
-            crate::config::Strategy::Quad,
+            crate::bandit::Strategy::Quad,
             crate::bandit::BanditConfig::default(),
         )
         .unwrap();
