@@ -109,6 +109,23 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member as the store's tables hold it: 32-bit (epoch, row group, row).
+    fn stored(
+        cluster: u32,
+        (epoch, row_group, row): (u32, u32, u32),
+        tokens: u32,
+        flags: u8,
+    ) -> Member {
+        Member {
+            cluster,
+            epoch: u64::from(epoch),
+            row_group,
+            row: u64::from(row),
+            tokens,
+            flags,
+        }
+    }
+
     /// Where the bandit fetches it again.
     pub fn loc(&self) -> crate::bandit::DocLoc {
         crate::bandit::DocLoc {
@@ -668,14 +685,7 @@ impl StateStore {
             let (k, v) = entry.map_err(|e| self.err(e))?;
             let (cluster, _, epoch, row) = layout::parse_unsampled_key(k.value());
             let (row_group, tokens) = layout::parse_member_value(v.value());
-            out.push(Member {
-                cluster,
-                epoch: u64::from(epoch),
-                row_group,
-                row: u64::from(row),
-                tokens,
-                flags: 0,
-            });
+            out.push(Member::stored(cluster, (epoch, row_group, row), tokens, 0));
         }
         let sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let (low, high) = (
@@ -689,14 +699,12 @@ impl StateStore {
             let (k, v) = entry.map_err(|e| self.err(e))?;
             let (cluster, epoch, row) = layout::parse_sampled_key(k.value());
             let (row_group, tokens, flags) = layout::parse_sampled_value(v.value());
-            out.push(Member {
+            out.push(Member::stored(
                 cluster,
-                epoch: u64::from(epoch),
-                row_group,
-                row: u64::from(row),
+                (epoch, row_group, row),
                 tokens,
                 flags,
-            });
+            ));
         }
         out.sort_unstable_by_key(|m| (m.epoch, m.row));
         Ok(out)
