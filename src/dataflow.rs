@@ -14,14 +14,12 @@
 //! passes an epoch, so their decisions do not depend on how many workers there are.
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
@@ -31,7 +29,8 @@ use crate::config::{JobSpec, Strategy};
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
 use crate::sink;
-use crate::source::{self, DocMeta, EmbeddingColumn, ShardData};
+use crate::source::operator::{read_local, EpochDocs, LocalShards};
+use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
@@ -47,27 +46,11 @@ use embed::embed_operator;
 use epoch_sink::{epoch_sink_operator, CommitOrder};
 use rounds::{load_bandit, loop_context, record_costs};
 
-/// Rejected rows logged one by one per shard; the rest are counted.
-const REJECTS_LOGGED_PER_SHARD: usize = 10;
-
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub workers: usize,
     /// Process each found shard once even if the spec says `watch`.
     pub once: bool,
-}
-
-/// The documents of one epoch, sent to the admit operator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct EpochDocs {
-    epoch: u64,
-    docs: Vec<DocMeta>,
-}
-
-/// An epoch's shard as its owner worker holds it until the sink has written it.
-struct LocalShard {
-    shard: PathBuf,
-    data: Result<ShardData, String>,
 }
 
 /// Set by a stop request (Ctrl-C, SIGTERM): finish the epochs in flight, then exit.
@@ -270,7 +253,7 @@ fn run_worker(
 ) {
     let index = worker.index();
     let quad_loop = shared.spec.select.strategy != Strategy::Random;
-    let local: Rc<RefCell<HashMap<u64, LocalShard>>> = Rc::new(RefCell::new(HashMap::new()));
+    let local: LocalShards = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
     let loop_probe = ProbeHandle::new();
@@ -327,7 +310,7 @@ fn feed_shards(
     mut plan: Vec<PlannedShard>,
     input: &mut InputHandleVec<u64, EpochDocs>,
     probe: &ProbeHandle<u64>,
-    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    local: &LocalShards,
     watch: bool,
 ) {
     let index = worker.index();
@@ -343,7 +326,14 @@ fn feed_shards(
             }
             input.advance_to(planned.epoch);
             if owner(planned.epoch) == index as u64 {
-                let docs = read_local(shared, &planned, local);
+                let docs = read_local(
+                    planned.epoch,
+                    &planned.path,
+                    &shared.spec.source,
+                    &shared.counter,
+                    shared.embedding.as_ref(),
+                    local,
+                );
                 input.send(EpochDocs {
                     epoch: planned.epoch,
                     docs,
@@ -387,55 +377,4 @@ fn feed_shards(
             Err(e) => shared.fail(e),
         }
     }
-}
-
-/// Reads a shard this worker owns and keeps it until its epoch is written.
-fn read_local(
-    shared: &Shared,
-    planned: &PlannedShard,
-    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
-) -> Vec<DocMeta> {
-    let data = source::read_shard(
-        &planned.path,
-        &shared.spec.source,
-        &shared.counter,
-        shared.embedding.as_ref(),
-    )
-    .map_err(|e| {
-        tracing::warn!(shard = %planned.path.display(), "quarantined: {e}");
-        e.to_string()
-    });
-    let docs = match &data {
-        Ok(data) => {
-            for reject in data.rejects.iter().take(REJECTS_LOGGED_PER_SHARD) {
-                tracing::warn!(
-                    "{}: row {}, column '{}': {}; row rejected",
-                    planned.path.display(),
-                    reject.row,
-                    reject.column,
-                    reject.reason
-                );
-            }
-            if data.rejects.len() > REJECTS_LOGGED_PER_SHARD {
-                tracing::warn!(
-                    "{}: {} more rejected rows",
-                    planned.path.display(),
-                    data.rejects.len() - REJECTS_LOGGED_PER_SHARD
-                );
-            }
-            if data.rows == 0 {
-                tracing::warn!("{}: shard has no rows", planned.path.display());
-            }
-            data.docs.clone()
-        }
-        Err(_) => Vec::new(),
-    };
-    local.borrow_mut().insert(
-        planned.epoch,
-        LocalShard {
-            shard: planned.path.clone(),
-            data,
-        },
-    );
-    docs
 }

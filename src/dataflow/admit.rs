@@ -9,8 +9,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{EpochDocs, Shared, STOP};
+use super::{Shared, STOP};
 use crate::select::{Admitter, Verdicts};
+use crate::source::operator::EpochDocs;
 use crate::source::DocMeta;
 
 /// Decides each epoch on worker 0, strictly in epoch order once no more of its documents can

@@ -1,7 +1,4 @@
 //! The embed operator: each epoch's vectors, on the worker that read its shard.
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,8 +9,9 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::{EpochDocs, LocalShard, Shared};
+use super::Shared;
 use crate::embed::SentenceEncoder;
+use crate::source::operator::{EpochDocs, LocalShards};
 use crate::source::DocMeta;
 
 /// An epoch's documents with their unit vectors (row-major), from the embed operator.
@@ -30,7 +28,7 @@ pub(super) struct EmbeddedEpoch {
 pub(super) fn embed_operator<'scope>(
     docs: StreamVec<'scope, u64, EpochDocs>,
     shared: &Arc<Shared>,
-    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    local: &LocalShards,
 ) -> StreamVec<'scope, u64, EmbeddedEpoch> {
     let shared = shared.clone();
     let local = local.clone();
@@ -60,7 +58,7 @@ pub(super) fn embed_operator<'scope>(
 
 fn embed_epoch(
     shared: &Shared,
-    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    local: &LocalShards,
     encoder: &mut Option<SentenceEncoder>,
     epoch_docs: EpochDocs,
 ) -> Result<EmbeddedEpoch> {

@@ -1,8 +1,6 @@
 //! The ingest sink: each epoch's output file and its commit (epoch, members, clusterer state)
 //! in one store transaction, on the worker that read the shard.
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +13,12 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use super::assign::EpochClusters;
-use super::{LocalShard, Shared};
+use super::Shared;
 use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::Strategy;
 use crate::select::Verdicts;
 use crate::sink;
+use crate::source::operator::{LocalShard, LocalShards};
 use crate::source::{self, ShardData};
 use crate::state::{ClusterCommit, EpochCommit, EpochRecord};
 
@@ -66,7 +65,7 @@ pub(super) fn epoch_sink_operator<'scope>(
     verdicts: StreamVec<'scope, u64, Verdicts>,
     clusters: StreamVec<'scope, u64, EpochClusters>,
     shared: &Arc<Shared>,
-    local: &Rc<RefCell<HashMap<u64, LocalShard>>>,
+    local: &LocalShards,
 ) -> StreamVec<'scope, u64, ClusterUpdate> {
     let scope = verdicts.scope();
     let peers = scope.peers() as u64;

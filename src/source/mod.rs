@@ -1,7 +1,8 @@
 //! The source stage: discovers shards, reads them by row group with a column projection,
 //! checks them against `schemas/input.json`, and turns rows into documents. A shard that cannot
 //! be read is reported as a `ShardError` (the caller quarantines it); a bad row is a `Reject`
-//! naming file, row and column.
+//! naming file, row and column. `operator` is the read as the dataflow runs it: an epoch's
+//! shard read on its owner worker and held there until the sink has written it.
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::ShardError;
 use crate::schema;
 use crate::tokens::TokenCounter;
+
+pub mod operator;
 
 /// Where shards come from and which of their columns are read (`[source]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

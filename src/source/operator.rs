@@ -1,0 +1,80 @@
+//! The read stage in the dataflow: each epoch's shard read by its owner worker, which sends
+//! the documents' metadata into the dataflow and keeps the shard (its rows, vectors and
+//! rejects) until the sink has written it.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{DocMeta, EmbeddingColumn, ShardData, SourceConfig};
+use crate::tokens::TokenCounter;
+
+/// Rejected rows logged one by one per shard; the rest are counted.
+const REJECTS_LOGGED_PER_SHARD: usize = 10;
+
+/// The documents of one epoch, sent to the admit operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochDocs {
+    pub epoch: u64,
+    pub docs: Vec<DocMeta>,
+}
+
+/// An epoch's shard as its owner worker holds it until the sink has written it.
+pub struct LocalShard {
+    pub shard: PathBuf,
+    pub data: Result<ShardData, String>,
+}
+
+/// The shards a worker holds, by epoch.
+pub type LocalShards = Rc<RefCell<HashMap<u64, LocalShard>>>;
+
+/// Reads a shard this worker owns (epoch `epoch`, at `path`) and keeps it until its epoch is
+/// written; returns its documents, none when the shard is quarantined.
+pub fn read_local(
+    epoch: u64,
+    path: &Path,
+    source: &SourceConfig,
+    counter: &TokenCounter,
+    embedding: Option<&EmbeddingColumn>,
+    local: &LocalShards,
+) -> Vec<DocMeta> {
+    let data = super::read_shard(path, source, counter, embedding).map_err(|e| {
+        tracing::warn!(shard = %path.display(), "quarantined: {e}");
+        e.to_string()
+    });
+    let docs = match &data {
+        Ok(data) => {
+            for reject in data.rejects.iter().take(REJECTS_LOGGED_PER_SHARD) {
+                tracing::warn!(
+                    "{}: row {}, column '{}': {}; row rejected",
+                    path.display(),
+                    reject.row,
+                    reject.column,
+                    reject.reason
+                );
+            }
+            if data.rejects.len() > REJECTS_LOGGED_PER_SHARD {
+                tracing::warn!(
+                    "{}: {} more rejected rows",
+                    path.display(),
+                    data.rejects.len() - REJECTS_LOGGED_PER_SHARD
+                );
+            }
+            if data.rows == 0 {
+                tracing::warn!("{}: shard has no rows", path.display());
+            }
+            data.docs.clone()
+        }
+        Err(_) => Vec::new(),
+    };
+    local.borrow_mut().insert(
+        epoch,
+        LocalShard {
+            shard: path.to_path_buf(),
+            data,
+        },
+    );
+    docs
+}
