@@ -26,21 +26,22 @@ use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::bandit::aggregates::cluster_aggregates;
 use crate::config::{JobSpec, Strategy};
+use crate::error::Fail;
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
+use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::source::operator::{read_local, EpochDocs, LocalShards};
 use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
-mod admit;
 mod assign;
 mod embed;
 mod epoch_sink;
+mod ingest;
 mod rounds;
 
-use admit::admit_operator;
 use assign::assign_operator;
 use embed::embed_operator;
 use epoch_sink::{epoch_sink_operator, CommitOrder};
@@ -137,6 +138,12 @@ impl Shared {
             .get_or_insert(err);
         self.failed.store(true, Ordering::SeqCst);
     }
+}
+
+/// `Shared::fail` as the stages' operators take it.
+fn fail_handle(shared: &Arc<Shared>) -> Fail {
+    let shared = shared.clone();
+    Arc::new(move |e| shared.fail(e))
 }
 
 /// Runs a job to completion (or, in watch mode, until a stop request) and returns its summary.
@@ -267,7 +274,7 @@ fn run_worker(
     };
     worker.dataflow::<u64, _, _>(|scope| {
         let docs = input.to_stream(scope);
-        let verdicts = admit_operator(docs.clone(), shared);
+        let verdicts = admit_operator(docs.clone(), ingest::admit_context(shared));
         let clusters = if shared.clustering.is_some() {
             let embedded = embed_operator(docs, shared, &local);
             assign_operator(verdicts.clone(), embedded, shared, fit_epoch)

@@ -136,3 +136,10 @@ impl ModelError {
         }
     }
 }
+
+/// How a stage's operator reports a failure from any worker or thread of a job: the job's
+/// operators then stop acting, the dataflow drains and the job ends with the first failure.
+pub type Fail = std::sync::Arc<dyn Fn(anyhow::Error) + Send + Sync>;
+
+/// Whether the job has failed (then an operator neither commits nor plans again).
+pub type Failed = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;

@@ -7,7 +7,8 @@
 //!
 //! The accepted ids live in the state store; a bounded in-memory filter (`DedupFilter`) in
 //! front of it answers "new" for most new ids, so only the ids it cannot rule out (duplicates
-//! and its false positives) are looked up in the store's B-tree.
+//! and its false positives) are looked up in the store's B-tree. `operator` runs it in the
+//! dataflow (the admit operator, on worker 0 in epoch order).
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ use crate::dedup_filter::DedupFilter;
 use crate::error::StateError;
 use crate::source::DocMeta;
 use crate::state::StateStore;
+
+pub mod operator;
 
 /// Which documents are kept (`[select]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! The admit operator: dedup and, for `random`, the selection, on worker 0 in epoch order.
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use timely::container::CapacityContainerBuilder;
@@ -9,31 +9,43 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{Shared, STOP};
-use crate::select::{Admitter, Verdicts};
+use super::{Admitter, SelectConfig, Verdicts};
+use crate::error::Fail;
 use crate::source::operator::EpochDocs;
 use crate::source::DocMeta;
+use crate::state::StateStore;
+
+/// What the admit operator needs of the job.
+pub struct AdmitContext {
+    pub seed: u64,
+    pub select: SelectConfig,
+    pub store: Arc<StateStore>,
+    /// Size of the in-memory filter in front of the store's duplicate-id lookups, in bytes.
+    pub dedup_filter_bytes: usize,
+    /// Set by a stop request: epochs after one that was not read are left for the next run.
+    pub stop: &'static AtomicBool,
+    pub fail: Fail,
+}
 
 /// Decides each epoch on worker 0, strictly in epoch order once no more of its documents can
 /// come: duplicates (ids seen in an earlier position) and, for `random`, the selection.
-pub(super) fn admit_operator<'scope>(
+pub fn admit_operator<'scope>(
     docs: StreamVec<'scope, u64, EpochDocs>,
-    shared: &Arc<Shared>,
+    ctx: AdmitContext,
 ) -> StreamVec<'scope, u64, Verdicts> {
-    let admit_shared = shared.clone();
     docs.unary_frontier::<CapacityContainerBuilder<Vec<Verdicts>>, _, _, _>(
             Exchange::new(|_: &EpochDocs| 0),
             "Admit",
             move |_capability, _info| {
                 let mut admitter = match Admitter::new(
-                    admit_shared.spec.seed,
-                    admit_shared.spec.select.clone(),
-                    admit_shared.store.clone(),
-                    (admit_shared.spec.runtime.dedup_filter_mib << 20) as usize,
+                    ctx.seed,
+                    ctx.select.clone(),
+                    ctx.store.clone(),
+                    ctx.dedup_filter_bytes,
                 ) {
                     Ok(admitter) => Some(admitter),
                     Err(e) => {
-                        admit_shared.fail(e.into());
+                        (ctx.fail)(e.into());
                         None
                     }
                 };
@@ -67,15 +79,15 @@ pub(super) fn admit_operator<'scope>(
                         // After a stop request some worker may not have read an earlier
                         // epoch. Deciding later epochs without it would break shard order
                         // (dedup, budget), so they are left for the next run.
-                        if STOP.load(Ordering::SeqCst) && !halted {
-                            match admit_shared.store.pending_epochs() {
+                        if ctx.stop.load(Ordering::SeqCst) && !halted {
+                            match ctx.store.pending_epochs() {
                                 Ok(pending) => {
                                     if let Some(missing) = pending.range(..epoch).find(|e| !decided.contains(e)) {
                                         tracing::warn!("epoch {missing} was not read before the stop; epoch {epoch} and later are left for the next run");
                                         halted = true;
                                     }
                                 }
-                                Err(e) => admit_shared.fail(e.into()),
+                                Err(e) => (ctx.fail)(e.into()),
                             }
                         }
                         if halted {
@@ -84,7 +96,7 @@ pub(super) fn admit_operator<'scope>(
                         decided.insert(epoch);
                         match admitter.admit(epoch, &mut docs) {
                             Ok(v) => output.session(&cap).give(v),
-                            Err(e) => admit_shared.fail(e.into()),
+                            Err(e) => (ctx.fail)(e.into()),
                         }
                     }
                 }

@@ -1,0 +1,17 @@
+//! The ingest operators' contexts: what each stage's operator takes of the job.
+use std::sync::Arc;
+
+use super::{fail_handle, Shared, STOP};
+use crate::select::operator::AdmitContext;
+
+pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
+    let spec = &shared.spec;
+    AdmitContext {
+        seed: spec.seed,
+        select: spec.select.clone(),
+        store: shared.store.clone(),
+        dedup_filter_bytes: (spec.runtime.dedup_filter_mib << 20) as usize,
+        stop: &STOP,
+        fail: fail_handle(shared),
+    }
+}
