@@ -26,6 +26,7 @@ use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::bandit::aggregates::cluster_aggregates;
 use crate::config::{JobSpec, Strategy};
+use crate::embed::operator::embed_operator;
 use crate::error::Fail;
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
@@ -37,13 +38,11 @@ use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
 mod assign;
-mod embed;
 mod epoch_sink;
 mod ingest;
 mod rounds;
 
 use assign::assign_operator;
-use embed::embed_operator;
 use epoch_sink::{epoch_sink_operator, CommitOrder};
 use rounds::{load_bandit, loop_context, record_costs};
 
@@ -92,7 +91,7 @@ struct Shared {
     embedding: Option<EmbeddingColumn>,
     order: CommitOrder,
     /// Encoder FLOPs and documents embedded in this run.
-    embed_cost: Mutex<(f64, u64)>,
+    embed_cost: Arc<Mutex<(f64, u64)>>,
     /// What the influence operator scored in this run.
     score_tally: Arc<Mutex<ScoreTally>>,
     /// When ingest had committed everything (set by worker 0).
@@ -201,7 +200,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         clustering,
         embedding,
         order,
-        embed_cost: Mutex::new((0.0, 0)),
+        embed_cost: Arc::new(Mutex::new((0.0, 0))),
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
         ingest_done: Mutex::new(None),
         round_times: Mutex::new(RoundTimes::default()),
@@ -276,7 +275,7 @@ fn run_worker(
         let docs = input.to_stream(scope);
         let verdicts = admit_operator(docs.clone(), ingest::admit_context(shared));
         let clusters = if shared.clustering.is_some() {
-            let embedded = embed_operator(docs, shared, &local);
+            let embedded = embed_operator(docs, ingest::embed_context(shared), &local);
             assign_operator(verdicts.clone(), embedded, shared, fit_epoch)
         } else {
             empty(verdicts.scope())

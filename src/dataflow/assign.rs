@@ -9,9 +9,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::embed::EmbeddedEpoch;
 use super::Shared;
 use crate::assign::Assigner;
+use crate::embed::operator::EmbeddedEpoch;
 use crate::select::Verdicts;
 use crate::state::ClusterCommit;
 

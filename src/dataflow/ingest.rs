@@ -2,6 +2,7 @@
 use std::sync::Arc;
 
 use super::{fail_handle, Shared, STOP};
+use crate::embed::operator::EmbedContext;
 use crate::select::operator::AdmitContext;
 
 pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
@@ -12,6 +13,17 @@ pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
         store: shared.store.clone(),
         dedup_filter_bytes: (spec.runtime.dedup_filter_mib << 20) as usize,
         stop: &STOP,
+        fail: fail_handle(shared),
+    }
+}
+
+pub(super) fn embed_context(shared: &Arc<Shared>) -> EmbedContext {
+    let spec = &shared.spec;
+    EmbedContext {
+        embed: spec.embed.clone(),
+        text_column: spec.source.text_column.clone(),
+        dim: shared.clustering.unwrap_or(0),
+        cost: shared.embed_cost.clone(),
         fail: fail_handle(shared),
     }
 }

@@ -1,5 +1,5 @@
 //! The embed operator: each epoch's vectors, on the worker that read its shard.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -9,28 +9,39 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::Shared;
-use crate::embed::SentenceEncoder;
+use super::{EmbedConfig, SentenceEncoder};
+use crate::error::Fail;
 use crate::source::operator::{EpochDocs, LocalShards};
 use crate::source::DocMeta;
 
+/// What the embed operator needs of the job.
+pub struct EmbedContext {
+    pub embed: EmbedConfig,
+    /// The column the encoder reads.
+    pub text_column: String,
+    /// The vectors' width.
+    pub dim: usize,
+    /// Encoder FLOPs and documents embedded in this run, added up over the process's workers.
+    pub cost: Arc<Mutex<(f64, u64)>>,
+    pub fail: Fail,
+}
+
 /// An epoch's documents with their unit vectors (row-major), from the embed operator.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub(super) struct EmbeddedEpoch {
-    pub(super) epoch: u64,
-    pub(super) docs: Vec<DocMeta>,
-    pub(super) vectors: Vec<f32>,
+pub struct EmbeddedEpoch {
+    pub epoch: u64,
+    pub docs: Vec<DocMeta>,
+    pub vectors: Vec<f32>,
 }
 
 /// Embeds each epoch's documents on the worker that read the shard (its rows are there): the
 /// precomputed column's vectors when the spec names one, else the sentence encoder's (one
 /// encoder a worker, loaded at the first epoch that needs it).
-pub(super) fn embed_operator<'scope>(
+pub fn embed_operator<'scope>(
     docs: StreamVec<'scope, u64, EpochDocs>,
-    shared: &Arc<Shared>,
+    ctx: EmbedContext,
     local: &LocalShards,
 ) -> StreamVec<'scope, u64, EmbeddedEpoch> {
-    let shared = shared.clone();
     let local = local.clone();
     docs.unary::<CapacityContainerBuilder<Vec<EmbeddedEpoch>>, _, _, _>(
         Pipeline,
@@ -42,11 +53,9 @@ pub(super) fn embed_operator<'scope>(
                     for container in data {
                         for epoch_docs in container.drain(..) {
                             let epoch = epoch_docs.epoch;
-                            match embed_epoch(&shared, &local, &mut encoder, epoch_docs) {
+                            match embed_epoch(&ctx, &local, &mut encoder, epoch_docs) {
                                 Ok(embedded) => output.session(&cap).give(embedded),
-                                Err(e) => {
-                                    shared.fail(e.context(format!("embedding epoch {epoch}")))
-                                }
+                                Err(e) => (ctx.fail)(e.context(format!("embedding epoch {epoch}"))),
                             }
                         }
                     }
@@ -57,13 +66,12 @@ pub(super) fn embed_operator<'scope>(
 }
 
 fn embed_epoch(
-    shared: &Shared,
+    ctx: &EmbedContext,
     local: &LocalShards,
     encoder: &mut Option<SentenceEncoder>,
     epoch_docs: EpochDocs,
 ) -> Result<EmbeddedEpoch> {
-    let spec = &shared.spec;
-    let dim = shared.clustering.unwrap_or(0);
+    let dim = ctx.dim;
     let mut local = local.borrow_mut();
     let shard = local
         .get_mut(&epoch_docs.epoch)
@@ -80,30 +88,29 @@ fn embed_epoch(
         Some(vectors) => vectors,
         None => {
             if encoder.is_none() {
-                let device = spec.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
-                let loaded =
-                    SentenceEncoder::load(&spec.embed.model, device, spec.embed.max_tokens)
-                        .with_context(|| {
-                            format!("loading the encoder {}", spec.embed.model.display())
-                        })?;
+                let device = ctx.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
+                let loaded = SentenceEncoder::load(&ctx.embed.model, device, ctx.embed.max_tokens)
+                    .with_context(|| {
+                        format!("loading the encoder {}", ctx.embed.model.display())
+                    })?;
                 anyhow::ensure!(
                     loaded.dim() == dim,
                     "{}: the encoder gives vectors of width {}, embed.dim says {dim}",
-                    spec.embed.model.display(),
+                    ctx.embed.model.display(),
                     loaded.dim()
                 );
                 *encoder = Some(loaded);
             }
             let encoder = encoder.as_ref().expect("loaded above");
             let start = Instant::now();
-            let texts = data.doc_texts(&spec.source.text_column);
-            let vectors = encoder.encode(&texts, spec.embed.batch_size)?;
+            let texts = data.doc_texts(&ctx.text_column);
+            let vectors = encoder.encode(&texts, ctx.embed.batch_size)?;
             let max = encoder.max_tokens() as u64;
             let flops = crate::cost::embed_flops(
                 encoder.shape(),
                 data.docs.iter().map(|d| u64::from(d.tokens).min(max)),
             );
-            let mut cost = shared.embed_cost.lock().expect("embed cost");
+            let mut cost = ctx.cost.lock().expect("embed cost");
             cost.0 += flops;
             cost.1 += texts.len() as u64;
             drop(cost);

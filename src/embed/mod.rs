@@ -3,7 +3,8 @@
 //! encoder in tch, pool as `1_Pooling/config.json` says (mean or CLS), L2-normalise.
 //!
 //! Weights are read from `model.safetensors` only; pickled `pytorch_model.bin` files are
-//! refused, because unpickling can run arbitrary code.
+//! refused, because unpickling can run arbitrary code. `operator` is the embed stage in the
+//! dataflow: each epoch's vectors, on the worker that read its shard.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+pub mod operator;
 
 /// Default truncation length, in tokens, special tokens included.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
