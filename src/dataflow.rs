@@ -25,6 +25,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::bandit::aggregates::cluster_aggregates;
+use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::Fail;
@@ -37,12 +38,10 @@ use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
-mod assign;
 mod epoch_sink;
 mod ingest;
 mod rounds;
 
-use assign::assign_operator;
 use epoch_sink::{epoch_sink_operator, CommitOrder};
 use rounds::{load_bandit, loop_context, record_costs};
 
@@ -276,7 +275,11 @@ fn run_worker(
         let verdicts = admit_operator(docs.clone(), ingest::admit_context(shared));
         let clusters = if shared.clustering.is_some() {
             let embedded = embed_operator(docs, ingest::embed_context(shared), &local);
-            assign_operator(verdicts.clone(), embedded, shared, fit_epoch)
+            assign_operator(
+                verdicts.clone(),
+                embedded,
+                ingest::assign_context(shared, fit_epoch),
+            )
         } else {
             empty(verdicts.scope())
         };

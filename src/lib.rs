@@ -8,7 +8,6 @@
 //! rounds' operators) wire them into the job's one timely graph. `config` composes the stages'
 //! settings into the job spec; `schema` is the file formats.
 
-pub mod assign;
 pub mod bandit;
 pub mod cli;
 pub mod cluster;

@@ -6,12 +6,18 @@
 //! product; rows whose two best candidates are closer than [`NEAR_TIE`] are decided entirely
 //! by the exact dot products (ties to the lowest cluster id). So labels and cosines do not
 //! depend on the BLAS, the thread count or the device.
+//!
+//! `assign` is the assign stage of a job (the initial fit on the first documents, then the
+//! streaming assignment, its state committed with each epoch); `operator` runs it in the
+//! dataflow, on worker 0, epoch by epoch in order.
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+pub mod assign;
 mod config;
 mod kmeans;
 mod knee;
+pub mod operator;
 mod reservoir;
 mod stream;
 

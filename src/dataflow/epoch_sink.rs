@@ -12,10 +12,10 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::assign::EpochClusters;
 use super::Shared;
 use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::Strategy;
+use crate::cluster::operator::EpochClusters;
 use crate::select::Verdicts;
 use crate::sink;
 use crate::source::operator::{LocalShard, LocalShards};

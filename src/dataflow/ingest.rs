@@ -2,6 +2,7 @@
 use std::sync::Arc;
 
 use super::{fail_handle, Shared, STOP};
+use crate::cluster::operator::AssignContext;
 use crate::embed::operator::EmbedContext;
 use crate::select::operator::AdmitContext;
 
@@ -24,6 +25,18 @@ pub(super) fn embed_context(shared: &Arc<Shared>) -> EmbedContext {
         text_column: spec.source.text_column.clone(),
         dim: shared.clustering.unwrap_or(0),
         cost: shared.embed_cost.clone(),
+        fail: fail_handle(shared),
+    }
+}
+
+pub(super) fn assign_context(shared: &Arc<Shared>, fit_epoch: Option<u64>) -> AssignContext {
+    let spec = &shared.spec;
+    AssignContext {
+        store: shared.store.clone(),
+        cluster: spec.cluster.clone(),
+        seed: spec.seed,
+        dim: shared.clustering.unwrap_or(0),
+        fit_epoch,
         fail: fail_handle(shared),
     }
 }

@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::ClusterConfig;
-use crate::cluster::{
+use super::ClusterConfig;
+use super::{
     fit_spherical_kmeans, KMeansBackend, KMeansConfig, Reservoir, StreamConfig, StreamingClusterer,
 };
 use crate::error::ClusterError;

@@ -9,43 +9,56 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::Shared;
-use crate::assign::Assigner;
+use super::assign::Assigner;
+use super::ClusterConfig;
 use crate::embed::operator::EmbeddedEpoch;
+use crate::error::Fail;
 use crate::select::Verdicts;
-use crate::state::ClusterCommit;
+use crate::state::{ClusterCommit, StateStore};
+
+/// What the assign operator needs of the job.
+pub struct AssignContext {
+    /// Where the assign state of the last committed epoch is read from.
+    pub store: Arc<StateStore>,
+    pub cluster: ClusterConfig,
+    pub seed: u64,
+    /// The vectors' width.
+    pub dim: usize,
+    /// The epoch whose end forces the initial fit when fewer documents than the fit window
+    /// came (the last shard of a run that is not long-lived).
+    pub fit_epoch: Option<u64>,
+    pub fail: Fail,
+}
 
 /// What the assign stage commits with an epoch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct EpochClusters {
-    pub(super) epoch: u64,
-    pub(super) commit: ClusterCommit,
+pub struct EpochClusters {
+    pub epoch: u64,
+    pub commit: ClusterCommit,
 }
 
 /// Assigns documents to clusters on worker 0, epoch by epoch in order, once admit has decided
 /// the epoch (its duplicates are not clustered) and its vectors are in.
-pub(super) fn assign_operator<'scope>(
+pub fn assign_operator<'scope>(
     verdicts: StreamVec<'scope, u64, Verdicts>,
     embedded: StreamVec<'scope, u64, EmbeddedEpoch>,
-    shared: &Arc<Shared>,
-    fit_epoch: Option<u64>,
+    ctx: AssignContext,
 ) -> StreamVec<'scope, u64, EpochClusters> {
-    let shared = shared.clone();
     verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<EpochClusters>>, _, _, _, _>(
         embedded,
         Pipeline,
         Exchange::new(|_: &EmbeddedEpoch| 0),
         "Assign",
         move |_capability, _info| {
-            let dim = shared.clustering.unwrap_or(0);
-            let stored = shared.store.clusterer_state();
+            let dim = ctx.dim;
+            let stored = ctx.store.clusterer_state();
             let mut assigner = match stored
                 .map_err(anyhow::Error::from)
                 .and_then(|bytes| Ok(Assigner::restore(bytes.as_deref(), dim)?))
             {
                 Ok(assigner) => Some(assigner),
                 Err(e) => {
-                    shared.fail(e);
+                    (ctx.fail)(e);
                     None
                 }
             };
@@ -86,7 +99,7 @@ pub(super) fn assign_operator<'scope>(
                         continue;
                     };
                     let Some(embedded) = embedded else {
-                        shared.fail(anyhow::anyhow!(
+                        (ctx.fail)(anyhow::anyhow!(
                             "internal: epoch {epoch} reached assign without its vectors"
                         ));
                         continue;
@@ -109,16 +122,16 @@ pub(super) fn assign_operator<'scope>(
                         epoch,
                         &docs,
                         &kept,
-                        &shared.spec.cluster,
-                        shared.spec.seed,
-                        fit_epoch == Some(epoch),
+                        &ctx.cluster,
+                        ctx.seed,
+                        ctx.fit_epoch == Some(epoch),
                     );
                     match result {
                         Ok(mut commit) => {
-                            commit.seed = shared.spec.seed;
+                            commit.seed = ctx.seed;
                             output.session(&cap).give(EpochClusters { epoch, commit })
                         }
-                        Err(e) => shared.fail(
+                        Err(e) => (ctx.fail)(
                             anyhow::Error::from(e).context(format!("clustering epoch {epoch}")),
                         ),
                     }
