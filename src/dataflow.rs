@@ -28,21 +28,20 @@ use crate::bandit::aggregates::cluster_aggregates;
 use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
-use crate::error::Fail;
+use crate::error::{Fail, Failed};
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
 use crate::select::operator::admit_operator;
 use crate::sink;
+use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
 use crate::source::operator::{read_local, EpochDocs, LocalShards};
 use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
-mod epoch_sink;
 mod ingest;
 mod rounds;
 
-use epoch_sink::{epoch_sink_operator, CommitOrder};
 use rounds::{load_bandit, loop_context, record_costs};
 
 #[derive(Debug, Clone)]
@@ -88,7 +87,7 @@ struct Shared {
     clustering: Option<usize>,
     /// The precomputed embedding column the reader reads, if the spec names one.
     embedding: Option<EmbeddingColumn>,
-    order: CommitOrder,
+    order: Arc<CommitOrder>,
     /// Encoder FLOPs and documents embedded in this run.
     embed_cost: Arc<Mutex<(f64, u64)>>,
     /// What the influence operator scored in this run.
@@ -144,6 +143,12 @@ fn fail_handle(shared: &Arc<Shared>) -> Fail {
     Arc::new(move |e| shared.fail(e))
 }
 
+/// Whether the job failed, as the stages' operators take it.
+fn failed_handle(shared: &Arc<Shared>) -> Failed {
+    let shared = shared.clone();
+    Arc::new(move || shared.failed.load(Ordering::SeqCst))
+}
+
 /// Runs a job to completion (or, in watch mode, until a stop request) and returns its summary.
 pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let start = Instant::now();
@@ -177,7 +182,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         }),
         _ => None,
     };
-    let order = CommitOrder::default();
+    let order = Arc::new(CommitOrder::default());
     order.add(plan.iter().map(|p| p.epoch));
     let summary = Summary {
         job: spec.name.clone(),
@@ -283,7 +288,8 @@ fn run_worker(
         } else {
             empty(verdicts.scope())
         };
-        let committed = epoch_sink_operator(verdicts, clusters, shared, &local).probe_with(&probe);
+        let sink = ingest::epoch_sink_context(shared);
+        let committed = epoch_sink_operator(verdicts, clusters, sink, &local).probe_with(&probe);
         let changes = cluster_aggregates(committed);
         if quad_loop {
             let bandit = if index == 0 {

@@ -42,8 +42,8 @@ mod score;
 use bandit::bandit_operator;
 use membership::membership_operator;
 pub use membership::{stored_fit_pool, ShardPaths};
+pub use round_sink::round_file_name;
 use round_sink::round_sink_operator;
-pub use round_sink::{round_file_name, SOURCE_COLUMN};
 use score::score_operator;
 pub use score::{ScoreTally, TalliedScorer};
 

@@ -1,10 +1,12 @@
 //! The ingest operators' contexts: what each stage's operator takes of the job.
 use std::sync::Arc;
 
-use super::{fail_handle, Shared, STOP};
+use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::cluster::operator::AssignContext;
 use crate::embed::operator::EmbedContext;
 use crate::select::operator::AdmitContext;
+use crate::sink::epoch_sink::EpochSinkContext;
+use crate::state::EpochRecord;
 
 pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
     let spec = &shared.spec;
@@ -39,4 +41,54 @@ pub(super) fn assign_context(shared: &Arc<Shared>, fit_epoch: Option<u64>) -> As
         fit_epoch,
         fail: fail_handle(shared),
     }
+}
+
+pub(super) fn epoch_sink_context(shared: &Arc<Shared>) -> EpochSinkContext {
+    let spec = &shared.spec;
+    let commit_shared = shared.clone();
+    EpochSinkContext {
+        store: shared.store.clone(),
+        seed: spec.seed,
+        sink: spec.sink.clone(),
+        id_column: spec.source.id_column.clone(),
+        strategy: spec.select.strategy,
+        fit_pool_docs: spec.influence.fit_pool_docs,
+        clustering: shared.clustering.is_some(),
+        order: shared.order.clone(),
+        delay: shared.hooks.delay,
+        crash_after_rename: shared.hooks.crash_after_rename,
+        on_commit: Arc::new(move |epoch, record, clustered| {
+            epoch_committed(&commit_shared, epoch, record, clustered)
+        }),
+        fail: fail_handle(shared),
+        failed: failed_handle(shared),
+    }
+}
+
+/// A committed epoch in the summary and the progress.
+fn epoch_committed(shared: &Shared, epoch: u64, record: &EpochRecord, clustered: u64) {
+    let shard_name = &record.shard;
+    let mut summary = shared.summary.lock().expect("summary lock");
+    match &record.quarantined {
+        Some(reason) => {
+            summary.shards_quarantined += 1;
+            summary
+                .quarantined
+                .push((shard_name.clone(), reason.clone()));
+        }
+        None => summary.shards_done += 1,
+    }
+    summary.rows_read += record.rows;
+    summary.documents += record.docs;
+    summary.rejected += record.rejected;
+    summary.duplicates += record.duplicates;
+    summary.selected += record.selected;
+    summary.tokens += record.tokens;
+    summary.selected_tokens += record.selected_tokens;
+    summary.files_written += u64::from(record.file.is_some());
+    summary.clustered += clustered;
+    drop(summary);
+    shared
+        .progress
+        .epoch_done(epoch, shard_name, record.docs, record.selected);
 }

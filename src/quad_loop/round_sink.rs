@@ -13,7 +13,7 @@ use timely::dataflow::StreamVec;
 use super::{route, BanditMsg, LoopContext};
 use crate::bandit::MemberRef;
 use crate::schema;
-use crate::sink;
+use crate::sink::{self, SOURCE_COLUMN};
 use crate::source;
 use crate::state::PendingRow;
 
@@ -196,9 +196,6 @@ fn write_rows(ctx: &LoopContext, name: &str, rows: &[PendingRow]) -> Result<BTre
         .with_context(|| format!("writing {}", ctx.sink.path.join(name).display()))?;
     Ok(tokens_by_source)
 }
-
-/// The column whose values the report's "selected tokens by source" plot groups by.
-pub const SOURCE_COLUMN: &str = "source";
 
 /// Output file of the Quad loop whose last round is `round`, closed by worker `index`
 /// (`part-` so that leftovers of an uncommitted file are removed like those of an uncommitted

@@ -2,6 +2,9 @@
 //! under a temporary name, fsynced, renamed and its folder fsynced; only then is it recorded in
 //! the state store (by the caller, with the epoch). Files the store does not know are leftovers
 //! of an epoch that never committed, and `remove_uncommitted` deletes them before a run.
+//!
+//! `epoch_sink` is the ingest sink in the dataflow: each epoch's file and its commit, on the
+//! worker that read the shard.
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::schema;
 use crate::source::ShardData;
+
+pub mod epoch_sink;
+
+/// The column whose values the report's "selected tokens by source" plot groups by.
+pub const SOURCE_COLUMN: &str = "source";
 
 /// Where and how the output is written (`[sink]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,6 @@
 //! The ingest sink: each epoch's output file and its commit (epoch, members, clusterer state)
 //! in one store transaction, on the worker that read the shard.
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,35 +11,63 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::Shared;
+use super::{SinkConfig, SOURCE_COLUMN};
 use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::Strategy;
 use crate::cluster::operator::EpochClusters;
+use crate::error::{Fail, Failed};
 use crate::select::Verdicts;
-use crate::sink;
 use crate::source::operator::{LocalShard, LocalShards};
 use crate::source::{self, ShardData};
-use crate::state::{ClusterCommit, EpochCommit, EpochRecord};
+use crate::state::{ClusterCommit, EpochCommit, EpochRecord, StateStore};
+
+/// What the ingest sink needs of the job.
+pub struct EpochSinkContext {
+    pub store: Arc<StateStore>,
+    pub seed: u64,
+    pub sink: SinkConfig,
+    /// The id column, named in the rejects of duplicate ids.
+    pub id_column: String,
+    /// The Quad loop's strategies keep each epoch's candidates for the factor-fitting pool
+    /// sample; `random` keeps none.
+    pub strategy: Strategy,
+    /// Documents in the factor-fitting pool sample the store keeps.
+    pub fit_pool_docs: usize,
+    /// Clustering jobs: every epoch comes with its clusters and commits in epoch order.
+    pub clustering: bool,
+    pub order: Arc<CommitOrder>,
+    /// Test hook: a pause before each commit.
+    pub delay: Option<Duration>,
+    /// Test hook: abort after this epoch's output file is renamed, before its commit.
+    pub crash_after_rename: Option<u64>,
+    /// Called after each committed epoch (progress, summary).
+    pub on_commit: OnEpochCommit,
+    pub fail: Fail,
+    pub failed: Failed,
+}
+
+/// Called with an epoch, its committed record and the documents it clustered.
+pub type OnEpochCommit = Arc<dyn Fn(u64, &EpochRecord, u64) + Send + Sync>;
 
 /// Clustering jobs commit epochs strictly in epoch order, so the stored clusterer state is
 /// always the state after every committed epoch and no later one: what resuming needs.
 #[derive(Default)]
-pub(super) struct CommitOrder {
+pub struct CommitOrder {
     /// Epochs of this run not committed yet.
     waiting: Mutex<std::collections::BTreeSet<u64>>,
     turn: std::sync::Condvar,
 }
 
 impl CommitOrder {
-    pub(super) fn add(&self, epochs: impl IntoIterator<Item = u64>) {
+    pub fn add(&self, epochs: impl IntoIterator<Item = u64>) {
         self.waiting.lock().expect("commit order").extend(epochs);
     }
 
     /// Blocks until every earlier epoch of this run has committed; false if the job failed.
-    pub(super) fn wait_turn(&self, epoch: u64, failed: &AtomicBool) -> bool {
+    pub fn wait_turn(&self, epoch: u64, failed: impl Fn() -> bool) -> bool {
         let mut waiting = self.waiting.lock().expect("commit order");
         while waiting.first().is_some_and(|&first| first < epoch) {
-            if failed.load(Ordering::SeqCst) {
+            if failed() {
                 return false;
             }
             waiting = self
@@ -52,7 +79,7 @@ impl CommitOrder {
         true
     }
 
-    pub(super) fn done(&self, epoch: u64) {
+    pub fn done(&self, epoch: u64) {
         self.waiting.lock().expect("commit order").remove(&epoch);
         self.turn.notify_all();
     }
@@ -61,16 +88,16 @@ impl CommitOrder {
 /// Writes and commits each epoch on the worker that read its shard (the rows are there), on a
 /// writer thread, and sends the members' cluster updates once the commit is done; an epoch's
 /// capability is held until then, so a probe after it passes committed epochs only.
-pub(super) fn epoch_sink_operator<'scope>(
+pub fn epoch_sink_operator<'scope>(
     verdicts: StreamVec<'scope, u64, Verdicts>,
     clusters: StreamVec<'scope, u64, EpochClusters>,
-    shared: &Arc<Shared>,
+    ctx: EpochSinkContext,
     local: &LocalShards,
 ) -> StreamVec<'scope, u64, ClusterUpdate> {
     let scope = verdicts.scope();
     let peers = scope.peers() as u64;
     let owner = move |epoch: u64| epoch % peers;
-    let sink_shared = shared.clone();
+    let sink_ctx = Arc::new(ctx);
     let sink_local = local.clone();
     verdicts.binary_frontier::<_, CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _, _>(
         clusters,
@@ -84,12 +111,12 @@ pub(super) fn epoch_sink_operator<'scope>(
             let (jobs, writer_jobs) =
                 std::sync::mpsc::channel::<(u64, LocalShard, Verdicts, Option<ClusterCommit>)>();
             let (writer_done, done) = std::sync::mpsc::channel::<(u64, Vec<ClusterUpdate>)>();
-            let writer_shared = sink_shared.clone();
+            let writer_ctx = sink_ctx.clone();
             std::thread::spawn(move || {
                 for (epoch, shard, verdicts, clusters) in writer_jobs {
-                    let changes = commit_epoch(&writer_shared, epoch, shard, verdicts, clusters)
+                    let changes = commit_epoch(&writer_ctx, epoch, shard, verdicts, clusters)
                         .unwrap_or_else(|e| {
-                            writer_shared.fail(e);
+                            (writer_ctx.fail)(e);
                             Vec::new()
                         });
                     if writer_done.send((epoch, changes)).is_err() {
@@ -102,7 +129,7 @@ pub(super) fn epoch_sink_operator<'scope>(
             let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
             let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
             let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
-            let clustering = sink_shared.clustering.is_some();
+            let clustering = sink_ctx.clustering;
             move |(input, frontier), (cluster_input, cluster_frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(output.output_index()) {
@@ -129,7 +156,7 @@ pub(super) fn epoch_sink_operator<'scope>(
                     let shard = sink_local.borrow_mut().remove(&epoch);
                     let clusters = clusters_of.remove(&epoch);
                     if clustering && clusters.is_none() {
-                        sink_shared.fail(anyhow::anyhow!(
+                        (sink_ctx.fail)(anyhow::anyhow!(
                             "internal: epoch {epoch} reached the sink without its clusters"
                         ));
                         continue;
@@ -137,11 +164,11 @@ pub(super) fn epoch_sink_operator<'scope>(
                     match (shard, verdicts_of.remove(&epoch)) {
                         (Some(shard), Some(verdicts)) => {
                             if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
-                                sink_shared.fail(anyhow::anyhow!("the writer thread stopped"));
+                                (sink_ctx.fail)(anyhow::anyhow!("the writer thread stopped"));
                             }
                             writing.insert(epoch, cap);
                         }
-                        _ => sink_shared.fail(anyhow::anyhow!(
+                        _ => (sink_ctx.fail)(anyhow::anyhow!(
                             "internal: epoch {epoch} reached the sink without its shard"
                         )),
                     }
@@ -163,13 +190,12 @@ pub(super) fn epoch_sink_operator<'scope>(
 /// Writes an epoch's output and commits it with the epoch's state in one transaction. Returns
 /// the clusters' changes for the bandit (after the commit, so a draw sees the new members).
 fn commit_epoch(
-    shared: &Shared,
+    ctx: &EpochSinkContext,
     epoch: u64,
     shard: LocalShard,
     verdicts: Verdicts,
     clusters: Option<ClusterCommit>,
 ) -> Result<Vec<ClusterUpdate>> {
-    let spec = &shared.spec;
     let shard_name = shard.shard.to_string_lossy().to_string();
     let mut fit_sample = Vec::new();
     let (record, accepted, rejects) = match &shard.data {
@@ -184,8 +210,8 @@ fn commit_epoch(
         ),
         Ok(data) => {
             let file =
-                sink::write_epoch(&spec.sink.path, epoch, data, &verdicts.selected, &spec.sink)?;
-            if let (Some(file), Some(crash)) = (&file, shared.hooks.crash_after_rename) {
+                super::write_epoch(&ctx.sink.path, epoch, data, &verdicts.selected, &ctx.sink)?;
+            if let (Some(file), Some(crash)) = (&file, ctx.crash_after_rename) {
                 if crash == epoch {
                     tracing::error!(file, "test hook: crashing after rename, before commit");
                     std::process::abort();
@@ -211,22 +237,18 @@ fn commit_epoch(
                     "{}: row {}, column '{}': duplicate id {:?} (first at {first}); row rejected",
                     shard_name,
                     dup.row,
-                    spec.source.id_column,
+                    ctx.id_column,
                     dup.id
                 );
                 rejects.push(source::Reject {
                     row: dup.row,
-                    column: spec.source.id_column.clone(),
+                    column: ctx.id_column.clone(),
                     reason: format!("duplicate id {:?}", dup.id),
                 });
             }
-            if spec.select.strategy != Strategy::Random {
-                fit_sample = fit_sample_candidates(
-                    spec.seed,
-                    data,
-                    &duplicate_rows,
-                    spec.influence.fit_pool_docs,
-                );
+            if ctx.strategy != Strategy::Random {
+                fit_sample =
+                    fit_sample_candidates(ctx.seed, data, &duplicate_rows, ctx.fit_pool_docs);
             }
             let record = EpochRecord {
                 tokens_by_source: tokens_by_source(data, &duplicate_rows),
@@ -251,10 +273,10 @@ fn commit_epoch(
             (record, accepted, rejects)
         }
     };
-    if let Some(delay) = shared.hooks.delay {
+    if let Some(delay) = ctx.delay {
         std::thread::sleep(delay);
     }
-    if shared.clustering.is_some() && !shared.order.wait_turn(epoch, &shared.failed) {
+    if ctx.clustering && !ctx.order.wait_turn(epoch, || (ctx.failed)()) {
         return Ok(Vec::new()); // the job failed elsewhere; this epoch stays uncommitted
     }
     let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
@@ -262,40 +284,18 @@ fn commit_epoch(
         .as_ref()
         .map(|c| member_updates(epoch, c))
         .unwrap_or_default();
-    let result = shared.store.commit_epoch(&EpochCommit {
+    let result = ctx.store.commit_epoch(&EpochCommit {
         epoch,
         record: record.clone(),
         accepted,
         rejects,
         clusters,
         fit_sample,
-        fit_sample_size: shared.spec.influence.fit_pool_docs,
+        fit_sample_size: ctx.fit_pool_docs,
     });
-    shared.order.done(epoch);
+    ctx.order.done(epoch);
     result.with_context(|| format!("committing epoch {epoch}"))?;
-    let mut summary = shared.summary.lock().expect("summary lock");
-    match &record.quarantined {
-        Some(reason) => {
-            summary.shards_quarantined += 1;
-            summary
-                .quarantined
-                .push((shard_name.clone(), reason.clone()));
-        }
-        None => summary.shards_done += 1,
-    }
-    summary.rows_read += record.rows;
-    summary.documents += record.docs;
-    summary.rejected += record.rejected;
-    summary.duplicates += record.duplicates;
-    summary.selected += record.selected;
-    summary.tokens += record.tokens;
-    summary.selected_tokens += record.selected_tokens;
-    summary.files_written += u64::from(record.file.is_some());
-    summary.clustered += clustered;
-    drop(summary);
-    shared
-        .progress
-        .epoch_done(epoch, &shard_name, record.docs, record.selected);
+    (ctx.on_commit)(epoch, &record, clustered);
     Ok(changes)
 }
 
@@ -344,7 +344,7 @@ fn tokens_by_source(
     duplicates: &std::collections::HashSet<u64>,
 ) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let Some(sources) = data.doc_strings(crate::quad_loop::SOURCE_COLUMN) else {
+    let Some(sources) = data.doc_strings(SOURCE_COLUMN) else {
         return out;
     };
     for (doc, source) in data.docs.iter().zip(sources) {
