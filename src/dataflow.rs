@@ -42,7 +42,7 @@ use crate::tokens::TokenCounter;
 mod ingest;
 mod rounds;
 
-use rounds::{load_bandit, loop_context, record_costs};
+use rounds::{bandit_context, load_bandit, loop_context, record_costs};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -297,7 +297,14 @@ fn run_worker(
             } else {
                 None
             };
-            build_loop(changes, bandit, loop_context(shared, watch), &loop_probe);
+            let bandit_ctx = bandit_context(shared, watch);
+            build_loop(
+                changes,
+                bandit,
+                bandit_ctx,
+                loop_context(shared),
+                &loop_probe,
+            );
         }
     });
 

@@ -21,7 +21,6 @@
 //! The bandit plans only once ingest has committed everything it was given (a run over a
 //! fixed set of shards: deterministic), or at any time in watch mode, where new shards' cluster
 //! changes join the bandit's aggregates between rounds.
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -29,17 +28,16 @@ use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
-use crate::bandit::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundOutcome};
+use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
+use crate::bandit::{Bandit, ClusterChange, Pull};
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
 use crate::state::StateStore;
 
-mod bandit;
 mod membership;
 mod round_sink;
 mod score;
 
-use bandit::bandit_operator;
 use membership::membership_operator;
 pub use membership::{stored_fit_pool, ShardPaths};
 pub use round_sink::round_file_name;
@@ -56,7 +54,7 @@ pub trait DocScorer {
 /// Builds the scorer on the worker that scores (models are not shared across threads).
 pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Sync>;
 
-/// What the loop needs besides the bandit.
+/// What the loop's other operators need.
 pub struct LoopContext {
     pub store: Arc<StateStore>,
     pub seed: u64,
@@ -64,42 +62,14 @@ pub struct LoopContext {
     pub sink: SinkConfig,
     pub shards: ShardPaths,
     pub scorer: ScorerFactory,
-    /// Long-lived mode: plan whenever there is budget, and wait for new shards when done.
-    pub watch: bool,
-    /// Called on worker 0 after each committed round (progress, summary).
-    pub on_round: Arc<dyn Fn(&RoundOutcome) + Send + Sync>,
     /// Called after each committed output file (name, rows).
     pub on_file: Arc<dyn Fn(&str, usize) + Send + Sync>,
-    /// Set when a stop was requested: finish the round in flight, then stop.
-    pub stop: &'static AtomicBool,
-    /// Reports a failure on any worker; the bandit then neither observes nor plans again, so
-    /// the loop drains and the job ends with the error (nothing half-observed is committed).
+    /// Reports a failure on any worker.
     pub fail: Arc<dyn Fn(anyhow::Error) + Send + Sync>,
     pub failed: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Test hook: abort after a file closed at this round or later is in place, before its
     /// commit.
     pub crash_after_round: Option<u64>,
-}
-
-/// What the bandit sends: requests to the membership of a cluster's owner, a tick to the
-/// scorer, and, after a round's commit, its selected rows to their owners' round sinks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum BanditMsg {
-    Pull {
-        round: u64,
-        request: PullRequest,
-    },
-    /// To worker 0's scorer, so the round goes on even when nothing is scored.
-    Tick {
-        round: u64,
-    },
-    /// A committed round, to every worker's round sink (`to`), with its rows of the clusters
-    /// that worker owns.
-    Committed {
-        round: u64,
-        to: u64,
-        rows: usize,
-    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,27 +86,18 @@ enum Fetched {
     },
 }
 
-/// A round's pulls as drawn, with the scores of their scored members, for the bandit. A member
-/// that could not be scored has a NaN score (the bandit neither credits nor selects it) and its
-/// reason in `unscorable`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Scored {
-    pulls: Vec<Pull>,
-    scores: Vec<(MemberRef, f64)>,
-    unscorable: Vec<(MemberRef, String)>,
-}
-
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
 /// attached to `probe`, which is done once the loop has drained and the last file is closed.
 pub fn build_loop<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     bandit: Option<Bandit>,
+    bandit_ctx: BanditContext,
     ctx: Arc<LoopContext>,
     probe: &ProbeHandle<u64>,
 ) {
     let scope = changes.scope();
     let (handle, scores) = scope.feedback::<Vec<Scored>>(1);
-    let messages = bandit_operator(changes, scores, bandit, ctx.clone());
+    let messages = bandit_operator(changes, scores, bandit, bandit_ctx);
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
     round_sink_operator(messages.clone(), ctx.clone(), index, peers).probe_with(probe);
@@ -144,13 +105,4 @@ pub fn build_loop<'scope>(
     score_operator(fetched, ctx)
         .probe_with(probe)
         .connect_loop(handle);
-}
-
-/// Where a bandit message goes.
-fn route(msg: &BanditMsg, peers: u64) -> u64 {
-    match msg {
-        BanditMsg::Pull { request, .. } => u64::from(request.cluster) % peers,
-        BanditMsg::Tick { .. } => 0,
-        BanditMsg::Committed { to, .. } => *to,
-    }
 }

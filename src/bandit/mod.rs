@@ -12,11 +12,12 @@
 //!    updates the arms and returns what is selected.
 //!
 //! The state is `Serialize`/`Deserialize`, stored with each round, so a killed job resumes
-//! exactly.
+//! exactly. `operator` drives it in the job's dataflow (the bandit operator, on worker 0).
 pub mod aggregates;
 pub mod arms;
 pub mod config;
 pub mod draw;
+pub mod operator;
 pub mod record;
 pub mod tune;
 

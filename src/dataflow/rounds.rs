@@ -1,19 +1,59 @@
 //! The Quad loop's side of the job: its context on a worker, the bandit as the store left it,
 //! and the run's costs.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 
-use super::{Shared, STOP};
+use super::{fail_handle, failed_handle, Shared, STOP};
+use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::cost::Costs;
 use crate::quad_loop::{DocScorer, LoopContext, ScorerFactory, ShardPaths, TalliedScorer};
 
-/// The Quad loop's context on this worker: the store, the scorer factory (worker 0 builds the
-/// model once, at the first round that scores), and the callbacks for progress and summary.
-pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext> {
+/// The bandit operator's context: round commits to the store, and the callback for progress and
+/// summary.
+pub(super) fn bandit_context(shared: &Arc<Shared>, watch: bool) -> BanditContext {
+    let store = shared.store.clone();
+    let round_shared = shared.clone();
+    BanditContext {
+        commit_round: Arc::new(move |record, bandit, outcome| {
+            Ok(store.commit_round(record, bandit, outcome)?)
+        }),
+        on_round: Arc::new(move |outcome: &RoundOutcome| round_committed(&round_shared, outcome)),
+        watch,
+        stop: &STOP,
+        fail: fail_handle(shared),
+        failed: failed_handle(shared),
+    }
+}
+
+/// A committed round in the log, the round times and the summary.
+fn round_committed(shared: &Shared, outcome: &RoundOutcome) {
+    let selected_tokens: u64 = outcome.selected.iter().map(|(m, _)| m.tokens).sum();
+    tracing::info!(
+        round = outcome.round,
+        scored = outcome.scored.len(),
+        selected = outcome.selected.len(),
+        total_selected_tokens = outcome.selected_tokens,
+        "bandit round committed"
+    );
+    shared
+        .round_times
+        .lock()
+        .expect("round times")
+        .record(Instant::now());
+    let mut summary = shared.summary.lock().expect("summary lock");
+    summary.rounds = Some(summary.rounds.unwrap_or(0) + 1);
+    summary.scored += outcome.scored.len() as u64;
+    summary.selected += outcome.selected.len() as u64;
+    summary.selected_tokens += selected_tokens;
+}
+
+/// The Quad loop's context on this worker for the operators after the bandit: the store, the
+/// scorer factory (worker 0 builds the model once, at the first round that scores), and the
+/// callback for the summary.
+pub(super) fn loop_context(shared: &Arc<Shared>) -> Arc<LoopContext> {
     let spec = &shared.spec;
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
@@ -31,27 +71,6 @@ pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext
             spec.influence.window as u64,
         )) as Box<dyn DocScorer>)
     });
-    let round_shared = shared.clone();
-    let on_round = Arc::new(move |outcome: &RoundOutcome| {
-        let selected_tokens: u64 = outcome.selected.iter().map(|(m, _)| m.tokens).sum();
-        tracing::info!(
-            round = outcome.round,
-            scored = outcome.scored.len(),
-            selected = outcome.selected.len(),
-            total_selected_tokens = outcome.selected_tokens,
-            "bandit round committed"
-        );
-        round_shared
-            .round_times
-            .lock()
-            .expect("round times")
-            .record(Instant::now());
-        let mut summary = round_shared.summary.lock().expect("summary lock");
-        summary.rounds = Some(summary.rounds.unwrap_or(0) + 1);
-        summary.scored += outcome.scored.len() as u64;
-        summary.selected += outcome.selected.len() as u64;
-        summary.selected_tokens += selected_tokens;
-    });
     let file_shared = shared.clone();
     let on_file = Arc::new(move |_name: &str, _rows: usize| {
         file_shared
@@ -60,8 +79,6 @@ pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext
             .expect("summary lock")
             .files_written += 1;
     });
-    let fail_shared = shared.clone();
-    let failed_shared = shared.clone();
     Arc::new(LoopContext {
         store: shared.store.clone(),
         seed: spec.seed,
@@ -69,12 +86,9 @@ pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> Arc<LoopContext
         sink: spec.sink.clone(),
         shards: ShardPaths::new(shared.store.clone()),
         scorer,
-        watch,
-        on_round,
         on_file,
-        stop: &STOP,
-        fail: Arc::new(move |e| fail_shared.fail(e)),
-        failed: Arc::new(move || failed_shared.failed.load(Ordering::SeqCst)),
+        fail: fail_handle(shared),
+        failed: failed_handle(shared),
         crash_after_round: shared.hooks.crash_after_round,
     })
 }

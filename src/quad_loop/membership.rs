@@ -11,7 +11,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::{route, BanditMsg, Fetched, LoopContext};
+use super::{Fetched, LoopContext};
+use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::{DocLoc, MemberRef, PullRequest};
 use crate::influence::setup::FitPool;
 use crate::influence::InfluenceError;

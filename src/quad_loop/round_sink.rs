@@ -10,7 +10,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::{route, BanditMsg, LoopContext};
+use super::LoopContext;
+use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::MemberRef;
 use crate::schema;
 use crate::sink::{self, SOURCE_COLUMN};

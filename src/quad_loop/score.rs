@@ -10,7 +10,8 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{DocScorer, Fetched, LoopContext, Scored};
+use super::{DocScorer, Fetched, LoopContext};
+use crate::bandit::operator::Scored;
 use crate::bandit::{MemberRef, Pull};
 
 /// Scores each round's drawn samples on worker 0 (the process's model), in a fixed order, and

@@ -1,25 +1,89 @@
 //! The bandit operator: plans each round on worker 0, observes its scores from the feedback
-//! edge, commits the round and sends its selected rows to the round sinks.
+//! edge, commits the round and sends its selected rows to the round sinks. The messages it
+//! sends (`BanditMsg`) and the scored pulls it observes (`Scored`) are defined here: the
+//! membership, influence and round sink stages depend on the bandit, never the other way.
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{BanditMsg, LoopContext, Scored};
-use crate::bandit::record::RoundRecord;
-use crate::bandit::{Bandit, ClusterChange, MemberRef, Pull};
+use super::record::RoundRecord;
+use super::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundOutcome};
+use crate::error::{Fail, Failed};
+
+/// What the bandit operator needs of the job.
+pub struct BanditContext {
+    /// Commits a round in one store transaction: its record, the bandit state after it and
+    /// what it changed.
+    pub commit_round: CommitRound,
+    /// Called on worker 0 after each committed round (progress, summary).
+    pub on_round: Arc<dyn Fn(&RoundOutcome) + Send + Sync>,
+    /// Long-lived mode: plan whenever there is budget, and wait for new shards when done.
+    pub watch: bool,
+    /// Set when a stop was requested: finish the round in flight, then stop.
+    pub stop: &'static AtomicBool,
+    /// Reports a failure on any worker; the bandit then neither observes nor plans again, so
+    /// the loop drains and the job ends with the error (nothing half-observed is committed).
+    pub fail: Fail,
+    pub failed: Failed,
+}
+
+/// Commits a round: its record, the bandit after it, its outcome.
+pub type CommitRound =
+    Arc<dyn Fn(&RoundRecord, &Bandit, &RoundOutcome) -> Result<()> + Send + Sync>;
+
+/// What the bandit sends: requests to the membership of a cluster's owner, a tick to the
+/// scorer, and, after a round's commit, its selected rows to their owners' round sinks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BanditMsg {
+    Pull {
+        round: u64,
+        request: PullRequest,
+    },
+    /// To worker 0's scorer, so the round goes on even when nothing is scored.
+    Tick {
+        round: u64,
+    },
+    /// A committed round, to every worker's round sink (`to`), with its rows of the clusters
+    /// that worker owns.
+    Committed {
+        round: u64,
+        to: u64,
+        rows: usize,
+    },
+}
+
+/// A round's pulls as drawn, with the scores of their scored members, for the bandit. A member
+/// that could not be scored has a NaN score (the bandit neither credits nor selects it) and its
+/// reason in `unscorable`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Scored {
+    pub pulls: Vec<Pull>,
+    pub scores: Vec<(MemberRef, f64)>,
+    pub unscorable: Vec<(MemberRef, String)>,
+}
+
+/// Where a bandit message goes.
+pub fn route(msg: &BanditMsg, peers: u64) -> u64 {
+    match msg {
+        BanditMsg::Pull { request, .. } => u64::from(request.cluster) % peers,
+        BanditMsg::Tick { .. } => 0,
+        BanditMsg::Committed { to, .. } => *to,
+    }
+}
 
 /// The bandit's side of the loop, on worker 0.
 struct BanditSide {
     bandit: Bandit,
-    ctx: Arc<LoopContext>,
+    ctx: Arc<BanditContext>,
     /// The capability rounds are planned with; None once the loop is over.
     cap: Option<Capability<u64>>,
     /// (time, round) of the round whose scores are awaited.
@@ -27,12 +91,13 @@ struct BanditSide {
     peers: usize,
 }
 
-pub(super) fn bandit_operator<'scope>(
+pub fn bandit_operator<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     scores: StreamVec<'scope, u64, Scored>,
     bandit: Option<Bandit>,
-    ctx: Arc<LoopContext>,
+    ctx: BanditContext,
 ) -> StreamVec<'scope, u64, BanditMsg> {
+    let ctx = Arc::new(ctx);
     let scope = changes.scope();
     let peers = scope.peers() as u64;
     changes.binary_frontier::<_, CapacityContainerBuilder<Vec<BanditMsg>>, _, _, _, _>(
@@ -180,9 +245,7 @@ impl BanditSide {
             );
         }
         let record = RoundRecord::new(&pulls, &outcome);
-        self.ctx
-            .store
-            .commit_round(&record, &self.bandit, &outcome)
+        (self.ctx.commit_round)(&record, &self.bandit, &outcome)
             .with_context(|| format!("committing round {round}"))?;
         (self.ctx.on_round)(&outcome);
         let peers = self.peers.max(1);
