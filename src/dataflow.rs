@@ -29,6 +29,7 @@ use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::{Fail, Failed};
+use crate::membership::operator::ShardPaths;
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
 use crate::select::operator::admit_operator;
@@ -42,7 +43,7 @@ use crate::tokens::TokenCounter;
 mod ingest;
 mod rounds;
 
-use rounds::{bandit_context, load_bandit, loop_context, record_costs};
+use rounds::{bandit_context, load_bandit, loop_context, membership_context, record_costs};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -297,12 +298,16 @@ fn run_worker(
             } else {
                 None
             };
+            let shards = Arc::new(ShardPaths::new(shared.store.clone()));
             let bandit_ctx = bandit_context(shared, watch);
+            let membership_ctx = membership_context(shared, shards.clone());
+            let ctx = loop_context(shared, shards);
             build_loop(
                 changes,
                 bandit,
                 bandit_ctx,
-                loop_context(shared),
+                membership_ctx,
+                ctx,
                 &loop_probe,
             );
         }

@@ -22,6 +22,7 @@ pub mod error;
 pub mod gpucheck;
 pub mod influence;
 pub mod inspect;
+pub mod membership;
 pub mod model;
 pub mod plot;
 pub mod progress;

@@ -24,22 +24,19 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
-use crate::bandit::{Bandit, ClusterChange, Pull};
+use crate::bandit::{Bandit, ClusterChange};
+use crate::membership::operator::{membership_operator, MembershipContext, ShardPaths};
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
 use crate::state::StateStore;
 
-mod membership;
 mod round_sink;
 mod score;
 
-use membership::membership_operator;
-pub use membership::{stored_fit_pool, ShardPaths};
 pub use round_sink::round_file_name;
 use round_sink::round_sink_operator;
 use score::score_operator;
@@ -57,10 +54,9 @@ pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Syn
 /// What the loop's other operators need.
 pub struct LoopContext {
     pub store: Arc<StateStore>,
-    pub seed: u64,
     pub source: SourceConfig,
     pub sink: SinkConfig,
-    pub shards: ShardPaths,
+    pub shards: Arc<ShardPaths>,
     pub scorer: ScorerFactory,
     /// Called after each committed output file (name, rows).
     pub on_file: Arc<dyn Fn(&str, usize) + Send + Sync>,
@@ -72,26 +68,13 @@ pub struct LoopContext {
     pub crash_after_round: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Fetched {
-    Drawn {
-        round: u64,
-        pull: Pull,
-        /// Texts of the sample's members, in member order, when the pull is scored; the reason
-        /// where a text could not be fetched again (null now, the shard gone).
-        texts: Vec<Result<String, String>>,
-    },
-    Tick {
-        round: u64,
-    },
-}
-
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
 /// attached to `probe`, which is done once the loop has drained and the last file is closed.
 pub fn build_loop<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     bandit: Option<Bandit>,
     bandit_ctx: BanditContext,
+    membership_ctx: MembershipContext,
     ctx: Arc<LoopContext>,
     probe: &ProbeHandle<u64>,
 ) {
@@ -101,7 +84,7 @@ pub fn build_loop<'scope>(
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
     round_sink_operator(messages.clone(), ctx.clone(), index, peers).probe_with(probe);
-    let fetched = membership_operator(messages, ctx.clone(), peers);
+    let fetched = membership_operator(messages, membership_ctx, peers);
     score_operator(fetched, ctx)
         .probe_with(probe)
         .connect_loop(handle);

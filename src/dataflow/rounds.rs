@@ -9,7 +9,8 @@ use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::cost::Costs;
-use crate::quad_loop::{DocScorer, LoopContext, ScorerFactory, ShardPaths, TalliedScorer};
+use crate::membership::operator::{stored_fit_pool, MembershipContext, ShardPaths};
+use crate::quad_loop::{DocScorer, LoopContext, ScorerFactory, TalliedScorer};
 
 /// The bandit operator's context: round commits to the store, and the callback for progress and
 /// summary.
@@ -50,15 +51,29 @@ fn round_committed(shared: &Shared, outcome: &RoundOutcome) {
     summary.selected_tokens += selected_tokens;
 }
 
-/// The Quad loop's context on this worker for the operators after the bandit: the store, the
-/// scorer factory (worker 0 builds the model once, at the first round that scores), and the
-/// callback for the summary.
-pub(super) fn loop_context(shared: &Arc<Shared>) -> Arc<LoopContext> {
+/// The membership operator's context; `shards` is the loop's one lookup of shard paths.
+pub(super) fn membership_context(
+    shared: &Arc<Shared>,
+    shards: Arc<ShardPaths>,
+) -> MembershipContext {
+    MembershipContext {
+        store: shared.store.clone(),
+        seed: shared.spec.seed,
+        source: shared.spec.source.clone(),
+        shards,
+        fail: fail_handle(shared),
+    }
+}
+
+/// The Quad loop's context on this worker for the influence and round sink operators: the
+/// store, the scorer factory (worker 0 builds the model once, at the first round that scores),
+/// and the callback for the summary.
+pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc<LoopContext> {
     let spec = &shared.spec;
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
         let spec = &scorer_shared.spec;
-        let pool = crate::quad_loop::stored_fit_pool(
+        let pool = stored_fit_pool(
             &scorer_shared.store,
             &spec.source,
             spec.influence.fit_pool_docs,
@@ -81,10 +96,9 @@ pub(super) fn loop_context(shared: &Arc<Shared>) -> Arc<LoopContext> {
     });
     Arc::new(LoopContext {
         store: shared.store.clone(),
-        seed: spec.seed,
         source: spec.source.clone(),
         sink: spec.sink.clone(),
-        shards: ShardPaths::new(shared.store.clone()),
+        shards,
         scorer,
         on_file,
         fail: fail_handle(shared),

@@ -10,9 +10,10 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{DocScorer, Fetched, LoopContext};
+use super::{DocScorer, LoopContext};
 use crate::bandit::operator::Scored;
 use crate::bandit::{MemberRef, Pull};
+use crate::membership::operator::Fetched;
 
 /// Scores each round's drawn samples on worker 0 (the process's model), in a fixed order, and
 /// sends the pulls with their scores into the feedback edge.

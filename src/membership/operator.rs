@@ -6,18 +6,43 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, RecordBatch};
+use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::{Fetched, LoopContext};
 use crate::bandit::operator::{route, BanditMsg};
-use crate::bandit::{DocLoc, MemberRef, PullRequest};
+use crate::bandit::{DocLoc, MemberRef, Pull, PullRequest};
+use crate::error::Fail;
 use crate::influence::setup::FitPool;
 use crate::influence::InfluenceError;
 use crate::source::{self, SourceConfig};
 use crate::state::StateStore;
+
+/// What the membership operator needs of the job.
+pub struct MembershipContext {
+    pub store: Arc<StateStore>,
+    pub seed: u64,
+    pub source: SourceConfig,
+    pub shards: Arc<ShardPaths>,
+    pub fail: Fail,
+}
+
+/// What the membership operator sends the scorer: a drawn pull, or a round's tick.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Fetched {
+    Drawn {
+        round: u64,
+        pull: Pull,
+        /// Texts of the sample's members, in member order, when the pull is scored; the reason
+        /// where a text could not be fetched again (null now, the shard gone).
+        texts: Vec<Result<String, String>>,
+    },
+    Tick {
+        round: u64,
+    },
+}
 
 /// The shard file of each epoch, looked up in the store again when a new epoch appears (watch
 /// mode registers shards while rounds go on).
@@ -114,9 +139,9 @@ fn texts_at(
 
 /// Draws each requested pull on the worker that owns the cluster (`cluster % peers`), from the
 /// store's draw order, and fetches the texts of the members to score from their shards.
-pub(super) fn membership_operator<'scope>(
+pub fn membership_operator<'scope>(
     messages: StreamVec<'scope, u64, BanditMsg>,
-    ctx: Arc<LoopContext>,
+    ctx: MembershipContext,
     peers: u64,
 ) -> StreamVec<'scope, u64, Fetched> {
     messages.unary::<CapacityContainerBuilder<Vec<Fetched>>, _, _, _>(
@@ -149,7 +174,7 @@ pub(super) fn membership_operator<'scope>(
     )
 }
 
-fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Result<Fetched> {
+fn draw_and_fetch(ctx: &MembershipContext, round: u64, request: &PullRequest) -> Result<Fetched> {
     let started = std::time::Instant::now();
     let pull = ctx.store.draw(ctx.seed, round, request).with_context(|| {
         format!(
@@ -175,7 +200,7 @@ fn draw_and_fetch(ctx: &LoopContext, round: u64, request: &PullRequest) -> Resul
 /// naming the shard, row and column).
 /// The members' texts, fetched again by location; where one cannot be had (null now, the shard
 /// unreadable or gone) the reason, so that member is rejected and the round goes on.
-fn fetch_texts(ctx: &LoopContext, members: &[MemberRef]) -> Vec<Result<String, String>> {
+fn fetch_texts(ctx: &MembershipContext, members: &[MemberRef]) -> Vec<Result<String, String>> {
     let locations: Vec<DocLoc> = members.iter().map(|m| m.loc).collect();
     let where_ = |loc: &DocLoc| match ctx.shards.get(loc.shard) {
         Ok(path) => format!("{}: row {}", path.display(), loc.row),
