@@ -29,7 +29,7 @@ use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::{Fail, Failed};
-use crate::membership::operator::ShardPaths;
+use crate::membership::ShardPaths;
 use crate::progress::{Progress, Summary};
 use crate::quad_loop::{build_loop, ScoreTally};
 use crate::select::operator::admit_operator;

@@ -29,7 +29,8 @@ use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
 use crate::bandit::{Bandit, ClusterChange};
-use crate::membership::operator::{membership_operator, MembershipContext, ShardPaths};
+use crate::membership::operator::{membership_operator, MembershipContext};
+use crate::membership::ShardPaths;
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
 use crate::state::StateStore;

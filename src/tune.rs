@@ -110,7 +110,7 @@ fn sample_clusters(
 /// The job's scorer, fitted on the pool sample its store kept during ingest.
 fn build_scorer(spec: &JobSpec) -> Result<InfluenceScorer> {
     let store = std::sync::Arc::new(StateStore::open_existing(&spec.state_path())?);
-    let pool = crate::membership::operator::stored_fit_pool(
+    let pool = crate::influence::setup::stored_fit_pool(
         &store,
         &spec.source,
         spec.influence.fit_pool_docs,

@@ -9,7 +9,9 @@ use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::cost::Costs;
-use crate::membership::operator::{stored_fit_pool, MembershipContext, ShardPaths};
+use crate::influence::setup::stored_fit_pool;
+use crate::membership::operator::MembershipContext;
+use crate::membership::ShardPaths;
 use crate::quad_loop::{DocScorer, LoopContext, ScorerFactory, TalliedScorer};
 
 /// The bandit operator's context: round commits to the store, and the callback for progress and

@@ -1,6 +1,8 @@
 //! From a job spec to a ready `InfluenceScorer`: load the model, read the reference set and a
-//! seeded pool sample, fit (or reuse cached) factors, compute the reference gradient.
+//! seeded pool sample (or the one a job's store kept, `stored_fit_pool`), fit (or reuse cached)
+//! factors, compute the reference gradient.
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -10,8 +12,11 @@ use super::scorer::{fit_factors, parse_device, parse_kind, FitSettings, ScorerSe
 use super::{
     cache, InfluenceConfig, InfluenceError, InfluenceScorer, Preconditioner, ReferenceGradient,
 };
+use crate::bandit::DocLoc;
+use crate::membership::{texts_at, ShardPaths};
 use crate::model::CausalLm;
 use crate::source::{id_at, read_shard, string_at, SourceConfig};
+use crate::state::StateStore;
 use crate::tokens::TokenCounter;
 
 /// (id, text) of every row of a Parquet file with the source's id and text columns. A null or
@@ -106,6 +111,33 @@ pub enum FitPool<'a> {
         identity: String,
         texts: Box<dyn FnOnce() -> Result<Vec<String>, InfluenceError> + 'a>,
     },
+}
+
+/// The factor-fitting pool sample a job's store kept during ingest (a few hundred documents):
+/// named by a hash of its documents' id hashes and locations, which the factor cache key
+/// uses, and fetched by location only when the factors are fitted (no pass over the pool).
+pub fn stored_fit_pool(
+    store: &Arc<StateStore>,
+    source: &SourceConfig,
+    n: usize,
+) -> anyhow::Result<FitPool<'static>> {
+    let sample = store.fit_sample(n)?;
+    let mut identity = xxhash_rust::xxh3::Xxh3::new();
+    for (priority, loc) in &sample {
+        for word in [*priority, loc.shard, u64::from(loc.row_group), loc.row] {
+            identity.update(&word.to_le_bytes());
+        }
+    }
+    let (store, source) = (store.clone(), source.clone());
+    Ok(FitPool::Stored {
+        identity: format!("{:016x}", identity.digest()),
+        texts: Box::new(move || {
+            let locations: Vec<DocLoc> = sample.iter().map(|(_, loc)| *loc).collect();
+            let texts = texts_at(&ShardPaths::new(store), &source, &locations)
+                .map_err(|e| InfluenceError::PoolSample(format!("{e:#}")))?;
+            Ok(texts.into_iter().flatten().collect())
+        }),
+    })
 }
 
 /// The kind of device, for the factor cache key (factors fitted on one GPU serve another).

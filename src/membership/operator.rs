@@ -1,23 +1,19 @@
 //! The membership operator: each pull drawn on the worker that owns its cluster, from the
 //! store's draw order, and the texts of its members fetched back from their shards by location.
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::{ArrayRef, RecordBatch};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
+use super::{texts_at, ShardPaths};
 use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::{DocLoc, MemberRef, Pull, PullRequest};
 use crate::error::Fail;
-use crate::influence::setup::FitPool;
-use crate::influence::InfluenceError;
-use crate::source::{self, SourceConfig};
+use crate::source::SourceConfig;
 use crate::state::StateStore;
 
 /// What the membership operator needs of the job.
@@ -42,99 +38,6 @@ pub enum Fetched {
     Tick {
         round: u64,
     },
-}
-
-/// The shard file of each epoch, looked up in the store again when a new epoch appears (watch
-/// mode registers shards while rounds go on).
-pub struct ShardPaths {
-    store: Arc<StateStore>,
-    known: Mutex<BTreeMap<u64, PathBuf>>,
-}
-
-impl ShardPaths {
-    pub fn new(store: Arc<StateStore>) -> ShardPaths {
-        ShardPaths {
-            store,
-            known: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    pub fn get(&self, epoch: u64) -> Result<PathBuf> {
-        let mut known = self.known.lock().expect("shard paths");
-        if !known.contains_key(&epoch) {
-            *known = self.store.shard_paths()?;
-        }
-        known
-            .get(&epoch)
-            .cloned()
-            .with_context(|| format!("no shard is recorded for epoch {epoch}"))
-    }
-}
-
-/// The source settings projected to the id and text columns: what fetching texts reads (the
-/// other columns, an embedding column above all, are left undecoded).
-fn text_only(source: &SourceConfig) -> SourceConfig {
-    SourceConfig {
-        columns: Some(Vec::new()),
-        ..source.clone()
-    }
-}
-
-/// The factor-fitting pool sample a job's store kept during ingest (a few hundred documents):
-/// named by a hash of its documents' id hashes and locations, which the factor cache key
-/// uses, and fetched by location only when the factors are fitted (no pass over the pool).
-pub fn stored_fit_pool(
-    store: &Arc<StateStore>,
-    source: &SourceConfig,
-    n: usize,
-) -> Result<FitPool<'static>> {
-    let sample = store.fit_sample(n)?;
-    let mut identity = xxhash_rust::xxh3::Xxh3::new();
-    for (priority, loc) in &sample {
-        for word in [*priority, loc.shard, u64::from(loc.row_group), loc.row] {
-            identity.update(&word.to_le_bytes());
-        }
-    }
-    let (store, source) = (store.clone(), source.clone());
-    Ok(FitPool::Stored {
-        identity: format!("{:016x}", identity.digest()),
-        texts: Box::new(move || {
-            let locations: Vec<DocLoc> = sample.iter().map(|(_, loc)| *loc).collect();
-            let texts = texts_at(&ShardPaths::new(store), &source, &locations)
-                .map_err(|e| InfluenceError::PoolSample(format!("{e:#}")))?;
-            Ok(texts.into_iter().flatten().collect())
-        }),
-    })
-}
-
-/// The texts at `locations`, in their order (`None` where null), read back from their shards:
-/// one read per shard, of the id and text columns of the row groups that hold them.
-fn texts_at(
-    shards: &ShardPaths,
-    source: &SourceConfig,
-    locations: &[DocLoc],
-) -> Result<Vec<Option<String>>> {
-    let mut by_epoch: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for loc in locations {
-        by_epoch.entry(loc.shard).or_default().push(loc.row);
-    }
-    let mut texts: BTreeMap<(u64, u64), String> = BTreeMap::new();
-    for (epoch, mut rows) in by_epoch {
-        rows.sort_unstable();
-        rows.dedup();
-        let path = shards.get(epoch)?;
-        let batch = source::fetch_rows(&path, &text_only(source), &rows)?;
-        let column = column(&batch, &source.text_column, &path)?;
-        for (i, row) in rows.iter().enumerate() {
-            if let Some(text) = source::string_at(column, i) {
-                texts.insert((epoch, *row), text.to_string());
-            }
-        }
-    }
-    Ok(locations
-        .iter()
-        .map(|loc| texts.get(&(loc.shard, loc.row)).cloned())
-        .collect())
 }
 
 /// Draws each requested pull on the worker that owns the cluster (`cluster % peers`), from the
@@ -225,12 +128,4 @@ fn fetch_texts(ctx: &MembershipContext, members: &[MemberRef]) -> Vec<Result<Str
             .map(|loc| Err(format!("{}: fetching the text: {e:#}", where_(loc))))
             .collect(),
     }
-}
-
-fn column<'a>(batch: &'a RecordBatch, name: &str, path: &std::path::Path) -> Result<&'a ArrayRef> {
-    let index = batch
-        .schema()
-        .index_of(name)
-        .with_context(|| format!("{}: column '{name}' is missing", path.display()))?;
-    Ok(batch.column(index))
 }
