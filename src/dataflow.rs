@@ -29,9 +29,10 @@ use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::{Fail, Failed};
+use crate::influence::operator::ScoreTally;
 use crate::membership::ShardPaths;
 use crate::progress::{Progress, Summary};
-use crate::quad_loop::{build_loop, ScoreTally};
+use crate::quad_loop::build_loop;
 use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
@@ -43,7 +44,9 @@ use crate::tokens::TokenCounter;
 mod ingest;
 mod rounds;
 
-use rounds::{bandit_context, load_bandit, loop_context, membership_context, record_costs};
+use rounds::{
+    bandit_context, load_bandit, loop_context, membership_context, record_costs, score_context,
+};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -301,12 +304,14 @@ fn run_worker(
             let shards = Arc::new(ShardPaths::new(shared.store.clone()));
             let bandit_ctx = bandit_context(shared, watch);
             let membership_ctx = membership_context(shared, shards.clone());
+            let score_ctx = score_context(shared);
             let ctx = loop_context(shared, shards);
             build_loop(
                 changes,
                 bandit,
                 bandit_ctx,
                 membership_ctx,
+                score_ctx,
                 ctx,
                 &loop_probe,
             );

@@ -23,12 +23,12 @@
 //! changes join the bandit's aggregates between rounds.
 use std::sync::Arc;
 
-use anyhow::Result;
 use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
 use crate::bandit::{Bandit, ClusterChange};
+use crate::influence::operator::{score_operator, ScoreContext};
 use crate::membership::operator::{membership_operator, MembershipContext};
 use crate::membership::ShardPaths;
 use crate::sink::SinkConfig;
@@ -36,29 +36,16 @@ use crate::source::SourceConfig;
 use crate::state::StateStore;
 
 mod round_sink;
-mod score;
 
 pub use round_sink::round_file_name;
 use round_sink::round_sink_operator;
-use score::score_operator;
-pub use score::{ScoreTally, TalliedScorer};
 
-/// Scores documents by their texts; the influence scorer implements it. A document that cannot
-/// be scored (too short to predict a token, a score that is not finite) gets the reason.
-pub trait DocScorer {
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>>;
-}
-
-/// Builds the scorer on the worker that scores (models are not shared across threads).
-pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Sync>;
-
-/// What the loop's other operators need.
+/// What the round sink needs.
 pub struct LoopContext {
     pub store: Arc<StateStore>,
     pub source: SourceConfig,
     pub sink: SinkConfig,
     pub shards: Arc<ShardPaths>,
-    pub scorer: ScorerFactory,
     /// Called after each committed output file (name, rows).
     pub on_file: Arc<dyn Fn(&str, usize) + Send + Sync>,
     /// Reports a failure on any worker.
@@ -76,6 +63,7 @@ pub fn build_loop<'scope>(
     bandit: Option<Bandit>,
     bandit_ctx: BanditContext,
     membership_ctx: MembershipContext,
+    score_ctx: ScoreContext,
     ctx: Arc<LoopContext>,
     probe: &ProbeHandle<u64>,
 ) {
@@ -84,9 +72,9 @@ pub fn build_loop<'scope>(
     let messages = bandit_operator(changes, scores, bandit, bandit_ctx);
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
-    round_sink_operator(messages.clone(), ctx.clone(), index, peers).probe_with(probe);
+    round_sink_operator(messages.clone(), ctx, index, peers).probe_with(probe);
     let fetched = membership_operator(messages, membership_ctx, peers);
-    score_operator(fetched, ctx)
+    score_operator(fetched, score_ctx)
         .probe_with(probe)
         .connect_loop(handle);
 }

@@ -9,10 +9,11 @@ use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::cost::Costs;
+use crate::influence::operator::{DocScorer, ScoreContext, ScorerFactory, TalliedScorer};
 use crate::influence::setup::stored_fit_pool;
 use crate::membership::operator::MembershipContext;
 use crate::membership::ShardPaths;
-use crate::quad_loop::{DocScorer, LoopContext, ScorerFactory, TalliedScorer};
+use crate::quad_loop::LoopContext;
 
 /// The bandit operator's context: round commits to the store, and the callback for progress and
 /// summary.
@@ -67,11 +68,9 @@ pub(super) fn membership_context(
     }
 }
 
-/// The Quad loop's context on this worker for the influence and round sink operators: the
-/// store, the scorer factory (worker 0 builds the model once, at the first round that scores),
-/// and the callback for the summary.
-pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc<LoopContext> {
-    let spec = &shared.spec;
+/// The score operator's context: the scorer factory (worker 0 builds the model once, at the
+/// first round that scores).
+pub(super) fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
         let spec = &scorer_shared.spec;
@@ -88,6 +87,16 @@ pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc
             spec.influence.window as u64,
         )) as Box<dyn DocScorer>)
     });
+    ScoreContext {
+        scorer,
+        fail: fail_handle(shared),
+    }
+}
+
+/// The round sink's context on this worker: the store, the loop's shard paths, and the
+/// callback for the summary.
+pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc<LoopContext> {
+    let spec = &shared.spec;
     let file_shared = shared.clone();
     let on_file = Arc::new(move |_name: &str, _rows: usize| {
         file_shared
@@ -101,7 +110,6 @@ pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc
         source: spec.source.clone(),
         sink: spec.sink.clone(),
         shards,
-        scorer,
         on_file,
         fail: fail_handle(shared),
         failed: failed_handle(shared),

@@ -7,9 +7,11 @@
 //!
 //! `factors` fits and preconditions, `score` holds the per-token kernels, `sketch` the
 //! Kronecker gradient sketches, `scorer` runs the model: one forward and one backward per
-//! batch of documents, never a per-document gradient.
+//! batch of documents, never a per-document gradient. `operator` is the stage in the job's
+//! Quad loop: each round's samples scored on worker 0, the scores fed back to the bandit.
 pub mod cache;
 pub mod factors;
+pub mod operator;
 pub mod score;
 pub mod scorer;
 pub mod setup;

@@ -1,5 +1,6 @@
-//! The score operator: each round's drawn samples scored on worker 0 (the process's influence
-//! model) in a fixed order, the scores sent into the feedback edge; and what scoring cost.
+//! The influence stage in the Quad loop, the score operator: each round's drawn samples scored
+//! on worker 0 (the process's influence model) in a fixed order, the scores sent into the
+//! feedback edge; and what scoring cost.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -10,16 +11,32 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{DocScorer, LoopContext};
+use super::InfluenceScorer;
 use crate::bandit::operator::Scored;
 use crate::bandit::{MemberRef, Pull};
+use crate::error::Fail;
 use crate::membership::operator::Fetched;
+
+/// Scores documents by their texts; the influence scorer implements it. A document that cannot
+/// be scored (too short to predict a token, a score that is not finite) gets the reason.
+pub trait DocScorer {
+    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>>;
+}
+
+/// Builds the scorer on the worker that scores (models are not shared across threads).
+pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Sync>;
+
+/// What the score operator needs of the job.
+pub struct ScoreContext {
+    pub scorer: ScorerFactory,
+    pub fail: Fail,
+}
 
 /// Scores each round's drawn samples on worker 0 (the process's model), in a fixed order, and
 /// sends the pulls with their scores into the feedback edge.
-pub(super) fn score_operator<'scope>(
+pub fn score_operator<'scope>(
     fetched: StreamVec<'scope, u64, Fetched>,
-    ctx: Arc<LoopContext>,
+    ctx: ScoreContext,
 ) -> StreamVec<'scope, u64, Scored> {
     fetched.unary_frontier::<CapacityContainerBuilder<Vec<Scored>>, _, _, _>(
         Exchange::new(|_: &Fetched| 0),
@@ -70,7 +87,7 @@ type DrawnTexts = (Pull, Vec<Result<String, String>>);
 /// the number of workers); a member that cannot be scored gets NaN, and its reason.
 #[allow(clippy::type_complexity)]
 fn score_round(
-    ctx: &LoopContext,
+    ctx: &ScoreContext,
     scorer: &mut Option<Box<dyn DocScorer>>,
     drawn: &[DrawnTexts],
 ) -> Result<(Vec<(MemberRef, f64)>, Vec<(MemberRef, String)>)> {
@@ -137,14 +154,14 @@ pub struct ScoreTally {
 
 /// The influence scorer as the loop's `DocScorer`, counting what it scores.
 pub struct TalliedScorer {
-    pub scorer: crate::influence::InfluenceScorer,
+    pub scorer: InfluenceScorer,
     pub tally: Arc<Mutex<ScoreTally>>,
     pub window: u64,
 }
 
 impl TalliedScorer {
     pub fn new(
-        scorer: crate::influence::InfluenceScorer,
+        scorer: InfluenceScorer,
         tally: Arc<Mutex<ScoreTally>>,
         window: u64,
     ) -> TalliedScorer {
