@@ -30,9 +30,7 @@ use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::{Fail, Failed};
 use crate::influence::operator::ScoreTally;
-use crate::membership::ShardPaths;
 use crate::progress::{Progress, Summary};
-use crate::quad_loop::build_loop;
 use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
@@ -42,11 +40,11 @@ use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
 mod ingest;
+mod quad_loop;
 mod rounds;
 
-use rounds::{
-    bandit_context, load_bandit, loop_context, membership_context, record_costs, score_context,
-};
+use quad_loop::build_loop;
+use rounds::{load_bandit, loop_context, record_costs};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -301,20 +299,7 @@ fn run_worker(
             } else {
                 None
             };
-            let shards = Arc::new(ShardPaths::new(shared.store.clone()));
-            let bandit_ctx = bandit_context(shared, watch);
-            let membership_ctx = membership_context(shared, shards.clone());
-            let score_ctx = score_context(shared);
-            let ctx = loop_context(shared, shards);
-            build_loop(
-                changes,
-                bandit,
-                bandit_ctx,
-                membership_ctx,
-                score_ctx,
-                ctx,
-                &loop_probe,
-            );
+            build_loop(changes, bandit, loop_context(shared, watch), &loop_probe);
         }
     });
 

@@ -26,7 +26,6 @@ pub mod membership;
 pub mod model;
 pub mod plot;
 pub mod progress;
-pub mod quad_loop;
 pub mod report;
 pub mod schema;
 pub mod score;

@@ -1,5 +1,5 @@
-//! The Quad loop's side of the job: its context on a worker, the bandit as the store left it,
-//! and the run's costs.
+//! The Quad loop's side of the job: its operators' contexts on a worker, the bandit as the
+//! store left it, and the run's costs.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,11 +13,25 @@ use crate::influence::operator::{DocScorer, ScoreContext, ScorerFactory, Tallied
 use crate::influence::setup::stored_fit_pool;
 use crate::membership::operator::MembershipContext;
 use crate::membership::ShardPaths;
-use crate::quad_loop::LoopContext;
+use crate::sink::round_sink::RoundSinkContext;
+
+use super::quad_loop::LoopContext;
+
+/// The Quad loop's contexts on this worker: one for each stage's operator, the membership and
+/// the round sink sharing one lookup of shard paths.
+pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> LoopContext {
+    let shards = Arc::new(ShardPaths::new(shared.store.clone()));
+    LoopContext {
+        bandit: bandit_context(shared, watch),
+        membership: membership_context(shared, shards.clone()),
+        score: score_context(shared),
+        round_sink: round_sink_context(shared, shards),
+    }
+}
 
 /// The bandit operator's context: round commits to the store, and the callback for progress and
 /// summary.
-pub(super) fn bandit_context(shared: &Arc<Shared>, watch: bool) -> BanditContext {
+fn bandit_context(shared: &Arc<Shared>, watch: bool) -> BanditContext {
     let store = shared.store.clone();
     let round_shared = shared.clone();
     BanditContext {
@@ -55,10 +69,7 @@ fn round_committed(shared: &Shared, outcome: &RoundOutcome) {
 }
 
 /// The membership operator's context; `shards` is the loop's one lookup of shard paths.
-pub(super) fn membership_context(
-    shared: &Arc<Shared>,
-    shards: Arc<ShardPaths>,
-) -> MembershipContext {
+fn membership_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> MembershipContext {
     MembershipContext {
         store: shared.store.clone(),
         seed: shared.spec.seed,
@@ -70,7 +81,7 @@ pub(super) fn membership_context(
 
 /// The score operator's context: the scorer factory (worker 0 builds the model once, at the
 /// first round that scores).
-pub(super) fn score_context(shared: &Arc<Shared>) -> ScoreContext {
+fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move || {
         let spec = &scorer_shared.spec;
@@ -95,7 +106,7 @@ pub(super) fn score_context(shared: &Arc<Shared>) -> ScoreContext {
 
 /// The round sink's context on this worker: the store, the loop's shard paths, and the
 /// callback for the summary.
-pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc<LoopContext> {
+fn round_sink_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> RoundSinkContext {
     let spec = &shared.spec;
     let file_shared = shared.clone();
     let on_file = Arc::new(move |_name: &str, _rows: usize| {
@@ -105,7 +116,7 @@ pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc
             .expect("summary lock")
             .files_written += 1;
     });
-    Arc::new(LoopContext {
+    RoundSinkContext {
         store: shared.store.clone(),
         source: spec.source.clone(),
         sink: spec.sink.clone(),
@@ -114,7 +125,7 @@ pub(super) fn loop_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> Arc
         fail: fail_handle(shared),
         failed: failed_handle(shared),
         crash_after_round: shared.hooks.crash_after_round,
-    })
+    }
 }
 
 /// The bandit where the last committed round left it (or new), with every cluster's

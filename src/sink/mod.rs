@@ -4,7 +4,8 @@
 //! of an epoch that never committed, and `remove_uncommitted` deletes them before a run.
 //!
 //! `epoch_sink` is the ingest sink in the dataflow: each epoch's file and its commit, on the
-//! worker that read the shard.
+//! worker that read the shard. `round_sink` is the Quad loop's: the rounds' selected rows of
+//! the clusters a worker owns, in files of at least `sink.min_file_rows` rows.
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use crate::schema;
 use crate::source::ShardData;
 
 pub mod epoch_sink;
+pub mod round_sink;
 
 /// The column whose values the report's "selected tokens by source" plot groups by.
 pub const SOURCE_COLUMN: &str = "source";

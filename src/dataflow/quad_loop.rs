@@ -21,8 +21,10 @@
 //! The bandit plans only once ingest has committed everything it was given (a run over a
 //! fixed set of shards: deterministic), or at any time in watch mode, where new shards' cluster
 //! changes join the bandit's aggregates between rounds.
-use std::sync::Arc;
-
+//!
+//! The operators live in their stages (`bandit::operator`, `membership::operator`,
+//! `influence::operator`, `sink::round_sink`), each taking its own context; this module wires
+//! them into the loop.
 use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
@@ -30,51 +32,32 @@ use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
 use crate::bandit::{Bandit, ClusterChange};
 use crate::influence::operator::{score_operator, ScoreContext};
 use crate::membership::operator::{membership_operator, MembershipContext};
-use crate::membership::ShardPaths;
-use crate::sink::SinkConfig;
-use crate::source::SourceConfig;
-use crate::state::StateStore;
+use crate::sink::round_sink::{round_sink_operator, RoundSinkContext};
 
-mod round_sink;
-
-pub use round_sink::round_file_name;
-use round_sink::round_sink_operator;
-
-/// What the round sink needs.
-pub struct LoopContext {
-    pub store: Arc<StateStore>,
-    pub source: SourceConfig,
-    pub sink: SinkConfig,
-    pub shards: Arc<ShardPaths>,
-    /// Called after each committed output file (name, rows).
-    pub on_file: Arc<dyn Fn(&str, usize) + Send + Sync>,
-    /// Reports a failure on any worker.
-    pub fail: Arc<dyn Fn(anyhow::Error) + Send + Sync>,
-    pub failed: Arc<dyn Fn() -> bool + Send + Sync>,
-    /// Test hook: abort after a file closed at this round or later is in place, before its
-    /// commit.
-    pub crash_after_round: Option<u64>,
+/// What the loop's operators take of the job on this worker, one context a stage.
+pub(super) struct LoopContext {
+    pub(super) bandit: BanditContext,
+    pub(super) membership: MembershipContext,
+    pub(super) score: ScoreContext,
+    pub(super) round_sink: RoundSinkContext,
 }
 
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
 /// attached to `probe`, which is done once the loop has drained and the last file is closed.
-pub fn build_loop<'scope>(
+pub(super) fn build_loop<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     bandit: Option<Bandit>,
-    bandit_ctx: BanditContext,
-    membership_ctx: MembershipContext,
-    score_ctx: ScoreContext,
-    ctx: Arc<LoopContext>,
+    ctx: LoopContext,
     probe: &ProbeHandle<u64>,
 ) {
     let scope = changes.scope();
     let (handle, scores) = scope.feedback::<Vec<Scored>>(1);
-    let messages = bandit_operator(changes, scores, bandit, bandit_ctx);
+    let messages = bandit_operator(changes, scores, bandit, ctx.bandit);
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
-    round_sink_operator(messages.clone(), ctx, index, peers).probe_with(probe);
-    let fetched = membership_operator(messages, membership_ctx, peers);
-    score_operator(fetched, score_ctx)
+    round_sink_operator(messages.clone(), ctx.round_sink, index, peers).probe_with(probe);
+    let fetched = membership_operator(messages, ctx.membership, peers);
+    score_operator(fetched, ctx.score)
         .probe_with(probe)
         .connect_loop(handle);
 }

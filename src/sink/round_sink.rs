@@ -10,21 +10,41 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
-use super::LoopContext;
+use super::{SinkConfig, SOURCE_COLUMN};
 use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::MemberRef;
+use crate::error::{Fail, Failed};
+use crate::membership::ShardPaths;
 use crate::schema;
-use crate::sink::{self, SOURCE_COLUMN};
-use crate::source;
-use crate::state::PendingRow;
+use crate::source::{self, SourceConfig};
+use crate::state::{PendingRow, StateStore};
+
+/// What the round sink needs of the job.
+pub struct RoundSinkContext {
+    pub store: Arc<StateStore>,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    /// The loop's lookup of shard paths (shared with the membership operator).
+    pub shards: Arc<ShardPaths>,
+    /// Called after each committed output file (name, rows).
+    pub on_file: OnFile,
+    pub fail: Fail,
+    pub failed: Failed,
+    /// Test hook: abort after a file closed at this round or later is in place, before its
+    /// commit.
+    pub crash_after_round: Option<u64>,
+}
+
+/// Called with a committed output file's name and rows.
+pub type OnFile = Arc<dyn Fn(&str, usize) + Send + Sync>;
 
 /// Writes the selected rows of the clusters this worker owns into output files of at least
 /// `sink.min_file_rows` rows: rounds accumulate until a file is full, the rest goes into a last
 /// file when the loop ends. A file is committed when closed, together with the pending rows it
 /// took (kept in the store until then, so a killed job loses none and repeats none).
-pub(super) fn round_sink_operator<'scope>(
+pub fn round_sink_operator<'scope>(
     messages: StreamVec<'scope, u64, BanditMsg>,
-    ctx: Arc<LoopContext>,
+    ctx: RoundSinkContext,
     index: u64,
     peers: u64,
 ) -> StreamVec<'scope, u64, ()> {
@@ -93,7 +113,7 @@ pub(super) fn round_sink_operator<'scope>(
 /// Writes the pending rows of the owned clusters (of rounds up to `through`, or all) as one
 /// file and commits it. Returns the rows written.
 fn close_file(
-    ctx: &LoopContext,
+    ctx: &RoundSinkContext,
     owned: impl Fn(u32) -> bool,
     index: u64,
     through: Option<u64>,
@@ -144,7 +164,11 @@ fn by_shard<'a, T>(
 
 /// Writes rows (fetched back by location) with quad_cluster, quad_influence and quad_round as
 /// one Parquet file; returns their tokens by the rows' `source` column.
-fn write_rows(ctx: &LoopContext, name: &str, rows: &[PendingRow]) -> Result<BTreeMap<String, u64>> {
+fn write_rows(
+    ctx: &RoundSinkContext,
+    name: &str,
+    rows: &[PendingRow],
+) -> Result<BTreeMap<String, u64>> {
     let mut tokens_by_source = BTreeMap::new();
     let mut batches = Vec::new();
     let mut out_schema = None;
@@ -193,7 +217,7 @@ fn write_rows(ctx: &LoopContext, name: &str, rows: &[PendingRow]) -> Result<BTre
     let Some(out_schema) = out_schema else {
         return Ok(tokens_by_source);
     };
-    sink::write_durably(&ctx.sink.path, name, out_schema, &batches, &ctx.sink)
+    super::write_durably(&ctx.sink.path, name, out_schema, &batches, &ctx.sink)
         .with_context(|| format!("writing {}", ctx.sink.path.join(name).display()))?;
     Ok(tokens_by_source)
 }
