@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent reference for quad's BERT sentence encoder (src/embed.rs).
+"""Independent reference for quad's BERT sentence encoder (src/embed/mod.rs).
 
 Plain PyTorch + safetensors, no transformers and no tokenizers package: the BERT WordPiece
 tokenizer is re-implemented here from vocab.txt and the forward pass from torch ops, one text

@@ -12,6 +12,12 @@
 //! keeps the shard's rows in memory between the two. Only document metadata and vectors cross
 //! workers. The admit, assign and sink operators stash by capability and act when the frontier
 //! passes an epoch, so their decisions do not depend on how many workers there are.
+//!
+//! Each operator lives in its stage (`source::operator` the read, `select::operator` admit,
+//! `embed::operator`, `cluster::operator` assign, `sink::epoch_sink`) and takes its own
+//! context, which `dataflow/ingest.rs` builds from the job; `dataflow/quad_loop.rs` wires the
+//! Quad loop's operators, `dataflow/rounds.rs` builds their contexts. This module runs the
+//! workers, feeds them the shards and wires the operators.
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;

@@ -1,11 +1,14 @@
 //! quad: quality- and diversity-aware selection of LLM pretraining data (the "Quad" method)
 //! as a long-lived timely-dataflow ETL job from Parquet shards to Parquet output.
 //!
-//! One module a stage, each with its settings: `source` reads shards, `select` dedups and
-//! decides `random`, `embed` and `cluster`/`assign` place documents in clusters, `bandit`
-//! chooses clusters, `influence` scores, `sink` writes the output, `state` holds the
-//! transactional job state. `dataflow` (ingest operators in `dataflow/`) and `quad_loop` (the
-//! rounds' operators) wire them into the job's one timely graph. `config` composes the stages'
+//! One module a stage, each with its settings, its logic and its timely operator
+//! (`<stage>::operator`, or the stage's named operator files): `source` reads shards, `select`
+//! dedups and decides `random` (the admit operator), `embed` embeds, `cluster` fits and assigns
+//! clusters (`cluster::assign`), `membership` draws a cluster's members and fetches their texts,
+//! `bandit` chooses clusters, `influence` scores, `sink` writes the output (`sink::epoch_sink`
+//! for ingest, `sink::round_sink` for the rounds), `state` holds the transactional job state.
+//! `dataflow` wires the operators into the job's one timely graph (`dataflow/quad_loop.rs` the
+//! Quad loop) and builds each operator's context from the job. `config` composes the stages'
 //! settings into the job spec; `schema` is the file formats.
 
 pub mod bandit;
