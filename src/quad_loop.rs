@@ -26,7 +26,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, ConnectLoop, Feedback as _, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
 use crate::bandit::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundOutcome};
@@ -39,8 +40,9 @@ mod membership;
 mod round_sink;
 mod score;
 
+use crate::bandit::aggregates::cluster_aggregates;
 use bandit::bandit_operator;
-use membership::membership_operator;
+use membership::{membership_operator, sampled_updates};
 pub use membership::{stored_fit_pool, ShardPaths};
 use round_sink::round_sink_operator;
 pub use round_sink::{round_file_name, SOURCE_COLUMN};
@@ -93,12 +95,12 @@ enum BanditMsg {
     Tick {
         round: u64,
     },
-    /// A committed round, to every worker's round sink (`to`), with its rows of the clusters
-    /// that worker owns.
+    /// A committed round, to every worker's round sink (`to`), with its selected members of
+    /// the clusters that worker owns, each marked when it was taken unscored (block, explore).
     Committed {
         round: u64,
         to: u64,
-        rows: usize,
+        selected: Vec<(MemberRef, bool)>,
     },
 }
 
@@ -126,8 +128,24 @@ struct Scored {
     unscorable: Vec<(MemberRef, String)>,
 }
 
+/// What comes back to the bandit on the feedback edge, one round later: the round's scores, and
+/// the changes of the clusters' aggregates that carrying out its decisions made (members drawn
+/// and scored, members selected).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Feedback {
+    Scored(Scored),
+    Taken(ClusterChange),
+}
+
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
 /// attached to `probe`, which is done once the loop has drained and the last file is closed.
+///
+/// The clusters' aggregates have two differential collections of cluster ids (see
+/// `bandit::aggregates`): members joining, by epoch (`changes`, from ingest), and members
+/// leaving the unsampled ones or being selected, by round (`taken`: retractions made where the
+/// members are, by the membership operator as it draws and by the round sinks as they take the
+/// selected rows). Each is arranged by cluster id. They are two collections because their
+/// times are two clocks: a round's retractions must not wait for the next shard in watch mode.
 pub fn build_loop<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     bandit: Option<Bandit>,
@@ -135,14 +153,19 @@ pub fn build_loop<'scope>(
     probe: &ProbeHandle<u64>,
 ) {
     let scope = changes.scope();
-    let (handle, scores) = scope.feedback::<Vec<Scored>>(1);
-    let messages = bandit_operator(changes, scores, bandit, ctx.clone());
+    let (handle, feedback) = scope.feedback::<Vec<Feedback>>(1);
+    let messages = bandit_operator(changes, feedback, bandit, ctx.clone());
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
-    round_sink_operator(messages.clone(), ctx.clone(), index, peers).probe_with(probe);
+    let selected = round_sink_operator(messages.clone(), ctx.clone(), index, peers);
     let fetched = membership_operator(messages, ctx.clone(), peers);
+    let taken =
+        cluster_aggregates(sampled_updates(fetched.clone()).concat(selected.probe_with(probe)))
+            .map(Feedback::Taken);
     score_operator(fetched, ctx)
         .probe_with(probe)
+        .map(Feedback::Scored)
+        .concat(taken)
         .connect_loop(handle);
 }
 

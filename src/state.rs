@@ -101,6 +101,20 @@ pub struct ClusterInfo {
     pub fresh: u64,
 }
 
+impl ClusterInfo {
+    /// The cluster as one change of the bandit's aggregates (how a resumed job starts them).
+    pub fn as_change(&self) -> crate::bandit::ClusterChange {
+        crate::bandit::ClusterChange {
+            cluster: self.cluster,
+            centroid: Some((0, self.centroid.clone())),
+            docs: self.size,
+            tokens: self.tokens,
+            fresh: self.fresh as i64,
+            ..Default::default()
+        }
+    }
+}
+
 /// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
 /// never its text nor its id (both are in the shard, at that row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, RecordBatch};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use super::{route, BanditMsg, Fetched, LoopContext};
+use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::{DocLoc, MemberRef, PullRequest};
 use crate::influence::setup::FitPool;
 use crate::influence::InfluenceError;
@@ -207,4 +208,38 @@ fn column<'a>(batch: &'a RecordBatch, name: &str, path: &std::path::Path) -> Res
         .index_of(name)
         .with_context(|| format!("{}: column '{name}' is missing", path.display()))?;
     Ok(batch.column(index))
+}
+
+/// The retractions of a round's draws, on the worker that drew them: each member of a scored
+/// pull leaves its cluster's unsampled members (block and explore members leave only when
+/// taken; the round sinks retract those).
+pub(super) fn sampled_updates<'scope>(
+    fetched: StreamVec<'scope, u64, Fetched>,
+) -> StreamVec<'scope, u64, ClusterUpdate> {
+    fetched.unary::<CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _>(
+        Pipeline,
+        "SampledUpdates",
+        |_capability, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let time = *cap.time();
+                    let mut session = output.session(&cap);
+                    for container in data {
+                        for msg in container.iter() {
+                            if let Fetched::Drawn { pull, .. } = msg {
+                                if pull.score {
+                                    for m in &pull.members {
+                                        session.give((m.cluster, time, ClusterDelta::sampled()));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        },
+    )
 }
