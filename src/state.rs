@@ -6,7 +6,9 @@
 //! Three tables grow with the pool, one row per document: the accepted ids, and each member in
 //! exactly one of the unsampled members (in draw order) and the sampled ones. Their keys and
 //! values are fixed-width big-endian bytes (see `layout`): redb stores fixed-width pairs with
-//! no per-entry overhead, and big-endian bytes sort as the numbers they hold.
+//! no per-entry overhead, and big-endian bytes sort as the numbers they hold. The ids and the
+//! unsampled members are keyed by hashes, so each is kept as ranked sorted runs (`runs`) that
+//! an epoch's commit appends to instead of rewriting.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -16,13 +18,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::StateError;
 use crate::source::Reject;
 
+mod runs;
+
 /// The store's page cache: bounded, so that the job's memory does not grow with the store
 /// (redb's default is 1 GiB); what a round touches is a few pages per drawn member.
 const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "2";
+pub const STORE_LAYOUT: &str = "3";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -31,7 +35,9 @@ const OUTPUTS: TableDefinition<&str, u64> = TableDefinition::new("outputs");
 /// Accepted ids by their key (`layout::id_key`, 96 bits) -> the epoch that first accepted them
 /// (`layout::id_value`). The row is not kept: 4 bytes a document less, and a duplicate of a
 /// committed epoch is reported with its first epoch only.
-const IDS: TableDefinition<&[u8; 12], &[u8; 4]> = TableDefinition::new("ids");
+/// Kept as ranked sorted runs (`runs`): the keys are hashes, so one table would have most of its
+/// pages rewritten by every epoch's commit.
+const IDS: runs::LeveledTable<12, 4> = runs::LeveledTable::new("ids");
 
 /// The key of a document id: 96 bits of its xxh3-128 hash. A collision (a new document taken
 /// for a duplicate) needs about 2^48 ids.
@@ -54,7 +60,9 @@ const CLUSTERER: TableDefinition<&str, &[u8]> = TableDefinition::new("clusterer"
 /// Members not yet sampled, in draw order: `layout::unsampled_key` (cluster, sample key, epoch,
 /// row) -> `layout::member_value` (row group, tokens). A round's draw reads O(n) entries from a
 /// seeded start (see `bandit::draw`). Never the text, nor the id (fetched back by location).
-const UNSAMPLED: TableDefinition<&[u8; 20], &[u8; 8]> = TableDefinition::new("unsampled");
+/// Kept as ranked sorted runs (`runs`), as the ids are: an epoch's members spread over each
+/// cluster's whole key range.
+const UNSAMPLED: runs::LeveledTable<20, 8> = runs::LeveledTable::new("unsampled");
 /// Members a round has sampled (scored or taken; they leave `UNSAMPLED`):
 /// `layout::sampled_key` (cluster, epoch, row) -> `layout::sampled_value` (row group, tokens,
 /// `member_flags`).
@@ -91,6 +99,20 @@ pub struct ClusterInfo {
     /// Members neither scored nor taken (kept by the store: epochs add, rounds remove).
     #[serde(default)]
     pub fresh: u64,
+}
+
+impl ClusterInfo {
+    /// The cluster as one change of the bandit's aggregates (how a resumed job starts them).
+    pub fn as_change(&self) -> crate::bandit::ClusterChange {
+        crate::bandit::ClusterChange {
+            cluster: self.cluster,
+            centroid: Some((0, self.centroid.clone())),
+            docs: self.size,
+            tokens: self.tokens,
+            fresh: self.fresh as i64,
+            ..Default::default()
+        }
+    }
 }
 
 /// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
@@ -367,11 +389,10 @@ impl StateStore {
             txn.open_table(SHARDS).map_err(|e| store.err(e))?;
             txn.open_table(EPOCHS).map_err(|e| store.err(e))?;
             txn.open_table(OUTPUTS).map_err(|e| store.err(e))?;
-            txn.open_table(IDS).map_err(|e| store.err(e))?;
+            txn.open_table(runs::RANKS).map_err(|e| store.err(e))?;
             txn.open_table(REJECTS).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERS).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERER).map_err(|e| store.err(e))?;
-            txn.open_table(UNSAMPLED).map_err(|e| store.err(e))?;
             txn.open_table(SAMPLED).map_err(|e| store.err(e))?;
             txn.open_table(PENDING).map_err(|e| store.err(e))?;
             txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
@@ -428,9 +449,9 @@ impl StateStore {
     }
 
     /// Moves the store's pages to the front of the file and cuts the free space off. redb grows
-    /// the file by doubling it (until 4 GiB) and a commit copies the pages it touches (the
-    /// randomly keyed id and draw-order tables: most of their pages every epoch), so a run
-    /// leaves up to twice its pages in the file. Needs the only handle on the store.
+    /// the file by doubling it (until 4 GiB), and a merge of runs (`runs`) holds the old runs
+    /// and the new one until its commit, so a run leaves up to twice its pages in the file.
+    /// Needs the only handle on the store.
     pub fn compact(&mut self) -> Result<(), StateError> {
         while self.db.compact().map_err(|e| self.err(e))? {}
         Ok(())
@@ -553,19 +574,15 @@ impl StateStore {
             shards
                 .insert(commit.record.shard.as_str(), json.as_str())
                 .map_err(|e| self.err(e))?;
-            let mut ids = txn.open_table(IDS).map_err(|e| self.err(e))?;
-            // Inserting in key order keeps the B-tree writes local.
-            let mut keyed: Vec<(u128, u64)> = commit
+            let value = layout::id_value(self.narrow("epoch", commit.epoch)?);
+            let mut keyed: Vec<([u8; 12], [u8; 4])> = commit
                 .accepted
                 .iter()
-                .map(|(id, row)| (id_key(id), *row))
+                .map(|(id, _)| (layout::id_key(id_key(id)), value))
                 .collect();
-            keyed.sort_unstable();
-            let value = layout::id_value(self.narrow("epoch", commit.epoch)?);
-            for (key, _) in keyed {
-                ids.insert(&layout::id_key(key), &value)
-                    .map_err(|e| self.err(e))?;
-            }
+            keyed.sort_unstable_by_key(|(key, _)| *key);
+            keyed.dedup_by_key(|(key, _)| *key);
+            IDS.insert_sorted(&txn, &keyed).map_err(|e| self.err(e))?;
             let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
             for reject in &commit.rejects {
                 let json = serde_json::to_string(reject).map_err(|e| self.err(e))?;
@@ -594,10 +611,9 @@ impl StateStore {
         txn: &redb::WriteTransaction,
         commit: &ClusterCommit,
     ) -> Result<(), StateError> {
-        let mut unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
         let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut joined: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut rows: Vec<([u8; 20], [u8; 8], &Member)> = Vec::with_capacity(commit.members.len());
+        let mut rows: Vec<([u8; 20], [u8; 8])> = Vec::with_capacity(commit.members.len());
         for m in &commit.members {
             let (epoch, row) = (self.narrow("epoch", m.epoch)?, self.narrow("row", m.row)?);
             if m.flags != 0 {
@@ -611,20 +627,20 @@ impl StateStore {
             rows.push((
                 layout::unsampled_key(m.cluster, sample_key, epoch, row),
                 layout::member_value(m.row_group, m.tokens),
-                m,
             ));
         }
-        // In key order, so that the B-tree writes of one cluster are together.
+        // A new run in key order. An epoch's members are new to the table: its commit is the
+        // only one that adds them.
         rows.sort_unstable_by_key(|row| row.0);
-        for (key, value, m) in &rows {
-            let known = unsampled
-                .insert(key, value)
-                .map_err(|e| self.err(e))?
-                .is_some();
-            if !known {
-                *joined.entry(m.cluster).or_default() += 1;
-            }
+        rows.dedup_by_key(|row| row.0);
+        for (key, _) in &rows {
+            *joined
+                .entry(layout::parse_unsampled_key(key).0)
+                .or_default() += 1;
         }
+        UNSAMPLED
+            .insert_sorted(txn, &rows)
+            .map_err(|e| self.err(e))?;
         let mut clusters = txn.open_table(CLUSTERS).map_err(|e| self.err(e))?;
         for c in &commit.clusters {
             let before = match clusters.get(c.cluster).map_err(|e| self.err(e))? {
@@ -673,20 +689,18 @@ impl StateStore {
     pub fn members(&self, cluster: u32) -> Result<Vec<Member>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        let unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let unsampled = UNSAMPLED.open_read(&txn).map_err(|e| self.err(e))?;
         let (low, high) = (
             layout::unsampled_key(cluster, 0, 0, 0),
             layout::unsampled_key(cluster, u64::MAX, u32::MAX, u32::MAX),
         );
-        for entry in unsampled
-            .range::<&[u8; 20]>(&low..=&high)
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            let (cluster, _, epoch, row) = layout::parse_unsampled_key(k.value());
-            let (row_group, tokens) = layout::parse_member_value(v.value());
-            out.push(Member::stored(cluster, (epoch, row_group, row), tokens, 0));
-        }
+        unsampled
+            .for_each_in(&low, &high, |k, v| {
+                let (cluster, _, epoch, row) = layout::parse_unsampled_key(k);
+                let (row_group, tokens) = layout::parse_member_value(v);
+                out.push(Member::stored(cluster, (epoch, row_group, row), tokens, 0));
+            })
+            .map_err(|e| self.err(e))?;
         let sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let (low, high) = (
             layout::sampled_key(cluster, 0, 0),
@@ -746,27 +760,24 @@ impl StateStore {
     /// `first_seen` by the ids' keys (`id_key`).
     pub fn first_seen_keys(&self, keys: &[u128]) -> Result<Vec<Option<u64>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(IDS).map_err(|e| self.err(e))?;
+        let ids = IDS.open_read(&txn).map_err(|e| self.err(e))?;
         keys.iter()
             .map(|&key| {
-                Ok(table
+                Ok(ids
                     .get(&layout::id_key(key))
                     .map_err(|e| self.err(e))?
-                    .map(|v| layout::parse_id_value(v.value())))
+                    .map(|v| layout::parse_id_value(&v)))
             })
             .collect()
     }
 
-    /// Calls `f` with the key of every accepted id, in key order (to fill a dedup filter).
+    /// Calls `f` with the key of every accepted id, in no particular order (to fill a dedup
+    /// filter).
     pub fn for_each_id_key(&self, mut f: impl FnMut(u128)) -> Result<(), StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(IDS).map_err(|e| self.err(e))?;
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            f(layout::parse_id_key(
-                entry.map_err(|e| self.err(e))?.0.value(),
-            ));
-        }
-        Ok(())
+        let ids = IDS.open_read(&txn).map_err(|e| self.err(e))?;
+        ids.for_each_in(&[0; 12], &[0xff; 12], |k, _| f(layout::parse_id_key(k)))
+            .map_err(|e| self.err(e))
     }
 
     /// Whether epoch `epoch` is committed.
@@ -901,7 +912,7 @@ impl StateStore {
         outcome: &crate::bandit::RoundOutcome,
         flags: &BTreeMap<(u32, u64, u64), u8>,
     ) -> Result<BTreeMap<u32, u64>, StateError> {
-        let mut unsampled = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let mut unsampled = UNSAMPLED.open_write(txn).map_err(|e| self.err(e))?;
         let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut left: BTreeMap<u32, u64> = BTreeMap::new();
         for m in outcome.sampled() {
@@ -918,7 +929,7 @@ impl StateStore {
             let was_unsampled = unsampled
                 .remove(&key)
                 .map_err(|e| self.err(e))?
-                .map(|v| layout::parse_member_value(v.value()));
+                .map(|v| layout::parse_member_value(&v));
             let sampled_key = layout::sampled_key(m.cluster, epoch, row);
             let value = match was_unsampled {
                 Some((row_group, tokens)) => {
@@ -959,7 +970,7 @@ impl StateStore {
         let start = crate::bandit::draw::start_key(seed, round, c);
         let want = request.sample + request.block;
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(UNSAMPLED).map_err(|e| self.err(e))?;
+        let unsampled = UNSAMPLED.open_read(&txn).map_err(|e| self.err(e))?;
         let mut drawn = Vec::with_capacity(want);
         let ranges = [
             (
@@ -975,16 +986,12 @@ impl StateStore {
             if drawn.len() == want || (i == 1 && start == 0) {
                 break;
             }
-            for entry in table
-                .range::<&[u8; 20]>(low..=high)
-                .map_err(|e| self.err(e))?
-            {
-                if drawn.len() == want {
-                    break;
-                }
-                let (k, v) = entry.map_err(|e| self.err(e))?;
-                let (cluster, _, shard, row) = layout::parse_unsampled_key(k.value());
-                let (row_group, tokens) = layout::parse_member_value(v.value());
+            let entries = unsampled
+                .first_in(low, high, want - drawn.len())
+                .map_err(|e| self.err(e))?;
+            for (k, v) in entries {
+                let (cluster, _, shard, row) = layout::parse_unsampled_key(&k);
+                let (row_group, tokens) = layout::parse_member_value(&v);
                 drawn.push(MemberRef {
                     cluster,
                     loc: DocLoc {
@@ -1330,9 +1337,8 @@ mod tests {
     }
 
     /// The target is at most 128 bytes of store per document; this checks the layout
-    /// against it on a pool large enough for the B-trees' fill to show (the ids and the draw
-    /// order are randomly keyed, so their leaves are about 70% full), compacted as a run
-    /// leaves it.
+    /// against it on a pool large enough for the B-trees' fill to show, with the ids and the
+    /// draw order in several runs (4 epochs: one run of rank 2), compacted as a run leaves it.
     #[test]
     fn the_store_holds_a_document_in_at_most_128_bytes() {
         let dir = tempfile::tempdir().unwrap();

@@ -167,9 +167,7 @@ impl InMemoryBandit {
             let mut change = ClusterChange {
                 cluster: input.id,
                 centroid: Some((self.bandit.next_round(), input.centroid.clone())),
-                docs: 0,
-                tokens: 0,
-                fresh: 0,
+                ..ClusterChange::default()
             };
             for m in &input.members {
                 if self.membership.insert(input.id, *m) {

@@ -73,17 +73,31 @@ pub struct Pull {
     pub cluster_score: Option<f64>,
 }
 
-/// A cluster's change as the ingest stages report it: members that joined (counts and tokens,
-/// never the members themselves) and, when it moved, its centroid.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A cluster's change as its aggregates (`aggregates`) report it, never the members
+/// themselves: from ingest, members that joined (counts and tokens) and, when it moved, its
+/// centroid; from the Quad loop, members that left the unsampled ones (drawn and scored, or
+/// taken unscored) and members selected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterChange {
     pub cluster: u32,
     /// The centroid after the epoch that moved it (epoch, unit vector); the latest epoch wins.
     pub centroid: Option<(u64, Vec<f32>)>,
     pub docs: u64,
     pub tokens: u64,
-    /// Members that joined unsampled (all of them, for ingest).
-    pub fresh: u64,
+    /// Change of the unsampled members: joined (ingest) minus left (rounds).
+    pub fresh: i64,
+    pub selected_docs: u64,
+    pub selected_tokens: u64,
+}
+
+/// The counts a round's decisions change (unsampled members per cluster, selected documents and
+/// tokens). The loop's aggregates carry the same changes back from the operators that carried
+/// the decisions out; the bandit plans the next round on those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundCounts {
+    fresh: Vec<(u32, u64)>,
+    selected_docs: u64,
+    selected_tokens: u64,
 }
 
 /// What a round decided.
@@ -153,6 +167,8 @@ pub enum BanditError {
         cluster: u32,
         member: DocLoc,
     },
+    #[error("cluster {cluster}: {left} members left its unsampled ones, which held {held}")]
+    Overdrawn { cluster: u32, left: i64, held: u64 },
 }
 
 /// One arm: the cluster's aggregates and its T and S.
@@ -312,12 +328,43 @@ impl Bandit {
                 cluster.centroid_epoch = *epoch;
             }
         }
+        cluster.fresh =
+            cluster
+                .fresh
+                .checked_add_signed(change.fresh)
+                .ok_or(BanditError::Overdrawn {
+                    cluster: change.cluster,
+                    left: -change.fresh,
+                    held: cluster.fresh,
+                })?;
         cluster.size += change.docs;
         cluster.tokens += change.tokens;
-        cluster.fresh += change.fresh;
         self.pool_docs += change.docs;
         self.pool_tokens += change.tokens;
+        self.selected_docs += change.selected_docs;
+        self.selected_tokens += change.selected_tokens;
         Ok(())
+    }
+
+    /// The counts that rounds change, as they stand. O(k).
+    pub fn round_counts(&self) -> RoundCounts {
+        RoundCounts {
+            fresh: self.clusters.iter().map(|c| (c.id, c.fresh)).collect(),
+            selected_docs: self.selected_docs,
+            selected_tokens: self.selected_tokens,
+        }
+    }
+
+    /// Sets the counts that rounds change back to `counts` (taken before a round's `observe`):
+    /// the round's changes then come back through the loop's aggregates. O(k).
+    pub fn restore_round_counts(&mut self, counts: &RoundCounts) {
+        for &(id, fresh) in &counts.fresh {
+            if let Some(ci) = self.cluster_index(id) {
+                self.clusters[ci].fresh = fresh;
+            }
+        }
+        self.selected_docs = counts.selected_docs;
+        self.selected_tokens = counts.selected_tokens;
     }
 
     /// Replaces every cluster's aggregates by the stored ones (size, tokens, unsampled,

@@ -1,7 +1,15 @@
 //! The bandit operator: plans each round on worker 0, observes its scores from the feedback
-//! edge, commits the round and sends its selected rows to the round sinks. The messages it
-//! sends (`BanditMsg`) and the scored pulls it observes (`Scored`) are defined here: the
-//! membership, influence and round sink stages depend on the bandit, never the other way.
+//! edge, commits the round and sends its selected rows to the round sinks, then plans the next
+//! round on the aggregates that the loop's operators sent back.
+//!
+//! A round planned at time t observes at t+1 (its scores, and the draws' retractions) and
+//! plans the next at t+2, once the round sinks' changes for its selected rows are back too. The
+//! bandit's own count of what the round changed is checked against the aggregates that came
+//! back, and then it is those that the next round is planned on.
+//!
+//! The messages it sends (`BanditMsg`) and what it takes from the feedback edge (`Feedback`,
+//! `Scored`) are defined here: the membership, influence and round sink stages depend on the
+//! bandit, never the other way.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,13 +18,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{
+    InputHandleCore, OperatorInfo, OutputBuilder, OutputBuilderSession,
+};
 use timely::dataflow::operators::Capability;
-use timely::dataflow::StreamVec;
+use timely::dataflow::{Stream, StreamVec};
+use timely::progress::frontier::MutableAntichain;
+use timely::{Container, ContainerBuilder};
 
 use super::record::RoundRecord;
-use super::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundOutcome};
+use super::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundCounts, RoundOutcome};
 use crate::error::{Fail, Failed};
 
 /// What the bandit operator needs of the job.
@@ -52,12 +65,12 @@ pub enum BanditMsg {
     Tick {
         round: u64,
     },
-    /// A committed round, to every worker's round sink (`to`), with its rows of the clusters
-    /// that worker owns.
+    /// A committed round, to every worker's round sink (`to`), with its selected members of
+    /// the clusters that worker owns, each marked when it was taken unscored (block, explore).
     Committed {
         round: u64,
         to: u64,
-        rows: usize,
+        selected: Vec<(MemberRef, bool)>,
     },
 }
 
@@ -69,6 +82,15 @@ pub struct Scored {
     pub pulls: Vec<Pull>,
     pub scores: Vec<(MemberRef, f64)>,
     pub unscorable: Vec<(MemberRef, String)>,
+}
+
+/// What comes back to the bandit on the feedback edge, one round later: the round's scores, and
+/// the changes of the clusters' aggregates that carrying out its decisions made (members drawn
+/// and scored, members selected).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Feedback {
+    Scored(Scored),
+    Taken(ClusterChange),
 }
 
 /// Where a bandit message goes.
@@ -88,22 +110,25 @@ struct BanditSide {
     cap: Option<Capability<u64>>,
     /// (time, round) of the round whose scores are awaited.
     in_flight: Option<(u64, u64)>,
+    /// (time, round, counts) of an observed round whose changes of the aggregates are
+    /// awaited through `time`, with the counts the bandit expects them to make.
+    returning: Option<(u64, u64, RoundCounts)>,
     peers: usize,
 }
 
 pub fn bandit_operator<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
-    scores: StreamVec<'scope, u64, Scored>,
+    feedback: StreamVec<'scope, u64, Feedback>,
     bandit: Option<Bandit>,
-    ctx: BanditContext,
+    ctx: Arc<BanditContext>,
 ) -> StreamVec<'scope, u64, BanditMsg> {
-    let ctx = Arc::new(ctx);
     let scope = changes.scope();
     let peers = scope.peers() as u64;
-    changes.binary_frontier::<_, CapacityContainerBuilder<Vec<BanditMsg>>, _, _, _, _>(
-        scores,
+    planner::<_, _, CapacityContainerBuilder<Vec<BanditMsg>>, _, _, _, _>(
+        changes,
+        feedback,
         Exchange::new(|_: &ClusterChange| 0),
-        Exchange::new(|_: &Scored| 0),
+        Exchange::new(|_: &Feedback| 0),
         "Bandit",
         move |capability, info| {
             let activator = scope.activator_for(info.address);
@@ -112,28 +137,34 @@ pub fn bandit_operator<'scope>(
                 ctx: ctx.clone(),
                 cap: Some(capability),
                 in_flight: None,
+                returning: None,
                 peers: peers as usize,
             });
-            let mut stash: BTreeMap<u64, Scored> = BTreeMap::new();
+            let mut stash: BTreeMap<u64, (Scored, Vec<ClusterChange>)> = BTreeMap::new();
             // Changes wait while a round is in flight: the round is observed against the state
             // it was planned with, and new members join between rounds.
             let mut arrived: Vec<ClusterChange> = Vec::new();
-            move |(changes, changes_frontier), (scores, scores_frontier), output| {
+            move |(changes, changes_frontier), (feedback, feedback_frontier), output| {
                 changes.for_each_stamp(|_cap, data| {
                     for container in data {
                         arrived.append(container);
                     }
                 });
-                scores.for_each_stamp(|cap, data| {
+                feedback.for_each_stamp(|cap, data| {
                     let Some(&time) = cap.least() else {
                         return;
                     };
-                    let entry = stash.entry(time).or_default();
+                    let (scored, taken) = stash.entry(time).or_default();
                     for container in data {
                         for part in container.drain(..) {
-                            entry.pulls.extend(part.pulls);
-                            entry.scores.extend(part.scores);
-                            entry.unscorable.extend(part.unscorable);
+                            match part {
+                                Feedback::Scored(part) => {
+                                    scored.pulls.extend(part.pulls);
+                                    scored.scores.extend(part.scores);
+                                    scored.unscorable.extend(part.unscorable);
+                                }
+                                Feedback::Taken(change) => taken.push(change),
+                            }
                         }
                     }
                 });
@@ -144,32 +175,54 @@ pub fn bandit_operator<'scope>(
                     return;
                 };
                 if let Some((time, round)) = side.in_flight {
-                    if scores_frontier.less_equal(&(time + 1)) {
+                    if feedback_frontier.less_equal(&(time + 1)) {
                         return; // scores of the round in flight still to come
                     }
                     side.in_flight = None;
-                    let scored = stash.remove(&(time + 1)).unwrap_or_default();
-                    stash.retain(|&t, _| t > time + 1);
+                    // The draws' retractions stay for `take_back`.
+                    let entry = stash.entry(time + 1).or_default();
+                    let scored = std::mem::take(&mut entry.0);
                     if (ctx.failed)() {
                         side.cap = None;
                         return;
                     }
                     match side.observe(round, scored) {
-                        Ok(rows) => {
+                        Ok((selected, counts)) => {
                             let mut session = output.session(&cap);
-                            for (to, rows) in rows.into_iter().enumerate() {
+                            for (to, selected) in selected.into_iter().enumerate() {
                                 session.give(BanditMsg::Committed {
                                     round,
                                     to: to as u64,
-                                    rows,
+                                    selected,
                                 });
                             }
+                            drop(session);
+                            // The selected rows' changes come back at time + 2.
+                            side.returning = Some((time + 2, round, counts));
+                            let mut next = cap;
+                            next.downgrade(&(time + 2));
+                            side.cap = Some(next);
+                            activator.activate();
+                            return;
                         }
                         Err(e) => {
                             (ctx.fail)(e);
                             side.cap = None;
                             return;
                         }
+                    }
+                }
+                if let Some((through, round, expected)) = side.returning.take() {
+                    if feedback_frontier.less_equal(&through) {
+                        side.returning = Some((through, round, expected));
+                        return; // changes of the round's selection still to come
+                    }
+                    let later = stash.split_off(&(through + 1));
+                    let back = std::mem::replace(&mut stash, later);
+                    if let Err(e) = side.take_back(round, back, &expected) {
+                        (ctx.fail)(e);
+                        side.cap = None;
+                        return;
                     }
                 }
                 for change in arrived.drain(..) {
@@ -215,9 +268,17 @@ pub fn bandit_operator<'scope>(
 }
 
 impl BanditSide {
-    /// Observes round `round` and commits it; returns the number of selected rows per worker
-    /// (by cluster owner), for the round sinks.
-    fn observe(&mut self, round: u64, scored: Scored) -> Result<Vec<usize>> {
+    /// Observes round `round` and commits it; returns its selected members per worker (by
+    /// cluster owner), for the round sinks, and the counts after the round. The bandit's own
+    /// counts go back to where they were before the round: the round's changes come back
+    /// through the loop's aggregates (`take_back`).
+    #[allow(clippy::type_complexity)]
+    fn observe(
+        &mut self,
+        round: u64,
+        scored: Scored,
+    ) -> Result<(Vec<Vec<(MemberRef, bool)>>, RoundCounts)> {
+        let before = self.bandit.round_counts();
         let plan = self.bandit.plan_round(round);
         let mut by_cluster: BTreeMap<u32, Pull> =
             scored.pulls.into_iter().map(|p| (p.cluster, p)).collect();
@@ -248,11 +309,91 @@ impl BanditSide {
         (self.ctx.commit_round)(&record, &self.bandit, &outcome)
             .with_context(|| format!("committing round {round}"))?;
         (self.ctx.on_round)(&outcome);
+        let after = self.bandit.round_counts();
+        self.bandit.restore_round_counts(&before);
         let peers = self.peers.max(1);
-        let mut rows = vec![0; peers];
-        for (m, _) in &outcome.selected {
-            rows[m.cluster as usize % peers] += 1;
+        let mut selected = vec![Vec::new(); peers];
+        for (m, influence) in &outcome.selected {
+            selected[m.cluster as usize % peers].push((*m, influence.is_none()));
         }
-        Ok(rows)
+        Ok((selected, after))
     }
+
+    /// Applies the changes of the aggregates that round `round` made (from the feedback edge,
+    /// through the round's last time) and checks that they are what the round decided.
+    fn take_back(
+        &mut self,
+        round: u64,
+        back: BTreeMap<u64, (Scored, Vec<ClusterChange>)>,
+        expected: &RoundCounts,
+    ) -> Result<()> {
+        for (_, (_, taken)) in back {
+            for change in &taken {
+                self.bandit
+                    .apply(change)
+                    .with_context(|| format!("bandit round {round}: the loop's aggregates"))?;
+            }
+        }
+        let got = self.bandit.round_counts();
+        anyhow::ensure!(
+            &got == expected,
+            "internal: after round {round}, the loop's aggregates ({got:?}) differ from what the \
+             round decided ({expected:?})"
+        );
+        Ok(())
+    }
+}
+
+/// `binary_frontier` for an operator that sends only at times of the capability it holds, never
+/// at an input's: neither input is connected to the output, so the output's frontier is the
+/// held capability alone. The bandit is one: its rounds go on at their own times whatever the
+/// frontier of ingest's cluster changes (in watch mode, the next shard's epoch, which may not
+/// come for hours), and its feedback input does not close a cycle for progress tracking.
+#[allow(clippy::type_complexity)]
+fn planner<'scope, C1, C2, CB, B, L, P1, P2>(
+    input1: Stream<'scope, u64, C1>,
+    input2: Stream<'scope, u64, C2>,
+    pact1: P1,
+    pact2: P2,
+    name: &str,
+    constructor: B,
+) -> Stream<'scope, u64, CB::Container>
+where
+    C1: Container,
+    C2: Container,
+    CB: ContainerBuilder,
+    B: FnOnce(Capability<u64>, OperatorInfo) -> L,
+    L: FnMut(
+            (
+                &mut InputHandleCore<u64, C1, P1::Puller>,
+                &MutableAntichain<u64>,
+            ),
+            (
+                &mut InputHandleCore<u64, C2, P2::Puller>,
+                &MutableAntichain<u64>,
+            ),
+            &mut OutputBuilderSession<'_, u64, CB>,
+        ) + 'static,
+    P1: ParallelizationContract<u64, C1>,
+    P2: ParallelizationContract<u64, C2>,
+{
+    let mut builder = OperatorBuilder::new(name.to_owned(), input1.scope());
+    let info = builder.operator_info();
+    let mut input1 = builder.new_input_connection(input1, pact1, []);
+    let mut input2 = builder.new_input_connection(input2, pact2, []);
+    let (output, stream) = builder.new_output_connection([]);
+    let mut output = OutputBuilder::from(output);
+    builder.build(move |mut capabilities| {
+        let capability = capabilities.pop().expect("one output");
+        let mut logic = constructor(capability, info);
+        move |frontiers| {
+            let mut session = output.activate();
+            logic(
+                (&mut input1, &frontiers[0]),
+                (&mut input2, &frontiers[1]),
+                &mut session,
+            );
+        }
+    });
+    stream
 }

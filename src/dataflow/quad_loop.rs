@@ -25,13 +25,17 @@
 //! The operators live in their stages (`bandit::operator`, `membership::operator`,
 //! `influence::operator`, `sink::round_sink`), each taking its own context; this module wires
 //! them into the loop.
-use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
+use std::sync::Arc;
+
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, ConnectLoop, Feedback as _, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
-use crate::bandit::operator::{bandit_operator, BanditContext, Scored};
+use crate::bandit::aggregates::cluster_aggregates;
+use crate::bandit::operator::{bandit_operator, BanditContext, Feedback};
 use crate::bandit::{Bandit, ClusterChange};
 use crate::influence::operator::{score_operator, ScoreContext};
-use crate::membership::operator::{membership_operator, MembershipContext};
+use crate::membership::operator::{membership_operator, sampled_updates, MembershipContext};
 use crate::sink::round_sink::{round_sink_operator, RoundSinkContext};
 
 /// What the loop's operators take of the job on this worker, one context a stage.
@@ -44,6 +48,13 @@ pub(super) struct LoopContext {
 
 /// Builds the loop in the job's dataflow: returns nothing, but every stream it ends in is
 /// attached to `probe`, which is done once the loop has drained and the last file is closed.
+///
+/// The clusters' aggregates have two differential collections of cluster ids (see
+/// `bandit::aggregates`): members joining, by epoch (`changes`, from ingest), and members
+/// leaving the unsampled ones or being selected, by round (`taken`: retractions made where the
+/// members are, by the membership operator as it draws and by the round sinks as they take the
+/// selected rows). Each is arranged by cluster id. They are two collections because their
+/// times are two clocks: a round's retractions must not wait for the next shard in watch mode.
 pub(super) fn build_loop<'scope>(
     changes: StreamVec<'scope, u64, ClusterChange>,
     bandit: Option<Bandit>,
@@ -51,13 +62,18 @@ pub(super) fn build_loop<'scope>(
     probe: &ProbeHandle<u64>,
 ) {
     let scope = changes.scope();
-    let (handle, scores) = scope.feedback::<Vec<Scored>>(1);
-    let messages = bandit_operator(changes, scores, bandit, ctx.bandit);
+    let (handle, feedback) = scope.feedback::<Vec<Feedback>>(1);
+    let messages = bandit_operator(changes, feedback, bandit, Arc::new(ctx.bandit));
     let peers = scope.peers() as u64;
     let index = scope.index() as u64;
-    round_sink_operator(messages.clone(), ctx.round_sink, index, peers).probe_with(probe);
+    let selected = round_sink_operator(messages.clone(), ctx.round_sink, index, peers);
     let fetched = membership_operator(messages, ctx.membership, peers);
+    let taken =
+        cluster_aggregates(sampled_updates(fetched.clone()).concat(selected.probe_with(probe)))
+            .map(Feedback::Taken);
     score_operator(fetched, ctx.score)
         .probe_with(probe)
+        .map(Feedback::Scored)
+        .concat(taken)
         .connect_loop(handle);
 }

@@ -140,13 +140,7 @@ pub(super) fn load_bandit(shared: &Shared) -> Result<Bandit> {
         .store
         .clusters()?
         .into_iter()
-        .map(|info| ClusterChange {
-            cluster: info.cluster,
-            centroid: Some((0, info.centroid)),
-            docs: info.size,
-            tokens: info.tokens,
-            fresh: info.fresh,
-        })
+        .map(|info| info.as_change())
         .collect();
     bandit.reset_aggregates(&clusters)?;
     Ok(bandit)

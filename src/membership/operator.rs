@@ -5,11 +5,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use super::{texts_at, ShardPaths};
+use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::{DocLoc, MemberRef, Pull, PullRequest};
 use crate::error::Fail;
@@ -128,4 +129,38 @@ fn fetch_texts(ctx: &MembershipContext, members: &[MemberRef]) -> Vec<Result<Str
             .map(|loc| Err(format!("{}: fetching the text: {e:#}", where_(loc))))
             .collect(),
     }
+}
+
+/// The retractions of a round's draws, on the worker that drew them: each member of a scored
+/// pull leaves its cluster's unsampled members (block and explore members leave only when
+/// taken; the round sinks retract those).
+pub fn sampled_updates<'scope>(
+    fetched: StreamVec<'scope, u64, Fetched>,
+) -> StreamVec<'scope, u64, ClusterUpdate> {
+    fetched.unary::<CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _>(
+        Pipeline,
+        "SampledUpdates",
+        |_capability, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let time = *cap.time();
+                    let mut session = output.session(&cap);
+                    for container in data {
+                        for msg in container.iter() {
+                            if let Fetched::Drawn { pull, .. } = msg {
+                                if pull.score {
+                                    for m in &pull.members {
+                                        session.give((m.cluster, time, ClusterDelta::sampled()));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        },
+    )
 }

@@ -11,6 +11,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use super::{SinkConfig, SOURCE_COLUMN};
+use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::operator::{route, BanditMsg};
 use crate::bandit::MemberRef;
 use crate::error::{Fail, Failed};
@@ -42,13 +43,16 @@ pub type OnFile = Arc<dyn Fn(&str, usize) + Send + Sync>;
 /// `sink.min_file_rows` rows: rounds accumulate until a file is full, the rest goes into a last
 /// file when the loop ends. A file is committed when closed, together with the pending rows it
 /// took (kept in the store until then, so a killed job loses none and repeats none).
+///
+/// Sends each selected member's change of its cluster's aggregates (selected, with its tokens;
+/// out of the unsampled members when it was taken unscored) when its round's rows arrive.
 pub fn round_sink_operator<'scope>(
     messages: StreamVec<'scope, u64, BanditMsg>,
     ctx: RoundSinkContext,
     index: u64,
     peers: u64,
-) -> StreamVec<'scope, u64, ()> {
-    messages.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+) -> StreamVec<'scope, u64, ClusterUpdate> {
+    messages.unary_frontier::<CapacityContainerBuilder<Vec<ClusterUpdate>>, _, _, _>(
         Exchange::new(move |m: &BanditMsg| route(m, peers)),
         "RoundSink",
         move |_capability, _info| {
@@ -63,16 +67,25 @@ pub fn round_sink_operator<'scope>(
             let mut last_round: Option<u64> = None;
             let mut stash: BTreeMap<u64, Vec<(u64, usize)>> = BTreeMap::new();
             let mut closed = false;
-            move |(input, frontier), _output| {
+            move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
-                    let Some(&time) = cap.least() else {
+                    let Some(cap) = cap.retain_least(output.output_index()) else {
                         return;
                     };
+                    let time = *cap.time();
                     let entry = stash.entry(time).or_default();
+                    let mut session = output.session(&cap);
                     for container in data {
                         for msg in container.drain(..) {
-                            if let BanditMsg::Committed { round, rows, .. } = msg {
-                                entry.push((round, rows));
+                            if let BanditMsg::Committed {
+                                round, selected, ..
+                            } = msg
+                            {
+                                for (m, unscored) in &selected {
+                                    let delta = ClusterDelta::selected(m.tokens, *unscored);
+                                    session.give((m.cluster, time, delta));
+                                }
+                                entry.push((round, selected.len()));
                             }
                         }
                     }

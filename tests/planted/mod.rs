@@ -143,13 +143,7 @@ pub fn bandit_from_store(store: &quad::state::StateStore, seed: u64, cfg: &Bandi
         .clusters()
         .unwrap()
         .into_iter()
-        .map(|c| quad::bandit::ClusterChange {
-            cluster: c.cluster,
-            centroid: Some((0, c.centroid)),
-            docs: c.size,
-            tokens: c.tokens,
-            fresh: c.fresh,
-        })
+        .map(|c| c.as_change())
         .collect();
     b.reset_aggregates(&changes).unwrap();
     b
