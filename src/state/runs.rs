@@ -33,6 +33,12 @@ pub(super) struct LeveledTable<const K: usize, const V: usize> {
 
 type RunDefinition<'a, const K: usize, const V: usize> =
     TableDefinition<'a, &'static [u8; K], &'static [u8; V]>;
+/// The runs open in a read transaction.
+pub(super) type ReadRuns<const K: usize, const V: usize> =
+    Runs<ReadOnlyTable<&'static [u8; K], &'static [u8; V]>, K, V>;
+/// The runs open in a write transaction.
+pub(super) type WriteRuns<'txn, const K: usize, const V: usize> =
+    Runs<Table<'txn, &'static [u8; K], &'static [u8; V]>, K, V>;
 
 impl<const K: usize, const V: usize> LeveledTable<K, V> {
     pub(super) const fn new(name: &'static str) -> Self {
@@ -105,10 +111,7 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
     }
 
     /// The runs, newest first, to read in a read transaction.
-    pub(super) fn open_read(
-        &self,
-        txn: &ReadTransaction,
-    ) -> Result<Runs<ReadOnlyTable<&'static [u8; K], &'static [u8; V]>, K, V>, redb::Error> {
+    pub(super) fn open_read(&self, txn: &ReadTransaction) -> Result<ReadRuns<K, V>, redb::Error> {
         let mask = self.mask_read(txn)?;
         let tables = Self::taken(mask)
             .map(|r| txn.open_table(RunDefinition::<K, V>::new(&self.run_name(r))))
@@ -120,7 +123,7 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
     pub(super) fn open_write<'txn>(
         &self,
         txn: &'txn WriteTransaction,
-    ) -> Result<Runs<Table<'txn, &'static [u8; K], &'static [u8; V]>, K, V>, redb::Error> {
+    ) -> Result<WriteRuns<'txn, K, V>, redb::Error> {
         let mask = self.mask_write(txn)?;
         let tables = Self::taken(mask)
             .map(|r| txn.open_table(RunDefinition::<K, V>::new(&self.run_name(r))))
@@ -200,7 +203,7 @@ where
             }
         }
         // Stable: of equal keys, the newest run's entry comes first and is kept.
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|entry| entry.0);
         out.dedup_by(|later, earlier| later.0 == earlier.0);
         out.truncate(n);
         Ok(out)
