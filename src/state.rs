@@ -26,7 +26,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "3";
+pub const STORE_LAYOUT: &str = "4";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -689,7 +689,7 @@ impl StateStore {
     pub fn members(&self, cluster: u32) -> Result<Vec<Member>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        let unsampled = UNSAMPLED.open_read(&txn).map_err(|e| self.err(e))?;
+        let unsampled = UNSAMPLED.open(&txn).map_err(|e| self.err(e))?;
         let (low, high) = (
             layout::unsampled_key(cluster, 0, 0, 0),
             layout::unsampled_key(cluster, u64::MAX, u32::MAX, u32::MAX),
@@ -760,7 +760,7 @@ impl StateStore {
     /// `first_seen` by the ids' keys (`id_key`).
     pub fn first_seen_keys(&self, keys: &[u128]) -> Result<Vec<Option<u64>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let ids = IDS.open_read(&txn).map_err(|e| self.err(e))?;
+        let ids = IDS.open(&txn).map_err(|e| self.err(e))?;
         keys.iter()
             .map(|&key| {
                 Ok(ids
@@ -775,7 +775,7 @@ impl StateStore {
     /// filter).
     pub fn for_each_id_key(&self, mut f: impl FnMut(u128)) -> Result<(), StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let ids = IDS.open_read(&txn).map_err(|e| self.err(e))?;
+        let ids = IDS.open(&txn).map_err(|e| self.err(e))?;
         ids.for_each_in(&[0; 12], &[0xff; 12], |k, _| f(layout::parse_id_key(k)))
             .map_err(|e| self.err(e))
     }
@@ -912,7 +912,7 @@ impl StateStore {
         outcome: &crate::bandit::RoundOutcome,
         flags: &BTreeMap<(u32, u64, u64), u8>,
     ) -> Result<BTreeMap<u32, u64>, StateError> {
-        let mut unsampled = UNSAMPLED.open_write(txn).map_err(|e| self.err(e))?;
+        let mut unsampled = UNSAMPLED.open(txn).map_err(|e| self.err(e))?;
         let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut left: BTreeMap<u32, u64> = BTreeMap::new();
         for m in outcome.sampled() {
@@ -970,7 +970,7 @@ impl StateStore {
         let start = crate::bandit::draw::start_key(seed, round, c);
         let want = request.sample + request.block;
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let unsampled = UNSAMPLED.open_read(&txn).map_err(|e| self.err(e))?;
+        let unsampled = UNSAMPLED.open(&txn).map_err(|e| self.err(e))?;
         let mut drawn = Vec::with_capacity(want);
         let ranges = [
             (

@@ -1,6 +1,6 @@
 //! Tables that grow by a batch of keys a commit, kept as sorted runs that merge like the digits
-//! of a binary counter (Bentley and Saxe's logarithmic method, as log-structured merge trees
-//! do).
+//! of a counter in base `FAN_IN` (Bentley and Saxe's logarithmic method, as the tiered
+//! compaction of log-structured merge trees does).
 //!
 //! Why not one table: redb is a copy-on-write B-tree, and a commit writes every page it
 //! touched. A batch whose keys are spread over the whole key space (hashed ids, the draw
@@ -8,20 +8,26 @@
 //! batch has keys, so an epoch's commit rewrote the whole table: O(pool) bytes written an
 //! epoch, and ingest of a 10M-document pool fell from 235,000 to 42,000 documents/s by its
 //! end. Here a batch becomes a new run written in key order into an empty table (appends:
-//! packed leaves, each written once). Runs are ranked: rank r holds the merge of 2^r batches.
-//! Adding a batch when ranks 0..r are taken merges them and the batch, in key order, into rank
-//! r, so a key is rewritten once a rank it climbs: O(log(batches)) times in all, never the
-//! whole pool an epoch. A point lookup reads one B-tree a run (at most one a bit of the batch
-//! count); a range read merges the runs' ranges. Removing a key removes it from the run that
-//! holds it (a few pages, in place).
+//! packed leaves, each written once). Runs are ranked: a run of rank r holds the merge of
+//! FAN_IN^r batches, and a rank holds at most FAN_IN - 1 runs. Adding a batch when ranks
+//! 0..r are full merges their runs and the batch, in key order, into a new run of rank r, so a
+//! key is rewritten once a rank it climbs: log_FAN_IN(batches) times in all, never the whole
+//! pool an epoch. A point lookup reads one B-tree a run (at most FAN_IN - 1 a digit of the
+//! batch count); a range read merges the runs' ranges. Removing a key removes it from the run
+//! that holds it (a few pages, in place).
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableTable, StorageError, Table, TableDefinition,
     WriteTransaction,
 };
 
-/// The taken ranks of every leveled table: its name -> bit r set when rank r holds a run. The
-/// value is the number of batches added, in binary.
+/// The batches of every leveled table: its name -> the number of batches added, whose digits
+/// in base `FAN_IN` are the runs each rank holds.
 pub(super) const RANKS: TableDefinition<&str, u64> = TableDefinition::new("run_ranks");
+
+/// Runs merged at once. Against 2 (a binary counter), 4 rewrites a key half as often (the
+/// merges were a third of ingest at 10M documents) for at most 3 runs a rank to read, not 1;
+/// measured in BENCHMARKS.md (Scale).
+const FAN_IN: u64 = 4;
 
 /// A run's entry, copied out of its page.
 pub(super) type Entry<const K: usize, const V: usize> = ([u8; K], [u8; V]);
@@ -33,41 +39,72 @@ pub(super) struct LeveledTable<const K: usize, const V: usize> {
 
 type RunDefinition<'a, const K: usize, const V: usize> =
     TableDefinition<'a, &'static [u8; K], &'static [u8; V]>;
-/// The runs open in a read transaction.
-pub(super) type ReadRuns<const K: usize, const V: usize> =
-    Runs<ReadOnlyTable<&'static [u8; K], &'static [u8; V]>, K, V>;
-/// The runs open in a write transaction.
-pub(super) type WriteRuns<'txn, const K: usize, const V: usize> =
-    Runs<Table<'txn, &'static [u8; K], &'static [u8; V]>, K, V>;
+
+/// A transaction the runs can be opened in: read, or write (to remove from them too).
+pub(super) trait OpenRuns<const K: usize, const V: usize> {
+    type Run;
+    fn open_run(&self, name: &str) -> Result<Self::Run, redb::TableError>;
+    fn batches(&self, table: &str) -> Result<u64, redb::Error>;
+}
+
+impl<const K: usize, const V: usize> OpenRuns<K, V> for &ReadTransaction {
+    type Run = ReadOnlyTable<&'static [u8; K], &'static [u8; V]>;
+
+    fn open_run(&self, name: &str) -> Result<Self::Run, redb::TableError> {
+        self.open_table(RunDefinition::<K, V>::new(name))
+    }
+
+    fn batches(&self, table: &str) -> Result<u64, redb::Error> {
+        batches_in(&self.open_table(RANKS)?, table)
+    }
+}
+
+impl<'txn, const K: usize, const V: usize> OpenRuns<K, V> for &'txn WriteTransaction {
+    type Run = Table<'txn, &'static [u8; K], &'static [u8; V]>;
+
+    fn open_run(&self, name: &str) -> Result<Self::Run, redb::TableError> {
+        self.open_table(RunDefinition::<K, V>::new(name))
+    }
+
+    fn batches(&self, table: &str) -> Result<u64, redb::Error> {
+        batches_in(&self.open_table(RANKS)?, table)
+    }
+}
+
+fn batches_in(
+    ranks: &impl ReadableTable<&'static str, u64>,
+    table: &str,
+) -> Result<u64, redb::Error> {
+    Ok(ranks.get(table)?.map(|v| v.value()).unwrap_or(0))
+}
 
 impl<const K: usize, const V: usize> LeveledTable<K, V> {
     pub(super) const fn new(name: &'static str) -> Self {
         LeveledTable { name }
     }
 
-    fn run_name(&self, rank: u32) -> String {
-        format!("{}#{rank}", self.name)
+    fn run_name(&self, rank: u32, slot: u64) -> String {
+        format!("{}#{rank}.{slot}", self.name)
     }
 
-    fn taken(mask: u64) -> impl Iterator<Item = u32> {
-        (0..u64::BITS).filter(move |r| mask & (1 << r) != 0)
-    }
-
-    fn mask_read(&self, txn: &ReadTransaction) -> Result<u64, redb::Error> {
-        let ranks = txn.open_table(RANKS)?;
-        let mask = ranks.get(self.name)?.map(|v| v.value()).unwrap_or(0);
-        Ok(mask)
-    }
-
-    fn mask_write(&self, txn: &WriteTransaction) -> Result<u64, redb::Error> {
-        let ranks = txn.open_table(RANKS)?;
-        let mask = ranks.get(self.name)?.map(|v| v.value()).unwrap_or(0);
-        Ok(mask)
+    /// The runs' names after `batches` batches, newest first: rank 0 up, the last slot of a
+    /// rank first.
+    fn run_names(&self, batches: u64) -> Vec<String> {
+        let mut names = Vec::new();
+        let (mut rest, mut rank) = (batches, 0);
+        while rest > 0 {
+            for slot in (0..rest % FAN_IN).rev() {
+                names.push(self.run_name(rank, slot));
+            }
+            rest /= FAN_IN;
+            rank += 1;
+        }
+        names
     }
 
     /// Adds `batch`, sorted by key, keys unique and new to the table, as a run: the batch and
-    /// the runs of ranks 0..r (all taken, r the lowest free rank) are merged in key order into
-    /// a run of rank r, and those runs are dropped.
+    /// the runs of ranks 0..r (all full, r the lowest rank that is not) are merged in key order
+    /// into a new run of rank r, and those runs are dropped.
     pub(super) fn insert_sorted(
         &self,
         txn: &WriteTransaction,
@@ -77,17 +114,26 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
             return Ok(());
         }
         debug_assert!(batch.windows(2).all(|w| w[0].0 < w[1].0));
-        let mask = self.mask_write(txn)?;
-        let target = (!mask).trailing_zeros();
-        let names: Vec<String> = (0..target).map(|r| self.run_name(r)).collect();
-        let target_name = self.run_name(target);
+        let batches = OpenRuns::<K, V>::batches(&txn, self.name)?;
+        // The full ranks' runs, newest first, and the rank and slot of the merged run.
+        let (mut rest, mut rank) = (batches, 0u32);
+        while rest % FAN_IN == FAN_IN - 1 {
+            rest /= FAN_IN;
+            rank += 1;
+        }
+        let merged: Vec<String> = self
+            .run_names(batches)
+            .into_iter()
+            .take((rank as u64 * (FAN_IN - 1)) as usize)
+            .collect();
+        let target_name = self.run_name(rank, rest % FAN_IN);
         {
-            let sources = names
+            let sources = merged
                 .iter()
                 .map(|name| txn.open_table(RunDefinition::<K, V>::new(name)))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut out = txn.open_table(RunDefinition::<K, V>::new(&target_name))?;
-            // Newest first: the batch, then rank 0 up; a key in two runs keeps the newest.
+            // Newest first: the batch, then the runs; a key in two runs keeps the newest.
             let mut inputs: Vec<Box<dyn Iterator<Item = Result<Entry<K, V>, StorageError>>>> =
                 vec![Box::new(batch.iter().map(|e| Ok(*e)))];
             for table in &sources {
@@ -102,31 +148,25 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
                 Ok(())
             })?;
         }
-        for name in &names {
+        for name in &merged {
             txn.delete_table(RunDefinition::<K, V>::new(name))?;
         }
         let mut ranks = txn.open_table(RANKS)?;
-        ranks.insert(self.name, mask + 1)?;
+        ranks.insert(self.name, batches + 1)?;
         Ok(())
     }
 
-    /// The runs, newest first, to read in a read transaction.
-    pub(super) fn open_read(&self, txn: &ReadTransaction) -> Result<ReadRuns<K, V>, redb::Error> {
-        let mask = self.mask_read(txn)?;
-        let tables = Self::taken(mask)
-            .map(|r| txn.open_table(RunDefinition::<K, V>::new(&self.run_name(r))))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Runs { tables })
-    }
-
-    /// The runs, newest first, to read and remove from in a write transaction.
-    pub(super) fn open_write<'txn>(
+    /// The runs, newest first, to read (in a read transaction) or to read and remove from (in
+    /// a write transaction).
+    pub(super) fn open<X: OpenRuns<K, V>>(
         &self,
-        txn: &'txn WriteTransaction,
-    ) -> Result<WriteRuns<'txn, K, V>, redb::Error> {
-        let mask = self.mask_write(txn)?;
-        let tables = Self::taken(mask)
-            .map(|r| txn.open_table(RunDefinition::<K, V>::new(&self.run_name(r))))
+        txn: X,
+    ) -> Result<Runs<X::Run, K, V>, redb::Error> {
+        let batches = txn.batches(self.name)?;
+        let tables = self
+            .run_names(batches)
+            .iter()
+            .map(|name| txn.open_run(name))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Runs { tables })
     }
@@ -143,7 +183,7 @@ fn merge_in_key_order<const K: usize, const V: usize>(
         .map(|input| input.next().transpose())
         .collect::<Result<_, _>>()?;
     loop {
-        // At most one input a rank plus the batch: a scan beats a heap at this size.
+        // At most FAN_IN - 1 inputs a rank plus the batch: a scan beats a heap at this size.
         let mut least: Option<usize> = None;
         for (i, head) in heads.iter().enumerate() {
             if let Some((key, _)) = head {
@@ -265,14 +305,15 @@ mod tests {
     }
 
     /// Against a BTreeMap: random batches, removals, lookups and range reads, with the runs
-    /// merging as ranks fill (11 batches: ranks 0, 1 and 3 taken at the end).
+    /// merging as ranks fill (23 batches, 113 in base 4: 3 runs of rank 0, 1 of rank 1, 1 of
+    /// rank 2 at the end, after merges into ranks 1 and 2).
     #[test]
     fn runs_hold_what_a_sorted_map_holds_through_merges_and_removals() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("runs.redb")).unwrap();
         let mut model = std::collections::BTreeMap::<u32, u16>::new();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for tag in 0..11u16 {
+        for tag in 0..23u16 {
             let mut keys: Vec<u32> = (0..rng.random_range(1..300))
                 .map(|_| rng.random_range(0..5_000u32))
                 .filter(|k| !model.contains_key(k))
@@ -280,7 +321,7 @@ mod tests {
             let entries = batch(&mut keys, tag);
             let txn = db.begin_write().unwrap();
             T.insert_sorted(&txn, &entries).unwrap();
-            let mut runs = T.open_write(&txn).unwrap();
+            let mut runs = T.open(&txn).unwrap();
             for &k in &keys {
                 model.insert(k, tag);
             }
@@ -294,9 +335,9 @@ mod tests {
             txn.commit().unwrap();
         }
         let txn = db.begin_read().unwrap();
-        assert_eq!(T.mask_read(&txn).unwrap(), 11);
-        let runs = T.open_read(&txn).unwrap();
-        assert_eq!(runs.tables.len(), 3);
+        assert_eq!(OpenRuns::<4, 2>::batches(&&txn, "t").unwrap(), 23);
+        let runs = T.open(&txn).unwrap();
+        assert_eq!(runs.tables.len(), 5);
         assert_eq!(runs.len().unwrap(), model.len() as u64);
         for k in 0..5_000u32 {
             let got = runs.get(&k.to_be_bytes()).unwrap().map(u16::from_be_bytes);
