@@ -8,9 +8,10 @@
 //!     cargo bench --bench scale                                   # 10k, 100k, 1M, 10M
 //!     QUAD_SCALE_SIZES=10000,100000 cargo bench --bench scale     # a quick look
 //!
-//! Prints per pool: ingest documents/s, the median time per round, peak RSS (the process's
-//! VmHWM), state-store bytes per document and output files, as a Markdown table. Scratch data
-//! goes to `target/scale-bench` (QUAD_SCALE_DIR); the pools are kept and reused.
+//! Prints per pool: ingest documents/s, the median time per round and the median time of a
+//! round's scoring (the tiny model's CPU time, the same work at every size), peak RSS (the
+//! process's VmHWM), state-store bytes per document and output files, as a Markdown table.
+//! Scratch data goes to `target/scale-bench` (QUAD_SCALE_DIR); the pools are kept and reused.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -55,8 +56,8 @@ fn main() -> Result<()> {
     if !reference.exists() {
         write_docs(&reference, 0, 40, 7)?;
     }
-    println!("| pool | ingest docs/s | rounds | median time per round | peak RSS | store bytes/doc | output files |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| pool | ingest docs/s | rounds | median time per round | of it scoring | peak RSS | store bytes/doc | output files |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &sizes {
         let pool = root.join(format!("pool-{n}-s{SHARD_DOCS}"));
         if !pool.join("done").exists() {
@@ -261,12 +262,14 @@ min_file_rows = 1000
     let docs = summary["documents"].as_f64().unwrap_or(0.0);
     let ingest = summary["ingest_seconds"].as_f64().unwrap_or(f64::NAN);
     let round = summary["round_seconds_median"].as_f64().unwrap_or(f64::NAN);
+    let scoring = summary["score_seconds_median"].as_f64().unwrap_or(f64::NAN);
     let store_bytes = std::fs::metadata(out.join("_state/quad.redb"))?.len() as f64;
     Ok(format!(
-        "| {n} | {:.0} | {} | {:.1} ms | {:.0} MB | {:.0} | {} |",
+        "| {n} | {:.0} | {} | {:.1} ms | {:.1} ms | {:.0} MB | {:.0} | {} |",
         docs / ingest,
         summary["rounds"].as_u64().unwrap_or(0),
         1e3 * round,
+        1e3 * scoring,
         peak_kib as f64 / 1024.0,
         store_bytes / docs.max(1.0),
         summary["files_written"].as_u64().unwrap_or(0),

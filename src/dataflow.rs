@@ -36,7 +36,7 @@ use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
 use crate::error::{Fail, Failed};
 use crate::influence::operator::ScoreTally;
-use crate::progress::{Progress, Summary};
+use crate::progress::{Durations, Progress, Summary};
 use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
@@ -106,31 +106,19 @@ struct Shared {
     round_times: Mutex<RoundTimes>,
 }
 
-/// Round durations kept for the summary's median.
-const ROUND_TIMES_KEPT: usize = 10_000;
-
+/// Time between consecutive round commits.
 #[derive(Default)]
 struct RoundTimes {
     last: Option<Instant>,
-    seconds: std::collections::VecDeque<f64>,
+    between: Durations,
 }
 
 impl RoundTimes {
     fn record(&mut self, now: Instant) {
         if let Some(last) = self.last {
-            if self.seconds.len() == ROUND_TIMES_KEPT {
-                self.seconds.pop_front();
-            }
-            self.seconds
-                .push_back(now.duration_since(last).as_secs_f64());
+            self.between.push(now.duration_since(last).as_secs_f64());
         }
         self.last = Some(now);
-    }
-
-    fn median(&self) -> Option<f64> {
-        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        sorted.get(sorted.len() / 2).copied()
     }
 }
 
@@ -246,7 +234,18 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         .lock()
         .expect("ingest time")
         .map(|t| t.duration_since(start).as_secs_f64());
-    summary.round_seconds_median = shared.round_times.lock().expect("round times").median();
+    summary.round_seconds_median = shared
+        .round_times
+        .lock()
+        .expect("round times")
+        .between
+        .median();
+    summary.score_seconds_median = shared
+        .score_tally
+        .lock()
+        .expect("score tally")
+        .seconds
+        .median();
     // The store's file is compacted when the run ends (see `StateStore::compact`); only when
     // nothing else holds it, which is the case once the workers are done.
     if let Ok(shared) = Arc::try_unwrap(shared) {

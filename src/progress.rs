@@ -42,7 +42,35 @@ pub struct Summary {
     pub ingest_seconds: Option<f64>,
     /// Median wall time between consecutive round commits in this run.
     pub round_seconds_median: Option<f64>,
+    /// Median time a round's scoring took (the influence model's forward and backward passes):
+    /// what of a round does not depend on the pool's size.
+    pub score_seconds_median: Option<f64>,
     pub seconds: f64,
+}
+
+/// Durations of a repeated step (a round, a round's scoring), the most recent ones kept for a
+/// median: O(1) memory however long the job runs.
+#[derive(Debug, Clone, Default)]
+pub struct Durations {
+    seconds: std::collections::VecDeque<f64>,
+}
+
+impl Durations {
+    /// How many of the most recent durations the median is taken over.
+    pub const KEPT: usize = 10_000;
+
+    pub fn push(&mut self, seconds: f64) {
+        if self.seconds.len() == Self::KEPT {
+            self.seconds.pop_front();
+        }
+        self.seconds.push_back(seconds);
+    }
+
+    pub fn median(&self) -> Option<f64> {
+        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
 }
 
 impl Summary {
@@ -113,9 +141,15 @@ impl fmt::Display for Summary {
                 f,
                 "  bandit     {rounds} rounds, {} documents scored in this run{}",
                 self.scored,
-                self.round_seconds_median
-                    .map(|s| format!(", median {:.1} ms a round", 1e3 * s))
-                    .unwrap_or_default()
+                match (self.round_seconds_median, self.score_seconds_median) {
+                    (Some(round), Some(score)) => format!(
+                        ", median {:.1} ms a round ({:.1} ms of it scoring)",
+                        1e3 * round,
+                        1e3 * score
+                    ),
+                    (Some(round), None) => format!(", median {:.1} ms a round", 1e3 * round),
+                    _ => String::new(),
+                }
             )?;
         }
         if let (Some(fraction), Some(flops)) = (self.scored_fraction, self.flops) {

@@ -16,6 +16,7 @@ use crate::bandit::operator::Scored;
 use crate::bandit::{MemberRef, Pull};
 use crate::error::Fail;
 use crate::membership::operator::Fetched;
+use crate::progress::Durations;
 
 /// Scores documents by their texts; the influence scorer implements it. A document that cannot
 /// be scored (too short to predict a token, a score that is not finite) gets the reason.
@@ -150,6 +151,8 @@ pub struct ScoreTally {
     pub tokens: u64,
     /// Windows of each length scored (length -> count).
     pub windows: BTreeMap<u64, u64>,
+    /// How long each call (one a round) took.
+    pub seconds: Durations,
 }
 
 /// The influence scorer as the loop's `DocScorer`, counting what it scores.
@@ -177,8 +180,10 @@ impl TalliedScorer {
 
 impl DocScorer for TalliedScorer {
     fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>> {
+        let started = std::time::Instant::now();
         let scores = self.scorer.score(texts)?;
         let mut tally = self.tally.lock().expect("score tally");
+        tally.seconds.push(started.elapsed().as_secs_f64());
         let window = self.window.max(1);
         for s in &scores {
             tally.docs += 1;

@@ -13,6 +13,7 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
 };
 use parquet::arrow::ProjectionMask;
+use parquet::file::metadata::PageIndexPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ShardError;
@@ -311,17 +312,18 @@ fn open(
     path: &Path,
     config: &SourceConfig,
     embedding: Option<&EmbeddingColumn>,
+    offset_index: PageIndexPolicy,
 ) -> Result<(File, ArrowReaderMetadata, Vec<usize>), ShardError> {
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
-        ShardError::NotParquet {
+    let options = ArrowReaderOptions::new().with_offset_index_policy(offset_index);
+    let metadata =
+        ArrowReaderMetadata::load(&file, options).map_err(|e| ShardError::NotParquet {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let schema = metadata.schema().clone();
     let id = check_role(path, &schema, &config.id_column, "id")?;
     let text = check_role(path, &schema, &config.text_column, "text")?;
@@ -398,7 +400,7 @@ pub fn read_shard(
     counter: &TokenCounter,
     embedding: Option<&EmbeddingColumn>,
 ) -> Result<ShardData, ShardError> {
-    let (file, metadata, indices) = open(path, config, embedding)?;
+    let (file, metadata, indices) = open(path, config, embedding, PageIndexPolicy::Skip)?;
     let parquet_meta = metadata.metadata().clone();
     let mask = ProjectionMask::roots(
         parquet_meta.file_metadata().schema_descr(),
@@ -605,7 +607,9 @@ pub fn fetch_rows(
     config: &SourceConfig,
     rows: &[u64],
 ) -> Result<RecordBatch, ShardError> {
-    let (file, metadata, indices) = open(path, config, None)?;
+    // The offset index lets the reader decode only the pages that hold wanted rows, not their
+    // row groups whole: a fetch costs a page a document, whatever the shard's row groups.
+    let (file, metadata, indices) = open(path, config, None, PageIndexPolicy::Optional)?;
     let parquet_meta = metadata.metadata().clone();
     let sizes: Vec<u64> = parquet_meta
         .row_groups()
