@@ -52,7 +52,7 @@ fn text_only(source: &SourceConfig) -> SourceConfig {
 }
 
 /// The texts at `locations`, in their order (`None` where null), read back from their shards:
-/// one read per shard, of the id and text columns of the row groups that hold them.
+/// one read per shard, of the id and text columns of the pages that hold them.
 pub fn texts_at(
     shards: &ShardPaths,
     source: &SourceConfig,

@@ -15,6 +15,11 @@
 //! pool an epoch. A point lookup reads one B-tree a run (at most FAN_IN - 1 a digit of the
 //! batch count); a range read merges the runs' ranges. Removing a key removes it from the run
 //! that holds it (a few pages, in place).
+//!
+//! A run stores its entries in blocks of up to `BLOCK_ENTRIES`, keyed by their first key (as an
+//! SSTable does): a merge writes one B-tree entry a block, not a key, which made merges ~20x
+//! cheaper than a B-tree insert a key (1.25 us a key and table, most of ingest at 10M). A lookup
+//! finds the block with the greatest first key at or below the key and searches it.
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableTable, StorageError, Table, TableDefinition,
     WriteTransaction,
@@ -24,10 +29,10 @@ use redb::{
 /// in base `FAN_IN` are the runs each rank holds.
 pub(super) const RANKS: TableDefinition<&str, u64> = TableDefinition::new("run_ranks");
 
-/// Runs merged at once. Against 2 (a binary counter), 4 rewrites a key half as often (the
-/// merges were a third of ingest at 10M documents) for at most 3 runs a rank to read, not 1;
-/// measured in BENCHMARKS.md (Scale).
-const FAN_IN: u64 = 4;
+/// Runs merged at once. Against 2 (a binary counter), 8 rewrites a key a third as often for
+/// at most 7 runs a rank to read, not 1; reads are few (a draw's first entries of each run,
+/// the dedup filter's positives), merges were most of ingest (BENCHMARKS.md, Scale).
+const FAN_IN: u64 = 8;
 
 /// A run's entry, copied out of its page.
 pub(super) type Entry<const K: usize, const V: usize> = ([u8; K], [u8; V]);
@@ -37,8 +42,14 @@ pub(super) struct LeveledTable<const K: usize, const V: usize> {
     name: &'static str,
 }
 
-type RunDefinition<'a, const K: usize, const V: usize> =
-    TableDefinition<'a, &'static [u8; K], &'static [u8; V]>;
+/// A run: blocks of sorted entries (key then value, packed), keyed by their first key.
+type RunDefinition<'a, const K: usize> = TableDefinition<'a, &'static [u8; K], &'static [u8]>;
+/// A run open in a write transaction.
+type WriteRun<'txn, const K: usize> = Table<'txn, &'static [u8; K], &'static [u8]>;
+
+/// Entries a block holds at most: about 1 KiB for the ids' and draw order's 16- and 18-byte
+/// entries, a quarter of a page.
+const BLOCK_ENTRIES: usize = 64;
 
 /// A transaction the runs can be opened in: read, or write (to remove from them too).
 pub(super) trait OpenRuns<const K: usize, const V: usize> {
@@ -48,10 +59,10 @@ pub(super) trait OpenRuns<const K: usize, const V: usize> {
 }
 
 impl<const K: usize, const V: usize> OpenRuns<K, V> for &ReadTransaction {
-    type Run = ReadOnlyTable<&'static [u8; K], &'static [u8; V]>;
+    type Run = ReadOnlyTable<&'static [u8; K], &'static [u8]>;
 
     fn open_run(&self, name: &str) -> Result<Self::Run, redb::TableError> {
-        self.open_table(RunDefinition::<K, V>::new(name))
+        self.open_table(RunDefinition::<K>::new(name))
     }
 
     fn batches(&self, table: &str) -> Result<u64, redb::Error> {
@@ -60,10 +71,10 @@ impl<const K: usize, const V: usize> OpenRuns<K, V> for &ReadTransaction {
 }
 
 impl<'txn, const K: usize, const V: usize> OpenRuns<K, V> for &'txn WriteTransaction {
-    type Run = Table<'txn, &'static [u8; K], &'static [u8; V]>;
+    type Run = WriteRun<'txn, K>;
 
     fn open_run(&self, name: &str) -> Result<Self::Run, redb::TableError> {
-        self.open_table(RunDefinition::<K, V>::new(name))
+        self.open_table(RunDefinition::<K>::new(name))
     }
 
     fn batches(&self, table: &str) -> Result<u64, redb::Error> {
@@ -130,26 +141,30 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
         {
             let sources = merged
                 .iter()
-                .map(|name| txn.open_table(RunDefinition::<K, V>::new(name)))
+                .map(|name| txn.open_table(RunDefinition::<K>::new(name)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut out = txn.open_table(RunDefinition::<K, V>::new(&target_name))?;
+            let mut out = txn.open_table(RunDefinition::<K>::new(&target_name))?;
             // Newest first: the batch, then the runs; a key in two runs keeps the newest.
             let mut inputs: Vec<Box<dyn Iterator<Item = Result<Entry<K, V>, StorageError>>>> =
                 vec![Box::new(batch.iter().map(|e| Ok(*e)))];
             for table in &sources {
-                inputs.push(Box::new(
-                    table
-                        .iter()?
-                        .map(|entry| entry.map(|(k, v)| (*k.value(), *v.value()))),
-                ));
+                inputs.push(Box::new(entries_of::<K, V>(table.iter()?)));
             }
+            let mut block: Vec<Entry<K, V>> = Vec::with_capacity(BLOCK_ENTRIES);
             merge_in_key_order(inputs, |key, value| {
-                out.insert(key, value)?;
+                block.push((*key, *value));
+                if block.len() == BLOCK_ENTRIES {
+                    out.insert(&block[0].0, pack(&block).as_slice())?;
+                    block.clear();
+                }
                 Ok(())
             })?;
+            if !block.is_empty() {
+                out.insert(&block[0].0, pack(&block).as_slice())?;
+            }
         }
         for name in &merged {
-            txn.delete_table(RunDefinition::<K, V>::new(name))?;
+            txn.delete_table(RunDefinition::<K>::new(name))?;
         }
         let mut ranks = txn.open_table(RANKS)?;
         ranks.insert(self.name, batches + 1)?;
@@ -205,6 +220,83 @@ fn merge_in_key_order<const K: usize, const V: usize>(
     }
 }
 
+/// A block's entries, packed key then value.
+fn pack<const K: usize, const V: usize>(block: &[Entry<K, V>]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(block.len() * (K + V));
+    for (key, value) in block {
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+    }
+    bytes
+}
+
+/// A packed block's entries.
+fn unpack<const K: usize, const V: usize>(bytes: &[u8]) -> impl Iterator<Item = Entry<K, V>> + '_ {
+    bytes.chunks_exact(K + V).map(|entry| {
+        let (key, value) = entry.split_at(K);
+        (
+            key.try_into().expect("K bytes"),
+            value.try_into().expect("V bytes"),
+        )
+    })
+}
+
+/// The entries of a run's blocks, in key order.
+fn entries_of<'a, const K: usize, const V: usize>(
+    blocks: impl Iterator<
+            Item = Result<
+                (
+                    redb::AccessGuard<'a, &'static [u8; K]>,
+                    redb::AccessGuard<'a, &'static [u8]>,
+                ),
+                StorageError,
+            >,
+        > + 'a,
+) -> impl Iterator<Item = Result<Entry<K, V>, StorageError>> + 'a {
+    blocks.flat_map(|block| {
+        let entries: Vec<Result<Entry<K, V>, StorageError>> = match block {
+            Ok((_, bytes)) => unpack::<K, V>(bytes.value()).map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        entries
+    })
+}
+
+/// The first key of the block that would hold `key`: the greatest at or below it.
+fn block_of<const K: usize>(
+    run: &impl ReadableTable<&'static [u8; K], &'static [u8]>,
+    key: &[u8; K],
+) -> Result<Option<[u8; K]>, StorageError> {
+    Ok(match run.range::<&[u8; K]>(..=key)?.next_back() {
+        Some(block) => Some(*block?.0.value()),
+        None => None,
+    })
+}
+
+/// Calls `f` with the entries of `run` whose keys are in `low..=high`, in key order, until `f`
+/// says stop (false).
+fn scan_run<const K: usize, const V: usize>(
+    run: &impl ReadableTable<&'static [u8; K], &'static [u8]>,
+    low: &[u8; K],
+    high: &[u8; K],
+    mut f: impl FnMut(&[u8; K], &[u8; V]) -> bool,
+) -> Result<(), redb::Error> {
+    // The block holding `low` may start below it.
+    let start = block_of(run, low)?.unwrap_or(*low);
+    for block in run.range::<&[u8; K]>(&start..=high)? {
+        let (_, bytes) = block?;
+        for (key, value) in unpack::<K, V>(bytes.value()) {
+            if &key < low {
+                continue;
+            }
+            if &key > high || !f(&key, &value) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The open runs of a leveled table, newest first.
 pub(super) struct Runs<T, const K: usize, const V: usize> {
     tables: Vec<T>,
@@ -212,13 +304,18 @@ pub(super) struct Runs<T, const K: usize, const V: usize> {
 
 impl<T, const K: usize, const V: usize> Runs<T, K, V>
 where
-    T: ReadableTable<&'static [u8; K], &'static [u8; V]>,
+    T: ReadableTable<&'static [u8; K], &'static [u8]>,
 {
     /// The value of `key`, from the newest run that holds it.
     pub(super) fn get(&self, key: &[u8; K]) -> Result<Option<[u8; V]>, redb::Error> {
         for table in &self.tables {
-            if let Some(v) = table.get(key)? {
-                return Ok(Some(*v.value()));
+            let Some(start) = block_of(table, key)? else {
+                continue;
+            };
+            let block = table.get(&start)?.expect("the block just found");
+            let found = unpack::<K, V>(block.value()).find(|(k, _)| k == key);
+            if let Some((_, value)) = found {
+                return Ok(Some(value));
             }
         }
         Ok(None)
@@ -237,10 +334,12 @@ where
             return Ok(out);
         }
         for table in &self.tables {
-            for entry in table.range::<&[u8; K]>(low..=high)?.take(n) {
-                let (k, v) = entry?;
-                out.push((*k.value(), *v.value()));
-            }
+            let mut taken = 0;
+            scan_run(table, low, high, |key, value| {
+                out.push((*key, *value));
+                taken += 1;
+                taken < n
+            })?;
         }
         // Stable: of equal keys, the newest run's entry comes first and is kept.
         out.sort_by_key(|entry| entry.0);
@@ -257,10 +356,10 @@ where
         mut f: impl FnMut(&[u8; K], &[u8; V]),
     ) -> Result<(), redb::Error> {
         for table in &self.tables {
-            for entry in table.range::<&[u8; K]>(low..=high)? {
-                let (k, v) = entry?;
-                f(k.value(), v.value());
-            }
+            scan_run(table, low, high, |key, value| {
+                f(key, value);
+                true
+            })?;
         }
         Ok(())
     }
@@ -270,19 +369,42 @@ where
     pub(super) fn len(&self) -> Result<u64, redb::Error> {
         let mut n = 0;
         for table in &self.tables {
-            n += table.len()?;
+            for block in table.iter()? {
+                n += (block?.1.value().len() / (K + V)) as u64;
+            }
         }
         Ok(n)
     }
 }
 
-impl<const K: usize, const V: usize> Runs<Table<'_, &'static [u8; K], &'static [u8; V]>, K, V> {
+impl<const K: usize, const V: usize> Runs<WriteRun<'_, K>, K, V> {
     /// Removes `key` from the run that holds it; its value, or None if no run does.
     pub(super) fn remove(&mut self, key: &[u8; K]) -> Result<Option<[u8; V]>, redb::Error> {
         for table in &mut self.tables {
-            if let Some(v) = table.remove(key)? {
-                return Ok(Some(*v.value()));
+            let Some(start) = block_of(table, key)? else {
+                continue;
+            };
+            let block: Vec<Entry<K, V>> = {
+                let bytes = table.get(&start)?.expect("the block just found");
+                unpack::<K, V>(bytes.value()).collect()
+            };
+            let Some(at) = block.iter().position(|(k, _)| k == key) else {
+                continue;
+            };
+            let value = block[at].1;
+            let rest: Vec<Entry<K, V>> = block
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != at)
+                .map(|(_, e)| *e)
+                .collect();
+            // The block keeps its first key (still at or below its entries) unless it empties.
+            if rest.is_empty() {
+                table.remove(&start)?;
+            } else {
+                table.insert(&start, pack(&rest).as_slice())?;
             }
+            return Ok(Some(value));
         }
         Ok(None)
     }
@@ -305,8 +427,8 @@ mod tests {
     }
 
     /// Against a BTreeMap: random batches, removals, lookups and range reads, with the runs
-    /// merging as ranks fill (23 batches, 113 in base 4: 3 runs of rank 0, 1 of rank 1, 1 of
-    /// rank 2 at the end, after merges into ranks 1 and 2).
+    /// merging as ranks fill (23 batches: merges into ranks 1 and 2 with a fan-in of 4, into
+    /// rank 1 with 8), then removals that empty whole blocks.
     #[test]
     fn runs_hold_what_a_sorted_map_holds_through_merges_and_removals() {
         let dir = tempfile::tempdir().unwrap();
@@ -334,10 +456,21 @@ mod tests {
             drop(runs);
             txn.commit().unwrap();
         }
+        // Empty whole blocks: every key of 1_000..1_400 (some blocks start inside it).
+        let txn = db.begin_write().unwrap();
+        let mut runs = T.open(&txn).unwrap();
+        for k in 1_000..1_400u32 {
+            let removed = runs.remove(&k.to_be_bytes()).unwrap();
+            assert_eq!(removed.map(u16::from_be_bytes), model.remove(&k), "key {k}");
+        }
+        drop(runs);
+        txn.commit().unwrap();
         let txn = db.begin_read().unwrap();
         assert_eq!(OpenRuns::<4, 2>::batches(&&txn, "t").unwrap(), 23);
         let runs = T.open(&txn).unwrap();
-        assert_eq!(runs.tables.len(), 5);
+        // One run a unit of each digit of the batch count in base FAN_IN.
+        let digits: u64 = (0..4).map(|r| 23 / FAN_IN.pow(r) % FAN_IN).sum();
+        assert_eq!(runs.tables.len() as u64, digits);
         assert_eq!(runs.len().unwrap(), model.len() as u64);
         for k in 0..5_000u32 {
             let got = runs.get(&k.to_be_bytes()).unwrap().map(u16::from_be_bytes);
@@ -346,6 +479,7 @@ mod tests {
         for (low, high, n) in [
             (0u32, 4_999u32, 7usize),
             (1_234, 1_300, 50),
+            (990, 1_500, 30),
             (4_990, 4_999, 3),
         ] {
             let got: Vec<(u32, u16)> = runs
