@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use differential_dataflow::difference::{IsZero, Monoid, Semigroup};
+use differential_dataflow::difference::Semigroup;
 use differential_dataflow::AsCollection;
-use serde::{Deserialize, Serialize};
+use quad::bandit::aggregates::ClusterDelta;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -38,49 +38,20 @@ const CLUSTERS: u64 = 64;
 const SHARD_DOCS: u64 = 125_000;
 const WORKERS: usize = 2;
 
-/// What a cluster's record accumulates: members, their tokens, members not yet sampled.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-struct Totals {
-    docs: i64,
-    tokens: i64,
-    unsampled: i64,
-}
-
-impl IsZero for Totals {
-    fn is_zero(&self) -> bool {
-        *self == Totals::default()
-    }
-}
-
-impl Semigroup for Totals {
-    fn plus_equals(&mut self, rhs: &Self) {
-        self.docs += rhs.docs;
-        self.tokens += rhs.tokens;
-        self.unsampled += rhs.unsampled;
-    }
-}
-
-impl Monoid for Totals {
-    fn zero() -> Self {
-        Totals::default()
-    }
-}
-
 /// The cluster and tokens of document `row` of shard `epoch`.
-fn document(epoch: u64, row: u64) -> (u32, i64) {
+fn document(epoch: u64, row: u64) -> (u32, u64) {
     let h = xxh3_64(&[epoch.to_le_bytes(), row.to_le_bytes()].concat());
-    ((h % CLUSTERS) as u32, 20 + ((h >> 32) % 400) as i64)
+    ((h % CLUSTERS) as u32, 20 + (h >> 32) % 400)
 }
 
-fn tally(epoch: u64) -> BTreeMap<u32, Totals> {
-    let mut by_cluster: BTreeMap<u32, Totals> = BTreeMap::new();
+fn tally(epoch: u64) -> BTreeMap<u32, ClusterDelta> {
+    let mut by_cluster: BTreeMap<u32, ClusterDelta> = BTreeMap::new();
     for row in 0..SHARD_DOCS {
         let (cluster, tokens) = document(epoch, row);
-        by_cluster.entry(cluster).or_default().plus_equals(&Totals {
-            docs: 1,
-            tokens,
-            unsampled: 1,
-        });
+        by_cluster
+            .entry(cluster)
+            .or_default()
+            .plus_equals(&ClusterDelta::member(tokens, true));
     }
     by_cluster
 }
@@ -107,8 +78,8 @@ impl Variant {
 }
 
 /// Runs one variant over `epochs` shards; returns the seconds and worker 0's totals.
-fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, Totals>) {
-    let totals: Arc<Mutex<BTreeMap<u32, Totals>>> = Arc::default();
+fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, ClusterDelta>) {
+    let totals: Arc<Mutex<BTreeMap<u32, ClusterDelta>>> = Arc::default();
     let seconds: Arc<Mutex<f64>> = Arc::default();
     let (t, s) = (totals.clone(), seconds.clone());
     timely::execute(timely::Config::process(WORKERS), move |worker| {
@@ -119,7 +90,7 @@ fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, Totals>) {
         let sum = t.clone();
         worker.dataflow::<u64, _, _>(|scope| {
             let epochs = input.to_stream(scope);
-            let add = move |(cluster, _time, diff): (u32, u64, Totals)| {
+            let add = move |(cluster, _time, diff): (u32, u64, ClusterDelta)| {
                 sum.lock()
                     .expect("totals")
                     .entry(cluster)
@@ -131,7 +102,7 @@ fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, Totals>) {
                     epochs
                         .flat_map(|epoch| tally(epoch).into_iter())
                         .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                            Exchange::new(|_: &(u32, Totals)| 0),
+                            Exchange::new(|_: &(u32, ClusterDelta)| 0),
                             "Apply",
                             |_, _| {
                                 move |input, _output: &mut _| {
@@ -161,12 +132,7 @@ fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, Totals>) {
                             .flat_map(|epoch| {
                                 (0..SHARD_DOCS).map(move |row| {
                                     let (cluster, tokens) = document(epoch, row);
-                                    let diff = Totals {
-                                        docs: 1,
-                                        tokens,
-                                        unsampled: 1,
-                                    };
-                                    (cluster, epoch, diff)
+                                    (cluster, epoch, ClusterDelta::member(tokens, true))
                                 })
                             })
                             .as_collection()
@@ -180,7 +146,7 @@ fn run(variant: Variant, epochs: u64) -> (f64, BTreeMap<u32, Totals>) {
                         .consolidate()
                         .inner
                         .exchange(|_| 0)
-                        .inspect(move |update| add(*update))
+                        .inspect(move |update| add(update.clone()))
                         .probe_with(&probe);
                 }
             }
@@ -220,7 +186,7 @@ fn main() {
     println!();
     println!("| aggregates kept by | seconds | documents/s | vs tally |");
     println!("|---|---:|---:|---:|");
-    let mut first: Option<(f64, BTreeMap<u32, Totals>)> = None;
+    let mut first: Option<(f64, BTreeMap<u32, ClusterDelta>)> = None;
     for variant in [
         Variant::Tally,
         Variant::DifferentialPerDocument,
