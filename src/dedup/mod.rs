@@ -121,7 +121,12 @@ pub struct Fingerprint {
 
 /// The text as it is compared: NFKC, lower case, whitespace runs as one space, trimmed.
 pub fn normalise(text: &str) -> String {
-    let folded: String = text.nfkc().collect::<String>().to_lowercase();
+    // ASCII is its own NFKC form: most web text skips the decomposition tables.
+    let folded: String = if text.is_ascii() {
+        text.to_ascii_lowercase()
+    } else {
+        text.nfkc().collect::<String>().to_lowercase()
+    };
     let mut out = String::with_capacity(folded.len());
     for word in folded.split_whitespace() {
         if !out.is_empty() {
