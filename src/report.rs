@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::cost::Costs;
 use crate::error::StateError;
 use crate::plot::{bar_chart, escape, histogram, line_chart, Series};
-use crate::state::StateStore;
+use crate::state::{EpochRecord, StateStore};
 
 pub use crate::bandit::record::{PullRecord, RoundRecord};
 
@@ -48,16 +48,16 @@ pub struct IngestCounts {
 impl IngestCounts {
     /// Sums the committed epochs' records: O(epochs).
     pub fn load(store: &StateStore) -> Result<IngestCounts, StateError> {
-        let mut counts = IngestCounts::default();
-        for record in store.epochs()?.values() {
-            counts.rows += record.rows;
-            counts.documents += record.docs;
-            counts.rejected += record.rejected;
-            counts.duplicate_ids += record.duplicates;
-            counts.duplicate_texts += record.duplicate_texts;
-            counts.near_duplicates += record.near_duplicates;
-        }
-        Ok(counts)
+        let records = store.epochs()?;
+        let sum = |count: fn(&EpochRecord) -> u64| records.values().map(count).sum();
+        Ok(IngestCounts {
+            rows: sum(|r| r.rows),
+            documents: sum(|r| r.docs),
+            rejected: sum(|r| r.rejected),
+            duplicate_ids: sum(|r| r.duplicates),
+            duplicate_texts: sum(|r| r.duplicate_texts),
+            near_duplicates: sum(|r| r.near_duplicates),
+        })
     }
 }
 

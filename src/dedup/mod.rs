@@ -79,23 +79,24 @@ const MAX_HASHES: usize = 1024;
 
 impl DedupConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
-            return Err(format!(
+        let threshold_ok = self.threshold > 0.0 && self.threshold <= 1.0;
+        let sizes_ok = self.ngram > 0 && self.rows > 0 && self.bands > 0;
+        let bounded = self.bands <= MAX_BANDS && self.hashes() <= MAX_HASHES;
+        match (threshold_ok, sizes_ok, bounded) {
+            (false, _, _) => Err(format!(
                 "dedup.threshold must be in (0, 1], got {}",
                 self.threshold
-            ));
-        }
-        if self.ngram == 0 || self.rows == 0 || self.bands == 0 {
-            return Err("dedup.ngram, dedup.bands and dedup.rows must be at least 1".into());
-        }
-        if self.bands > MAX_BANDS || self.bands * self.rows > MAX_HASHES {
-            return Err(format!(
+            )),
+            (_, false, _) => {
+                Err("dedup.ngram, dedup.bands and dedup.rows must be at least 1".into())
+            }
+            (_, _, false) => Err(format!(
                 "dedup: at most {MAX_BANDS} bands and {MAX_HASHES} hash functions \
                  (bands x rows), got {} x {}",
                 self.bands, self.rows
-            ));
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether documents need a fingerprint at all.

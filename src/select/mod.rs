@@ -107,14 +107,11 @@ pub struct Duplicate {
     /// None when the first occurrence is in a committed epoch (the store keeps an id's epoch,
     /// not its row).
     pub first_row: Option<u64>,
-    #[serde(default)]
     pub kind: DuplicateKind,
     /// The first occurrence's id when it was in flight (text kinds); the epoch sink reads the
     /// others back from their shards.
-    #[serde(default)]
     pub first_id: Option<String>,
     /// The estimated Jaccard similarity of a near duplicate.
-    #[serde(default)]
     pub similarity: Option<f64>,
 }
 
@@ -126,7 +123,6 @@ pub struct Verdicts {
     pub selected: Vec<u64>,
     pub duplicates: Vec<Duplicate>,
     /// What text dedup adds to the store with this epoch.
-    #[serde(default)]
     pub dedup: DedupCommit,
 }
 
