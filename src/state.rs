@@ -340,6 +340,9 @@ pub struct EpochRecord {
     pub tokens_by_source: BTreeMap<String, u64>,
 }
 
+/// A rejected row as the store keeps it: (epoch, row) and the reject.
+pub type RejectedRow = ((u64, u64), Reject);
+
 /// What text dedup adds to an epoch's commit: the epoch's kept documents that are the first
 /// with their text or band key (`select::text_dedup`), by row.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -915,7 +918,7 @@ impl StateStore {
     }
 
     /// Every rejected row: (epoch, row) and the reject, in that order.
-    pub fn rejects(&self) -> Result<Vec<((u64, u64), Reject)>, StateError> {
+    pub fn rejects(&self) -> Result<Vec<RejectedRow>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
