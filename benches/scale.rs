@@ -217,6 +217,12 @@ window = 32
 max_tokens = 32
 batch = 16
 factor_cache = "{cache}"
+# Exact dedup stays on (a text hash and a location a document, 16 bytes before blocks).
+# Near dedup is off: its band index (one key and location a band, 14 bands) and the sketch
+# of each kept document (112 bytes) cost several times this bench's 128 bytes a document
+# (README, Dedup); its throughput is measured by scripts/bench-dedup.
+[dedup]
+near = false
 [sink]
 path = "{out}"
 min_file_rows = 1000

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::bandit::{BanditConfig, Strategy};
 pub use crate::cluster::{ClusterConfig, TuneKConfig};
 pub use crate::corpus::CorpusConfig;
+pub use crate::dedup::DedupConfig;
 pub use crate::embed::EmbedConfig;
 use crate::error::SpecError;
 pub use crate::influence::InfluenceConfig;
@@ -34,6 +35,9 @@ pub struct JobSpec {
     pub tokens: TokensConfig,
     #[serde(default)]
     pub select: SelectConfig,
+    /// Exact and near-duplicate texts removed before selection; every key has a default.
+    #[serde(default)]
+    pub dedup: DedupConfig,
     /// The Quad loop's parameters (strategies quad, exploit, explore, topk-influence).
     #[serde(default)]
     pub bandit: BanditConfig,
@@ -111,6 +115,7 @@ impl JobSpec {
 
     fn validate(&self) -> Result<(), String> {
         self.select.validate()?;
+        self.dedup.validate()?;
         self.bandit.validate()?;
         if self.select.strategy != Strategy::Random && !self.cluster.enabled {
             return Err(format!(
@@ -155,6 +160,7 @@ impl JobSpec {
             "text_column": self.source.text_column,
             "columns": self.source.columns,
             "tokenizer": self.tokens.tokenizer,
+            "dedup": self.dedup,
         });
         // Only clustering jobs carry these, so stores of other jobs stay valid.
         if self.cluster.enabled {

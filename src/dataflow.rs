@@ -352,6 +352,7 @@ fn feed_shards(
                     planned.epoch,
                     &planned.path,
                     &shared.spec.source,
+                    &shared.spec.dedup,
                     &shared.counter,
                     shared.embedding.as_ref(),
                     local,

@@ -18,6 +18,7 @@ pub mod config;
 pub mod corpus;
 pub mod cost;
 pub mod dataflow;
+pub mod dedup;
 pub mod dedup_filter;
 pub mod doctor;
 pub mod embed;

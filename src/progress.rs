@@ -19,7 +19,12 @@ pub struct Summary {
     pub rows_read: u64,
     pub documents: u64,
     pub rejected: u64,
+    /// Rows rejected for a repeated id.
     pub duplicates: u64,
+    /// Rows rejected as exact duplicate texts (`[dedup] exact`).
+    pub duplicate_texts: u64,
+    /// Rows rejected as near duplicates (`[dedup] near`).
+    pub near_duplicates: u64,
     pub selected: u64,
     pub tokens: u64,
     pub selected_tokens: u64,
@@ -105,8 +110,14 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  documents  {} rows read, {} documents, {} rejected rows, {} duplicate ids",
-            self.rows_read, self.documents, self.rejected, self.duplicates
+            "  documents  {} rows read, {} documents, {} rejected rows, {} duplicate ids, \
+             {} duplicate texts, {} near duplicates",
+            self.rows_read,
+            self.documents,
+            self.rejected,
+            self.duplicates,
+            self.duplicate_texts,
+            self.near_duplicates
         )?;
         let pct = |a: u64, b: u64| {
             if b == 0 {

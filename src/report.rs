@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::cost::Costs;
 use crate::error::StateError;
 use crate::plot::{bar_chart, escape, histogram, line_chart, Series};
-use crate::state::StateStore;
+use crate::state::{EpochRecord, StateStore};
 
 pub use crate::bandit::record::{PullRecord, RoundRecord};
 
@@ -28,6 +28,37 @@ pub struct RunRecord {
     #[serde(default)]
     pub selected_mix: BTreeMap<String, u64>,
     pub costs: Option<Costs>,
+    /// What ingest kept and rejected, summed over the committed epochs.
+    #[serde(default)]
+    pub ingest: IngestCounts,
+}
+
+/// Rows ingest read, kept and rejected by reason, over the job's life.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IngestCounts {
+    pub rows: u64,
+    pub documents: u64,
+    /// Bad rows (null or empty id or text, unusable embedding).
+    pub rejected: u64,
+    pub duplicate_ids: u64,
+    pub duplicate_texts: u64,
+    pub near_duplicates: u64,
+}
+
+impl IngestCounts {
+    /// Sums the committed epochs' records: O(epochs).
+    pub fn load(store: &StateStore) -> Result<IngestCounts, StateError> {
+        let records = store.epochs()?;
+        let sum = |count: fn(&EpochRecord) -> u64| records.values().map(count).sum();
+        Ok(IngestCounts {
+            rows: sum(|r| r.rows),
+            documents: sum(|r| r.docs),
+            rejected: sum(|r| r.rejected),
+            duplicate_ids: sum(|r| r.duplicates),
+            duplicate_texts: sum(|r| r.duplicate_texts),
+            near_duplicates: sum(|r| r.near_duplicates),
+        })
+    }
 }
 
 /// Keys of the run values in the state store.
@@ -64,6 +95,7 @@ impl RunRecord {
             pool_tokens_by_source: store.run_value(POOL_MIX_KEY)?.unwrap_or_default(),
             selected_mix: store.selected_tokens_by_source()?,
             costs: store.run_value(COSTS_KEY)?,
+            ingest: IngestCounts::load(store)?,
         })
     }
 
@@ -378,11 +410,20 @@ impl Page {
          <h1>quad report: {name}</h1>\n<table><tr><th>strategy</th><td>{strategy}</td></tr>\
          <tr><th>rounds</th><td>{rounds}</td></tr><tr><th>documents scored</th><td>{scored}</td></tr>\
          <tr><th>documents selected</th><td>{selected_docs}</td></tr><tr><th>tokens selected</th><td>{selected_tokens}</td></tr>\
-         <tr><th>tau</th><td>{tau}</td></tr></table>\n",
+         <tr><th>tau</th><td>{tau}</td></tr><tr><th>rows read</th><td>{rows}</td></tr>\
+         <tr><th>documents kept</th><td>{documents}</td></tr><tr><th>rows rejected (bad)</th><td>{rejected}</td></tr>\
+         <tr><th>duplicate ids</th><td>{ids}</td></tr><tr><th>duplicate texts</th><td>{texts}</td></tr>\
+         <tr><th>near duplicates</th><td>{near}</td></tr></table>\n",
         name = escape(&run.name),
         strategy = escape(&run.strategy),
         rounds = run.rounds.len(),
         tau = run.tau.map_or("-".to_string(), |t| t.to_string()),
+        rows = run.ingest.rows,
+        documents = run.ingest.documents,
+        rejected = run.ingest.rejected,
+        ids = run.ingest.duplicate_ids,
+        texts = run.ingest.duplicate_texts,
+        near = run.ingest.near_duplicates,
     );
         for (heading, svg) in figures {
             let _ = write!(
@@ -434,6 +475,11 @@ mod tests {
                 pool_docs: 40,
                 ..Default::default()
             }),
+            ingest: IngestCounts {
+                duplicate_texts: 7,
+                near_duplicates: 3,
+                ..Default::default()
+            },
         }
     }
 
@@ -448,6 +494,8 @@ mod tests {
         assert!(html.contains("t&lt;1&gt;"));
         assert!(html.contains("tau = 0"));
         assert!(html.contains("45.00% of the pool"));
+        assert!(html.contains("<th>duplicate texts</th><td>7</td>"));
+        assert!(html.contains("<th>near duplicates</th><td>3</td>"));
         assert!(!html.contains("<script"));
         assert!(!html.contains("NaN"));
     }

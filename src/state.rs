@@ -26,7 +26,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "4";
+pub const STORE_LAYOUT: &str = "5";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -45,6 +45,15 @@ pub fn id_key(id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id.as_bytes()) >> 32
 }
 const REJECTS: TableDefinition<(u64, u64), &str> = TableDefinition::new("rejects");
+/// Exact dedup: the hash of a kept document's normalised text (`dedup::text_hash`) -> its
+/// location (`layout::location`), the first kept document with that text. Leveled, as `IDS`.
+const TEXTS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("texts");
+/// Near dedup's band index: a band key (`dedup::MinHasher::band_keys`) -> the location of the
+/// first kept document with that band. Leveled, as `IDS`.
+const BANDS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("bands");
+/// Near dedup: the sketch (`dedup::sketch`) of each kept document that the band index points
+/// to, by location. Keyed in epoch order, so a commit appends.
+const SKETCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sketches");
 /// The Quad loop: one record per bandit round (JSON `report::RoundRecord`).
 const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// Values of the run as a whole (JSON): the bandit state after the last round, the pool's mix,
@@ -243,6 +252,20 @@ pub mod layout {
     pub fn parse_id_value(value: &[u8; 4]) -> u64 {
         u64::from(u32::from_be_bytes(*value))
     }
+
+    /// A document's location (epoch, row) as the dedup tables hold it.
+    pub fn location(epoch: u32, row: u32) -> [u8; 8] {
+        let mut value = [0u8; 8];
+        value[..4].copy_from_slice(&epoch.to_be_bytes());
+        value[4..].copy_from_slice(&row.to_be_bytes());
+        value
+    }
+
+    pub fn parse_location(value: &[u8; 8]) -> (u64, u64) {
+        let epoch = u32::from_be_bytes(value[..4].try_into().expect("4 bytes"));
+        let row = u32::from_be_bytes(value[4..].try_into().expect("4 bytes"));
+        (u64::from(epoch), u64::from(row))
+    }
 }
 
 /// A selected row waiting for its output file.
@@ -300,7 +323,14 @@ pub struct EpochRecord {
     pub rows: u64,
     pub docs: u64,
     pub rejected: u64,
+    /// Rows rejected for a repeated id.
     pub duplicates: u64,
+    /// Rows rejected for a text an earlier document has (`duplicate-text`).
+    #[serde(default)]
+    pub duplicate_texts: u64,
+    /// Rows rejected as near duplicates of an earlier kept document (`near-duplicate`).
+    #[serde(default)]
+    pub near_duplicates: u64,
     pub selected: u64,
     pub tokens: u64,
     pub selected_tokens: u64,
@@ -308,6 +338,21 @@ pub struct EpochRecord {
     /// Tokens of the accepted documents by the shard's `source` column (empty when it has none).
     #[serde(default)]
     pub tokens_by_source: BTreeMap<String, u64>,
+}
+
+/// A rejected row as the store keeps it: (epoch, row) and the reject.
+pub type RejectedRow = ((u64, u64), Reject);
+
+/// What text dedup adds to an epoch's commit: the epoch's kept documents that are the first
+/// with their text or band key (`select::text_dedup`), by row.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupCommit {
+    /// (text hash, row).
+    pub texts: Vec<(u64, u64)>,
+    /// (band key, row).
+    pub bands: Vec<(u64, u64)>,
+    /// (row, sketch) of the documents `bands` points to.
+    pub sketches: Vec<(u64, Vec<u8>)>,
 }
 
 pub struct EpochCommit {
@@ -323,6 +368,7 @@ pub struct EpochCommit {
     /// of all epochs (a bottom-k sample: uniform without replacement, whatever the order).
     pub fit_sample: Vec<(u64, u64, u32)>,
     pub fit_sample_size: usize,
+    pub dedup: DedupCommit,
 }
 
 pub struct StateStore {
@@ -396,6 +442,7 @@ impl StateStore {
             txn.open_table(SAMPLED).map_err(|e| store.err(e))?;
             txn.open_table(PENDING).map_err(|e| store.err(e))?;
             txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
+            txn.open_table(SKETCHES).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -593,6 +640,7 @@ impl StateStore {
             if let Some(clusters) = &commit.clusters {
                 self.write_clusters(&txn, clusters)?;
             }
+            self.write_dedup(&txn, commit.epoch, &commit.dedup)?;
             let mut sample = txn.open_table(FIT_SAMPLE).map_err(|e| self.err(e))?;
             for &(priority, row, row_group) in &commit.fit_sample {
                 sample
@@ -604,6 +652,33 @@ impl StateStore {
             }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn write_dedup(
+        &self,
+        txn: &redb::WriteTransaction,
+        epoch: u64,
+        commit: &DedupCommit,
+    ) -> Result<(), StateError> {
+        let epoch32 = self.narrow("epoch", epoch)?;
+        for (table, entries) in [(&TEXTS, &commit.texts), (&BANDS, &commit.bands)] {
+            let mut keyed = Vec::with_capacity(entries.len());
+            for &(key, row) in entries {
+                let row = self.narrow("row", row)?;
+                keyed.push((key.to_be_bytes(), layout::location(epoch32, row)));
+            }
+            // The admit stage sends only keys new to the store, each once.
+            keyed.sort_unstable_by_key(|(key, _)| *key);
+            keyed.dedup_by_key(|(key, _)| *key);
+            table.insert_sorted(txn, &keyed).map_err(|e| self.err(e))?;
+        }
+        let mut sketches = txn.open_table(SKETCHES).map_err(|e| self.err(e))?;
+        for (row, sketch) in &commit.sketches {
+            sketches
+                .insert((epoch, *row), sketch.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn write_clusters(
@@ -780,6 +855,83 @@ impl StateStore {
             .map_err(|e| self.err(e))
     }
 
+    /// The location (epoch, row) of the first kept document with each text hash (exact dedup).
+    pub fn first_texts(&self, keys: &[u64]) -> Result<Vec<Option<(u64, u64)>>, StateError> {
+        self.first_locations(&TEXTS, keys)
+    }
+
+    /// The location (epoch, row) of the first kept document with each band key (near dedup).
+    pub fn first_bands(&self, keys: &[u64]) -> Result<Vec<Option<(u64, u64)>>, StateError> {
+        self.first_locations(&BANDS, keys)
+    }
+
+    fn first_locations(
+        &self,
+        table: &runs::LeveledTable<8, 8>,
+        keys: &[u64],
+    ) -> Result<Vec<Option<(u64, u64)>>, StateError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let runs = table.open(&txn).map_err(|e| self.err(e))?;
+        keys.iter()
+            .map(|&key| {
+                Ok(runs
+                    .get(&key.to_be_bytes())
+                    .map_err(|e| self.err(e))?
+                    .map(|v| layout::parse_location(&v)))
+            })
+            .collect()
+    }
+
+    /// The stored sketches of kept documents, by location (None where there is none).
+    pub fn sketches(&self, locations: &[(u64, u64)]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        if locations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SKETCHES).map_err(|e| self.err(e))?;
+        locations
+            .iter()
+            .map(|&location| {
+                Ok(table
+                    .get(location)
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value().to_vec()))
+            })
+            .collect()
+    }
+
+    /// Calls `f` with every stored text hash (`texts`) or band key (`bands`), to fill the
+    /// dedup filters of a resumed run.
+    pub fn for_each_dedup_key(
+        &self,
+        bands: bool,
+        mut f: impl FnMut(u64),
+    ) -> Result<(), StateError> {
+        let table = if bands { &BANDS } else { &TEXTS };
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let runs = table.open(&txn).map_err(|e| self.err(e))?;
+        runs.for_each_in(&[0; 8], &[0xff; 8], |k, _| f(u64::from_be_bytes(*k)))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every rejected row: (epoch, row) and the reject, in that order.
+    pub fn rejects(&self) -> Result<Vec<RejectedRow>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((
+                k.value(),
+                serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Whether epoch `epoch` is committed.
     pub fn epoch_committed(&self, epoch: u64) -> Result<bool, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -856,6 +1008,7 @@ impl StateStore {
                     row: m.loc.row,
                     column: "quad_influence".into(),
                     reason: reason.clone(),
+                    matched: None,
                 };
                 let json = serde_json::to_string(&reject).map_err(|e| self.err(e))?;
                 rejects
@@ -1194,6 +1347,7 @@ mod tests {
                     clusters: None,
                     fit_sample: vec![],
                     fit_sample_size: 0,
+                    dedup: Default::default(),
                 })
                 .unwrap();
         }
@@ -1232,6 +1386,7 @@ mod tests {
             clusters: None,
             fit_sample: vec![],
             fit_sample_size: 0,
+            dedup: Default::default(),
         }
     }
 

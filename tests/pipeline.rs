@@ -58,7 +58,10 @@ fn one_and_two_workers_select_the_same_rows_and_pass_rows_through() {
         "selected fraction {fraction}"
     );
     let s = summary(&out1);
-    assert_eq!(s["documents"], SLICE_DOCS as u64);
+    // The slice repeats some texts, which text dedup (on by default) rejects.
+    let copies = s["duplicate_texts"].as_u64().unwrap() + s["near_duplicates"].as_u64().unwrap();
+    assert_eq!(s["documents"].as_u64().unwrap() + copies, SLICE_DOCS as u64);
+    assert!(copies < SLICE_DOCS as u64 / 20, "{s}");
     assert_eq!(s["selected"], rows1.len() as u64);
     assert_eq!(s["shards_done"], SLICE_SHARDS as u64);
 

@@ -265,6 +265,7 @@ mod tests {
                     row_group: 0,
                     id: format!("{axis}-{i}"),
                     tokens: 10,
+                    fingerprint: None,
                 }
             })
             .collect();

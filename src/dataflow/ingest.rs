@@ -13,6 +13,7 @@ pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
     AdmitContext {
         seed: spec.seed,
         select: spec.select.clone(),
+        dedup: spec.dedup.clone(),
         store: shared.store.clone(),
         dedup_filter_bytes: (spec.runtime.dedup_filter_mib << 20) as usize,
         stop: &STOP,
@@ -51,6 +52,7 @@ pub(super) fn epoch_sink_context(shared: &Arc<Shared>) -> EpochSinkContext {
         seed: spec.seed,
         sink: spec.sink.clone(),
         id_column: spec.source.id_column.clone(),
+        text_column: spec.source.text_column.clone(),
         strategy: spec.select.strategy,
         fit_pool_docs: spec.influence.fit_pool_docs,
         clustering: shared.clustering.is_some(),
@@ -82,6 +84,8 @@ fn epoch_committed(shared: &Shared, epoch: u64, record: &EpochRecord, clustered:
     summary.documents += record.docs;
     summary.rejected += record.rejected;
     summary.duplicates += record.duplicates;
+    summary.duplicate_texts += record.duplicate_texts;
+    summary.near_duplicates += record.near_duplicates;
     summary.selected += record.selected;
     summary.tokens += record.tokens;
     summary.selected_tokens += record.selected_tokens;

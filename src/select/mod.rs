@@ -16,12 +16,15 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::bandit::Strategy;
+use crate::dedup::DedupConfig;
 use crate::dedup_filter::DedupFilter;
 use crate::error::StateError;
 use crate::source::DocMeta;
-use crate::state::StateStore;
+use crate::state::{DedupCommit, StateStore};
+use text_dedup::TextDedup;
 
 pub mod operator;
+pub mod text_dedup;
 
 /// Which documents are kept (`[select]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,7 +74,31 @@ pub fn priority(seed: u64, id: &str) -> f64 {
     (xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// A document whose id was accepted earlier.
+/// What a duplicate repeats of an earlier document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DuplicateKind {
+    /// Its id.
+    #[default]
+    Id,
+    /// Its normalised text (`duplicate-text`).
+    Text,
+    /// Most of its word n-grams (`near-duplicate`).
+    Near,
+}
+
+impl DuplicateKind {
+    /// The reason recorded with the rejected row (text kinds; ids name the id).
+    pub fn reason(self) -> &'static str {
+        match self {
+            DuplicateKind::Id => "duplicate-id",
+            DuplicateKind::Text => "duplicate-text",
+            DuplicateKind::Near => "near-duplicate",
+        }
+    }
+}
+
+/// A document that repeats an earlier one: its id (the first occurrence was accepted) or its
+/// text (the first occurrence was kept).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Duplicate {
     pub row: u64,
@@ -80,6 +107,12 @@ pub struct Duplicate {
     /// None when the first occurrence is in a committed epoch (the store keeps an id's epoch,
     /// not its row).
     pub first_row: Option<u64>,
+    pub kind: DuplicateKind,
+    /// The first occurrence's id when it was in flight (text kinds); the epoch sink reads the
+    /// others back from their shards.
+    pub first_id: Option<String>,
+    /// The estimated Jaccard similarity of a near duplicate.
+    pub similarity: Option<f64>,
 }
 
 /// The decisions for one epoch.
@@ -89,6 +122,8 @@ pub struct Verdicts {
     /// Rows selected, ascending.
     pub selected: Vec<u64>,
     pub duplicates: Vec<Duplicate>,
+    /// What text dedup adds to the store with this epoch.
+    pub dedup: DedupCommit,
 }
 
 pub struct Admitter {
@@ -104,6 +139,8 @@ pub struct Admitter {
     used_tokens: u64,
     /// Every id accepted so far (committed or in flight) is in it; None: no filter.
     filter: Option<DedupFilter>,
+    /// Exact and near-duplicate texts (`[dedup]`).
+    texts: TextDedup,
 }
 
 impl Admitter {
@@ -112,6 +149,7 @@ impl Admitter {
     pub fn new(
         seed: u64,
         config: SelectConfig,
+        dedup: DedupConfig,
         store: Arc<StateStore>,
         filter_bytes: usize,
     ) -> Result<Admitter, StateError> {
@@ -127,7 +165,9 @@ impl Admitter {
             store.for_each_id_key(|key| filter.insert(key))?;
             Some(filter)
         };
+        let texts = TextDedup::new(dedup, store.clone(), filter_bytes, seed)?;
         Ok(Admitter {
+            texts,
             seed,
             config,
             store,
@@ -171,6 +211,7 @@ impl Admitter {
             .collect();
         let mut found = self.store.first_seen_keys(&lookup)?.into_iter();
         let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
+        let mut texts = self.texts.begin(epoch, docs)?;
         for ((doc, &key), &maybe) in docs.iter().zip(&keys).zip(&maybe_seen) {
             let here = (epoch, doc.row);
             let committed = if maybe { found.next().flatten() } else { None };
@@ -196,7 +237,15 @@ impl Admitter {
                     id: doc.id.clone(),
                     first_epoch,
                     first_row,
+                    kind: DuplicateKind::Id,
+                    first_id: Some(doc.id.clone()),
+                    similarity: None,
                 });
+                continue;
+            }
+            // Before the id is taken: a rejected text's id stays free, as in the store.
+            if let Some(duplicate) = self.texts.decide(&mut texts, doc)? {
+                verdicts.duplicates.push(duplicate);
                 continue;
             }
             accepted.insert(key, doc.row);
@@ -220,6 +269,7 @@ impl Admitter {
             verdicts.selected.push(doc.row);
         }
         self.recent.insert(epoch, accepted);
+        verdicts.dedup = self.texts.end(texts);
         Ok(verdicts)
     }
 }
@@ -234,6 +284,7 @@ mod tests {
             row_group: 0,
             id: id.into(),
             tokens,
+            fingerprint: None,
         }
     }
 
@@ -246,7 +297,10 @@ mod tests {
             ratio,
             max_tokens,
         };
-        (dir, Admitter::new(7, config, store, 1 << 12).unwrap())
+        (
+            dir,
+            Admitter::new(7, config, DedupConfig::default(), store, 1 << 12).unwrap(),
+        )
     }
 
     #[test]
@@ -272,7 +326,10 @@ mod tests {
                 row: 2,
                 id: "a".into(),
                 first_epoch: 0,
-                first_row: Some(0)
+                first_row: Some(0),
+                kind: DuplicateKind::Id,
+                first_id: Some("a".into()),
+                similarity: None,
             }]
         );
         let mut e1 = vec![doc(0, "c", 10), doc(1, "d", 5), doc(2, "b", 1)];
@@ -301,6 +358,7 @@ mod tests {
                     clusters: None,
                     fit_sample: vec![],
                     fit_sample_size: 0,
+                    dedup: Default::default(),
                 })
                 .unwrap();
             let config = SelectConfig {
@@ -308,7 +366,8 @@ mod tests {
                 ratio: 1.0,
                 max_tokens: None,
             };
-            let mut admit = Admitter::new(7, config, store, filter_bytes).unwrap();
+            let mut admit =
+                Admitter::new(7, config, DedupConfig::default(), store, filter_bytes).unwrap();
             let mut e1 = vec![doc(0, "c", 1), doc(1, "b", 1), doc(2, "c", 1)];
             let v1 = admit.admit(1, &mut e1).unwrap();
             assert_eq!(v1.selected, vec![0], "filter {filter_bytes}");

@@ -19,6 +19,7 @@ use crate::state::StateStore;
 pub struct AdmitContext {
     pub seed: u64,
     pub select: SelectConfig,
+    pub dedup: crate::dedup::DedupConfig,
     pub store: Arc<StateStore>,
     /// Size of the in-memory filter in front of the store's duplicate-id lookups, in bytes.
     pub dedup_filter_bytes: usize,
@@ -40,6 +41,7 @@ pub fn admit_operator<'scope>(
                 let mut admitter = match Admitter::new(
                     ctx.seed,
                     ctx.select.clone(),
+                    ctx.dedup.clone(),
                     ctx.store.clone(),
                     ctx.dedup_filter_bytes,
                 ) {

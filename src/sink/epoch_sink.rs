@@ -16,7 +16,7 @@ use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::Strategy;
 use crate::cluster::operator::EpochClusters;
 use crate::error::{Fail, Failed};
-use crate::select::Verdicts;
+use crate::select::{Duplicate, DuplicateKind, Verdicts};
 use crate::source::operator::{LocalShard, LocalShards};
 use crate::source::{self, ShardData};
 use crate::state::{ClusterCommit, EpochCommit, EpochRecord, StateStore};
@@ -28,6 +28,8 @@ pub struct EpochSinkContext {
     pub sink: SinkConfig,
     /// The id column, named in the rejects of duplicate ids.
     pub id_column: String,
+    /// The text column, named in the rejects of duplicate texts.
+    pub text_column: String,
     /// The Quad loop's strategies keep each epoch's candidates for the factor-fitting pool
     /// sample; `random` keeps none.
     pub strategy: Strategy,
@@ -187,6 +189,110 @@ pub fn epoch_sink_operator<'scope>(
     )
 }
 
+/// The rejected rows of an epoch's duplicates, each naming its first occurrence.
+fn duplicate_rejects(
+    ctx: &EpochSinkContext,
+    shard_name: &str,
+    duplicates: &[Duplicate],
+) -> Vec<source::Reject> {
+    let read_back = committed_first_ids(ctx, duplicates);
+    let mut texts = 0;
+    let rejects = duplicates
+        .iter()
+        .map(|dup| {
+            let first = match dup.first_row {
+                Some(row) => format!("epoch {} row {row}", dup.first_epoch),
+                None => format!("epoch {}", dup.first_epoch),
+            };
+            if dup.kind == DuplicateKind::Id {
+                tracing::warn!(
+                    "{shard_name}: row {}, column '{}': duplicate id {:?} (first at {first}); \
+                     row rejected",
+                    dup.row,
+                    ctx.id_column,
+                    dup.id
+                );
+                return source::Reject {
+                    row: dup.row,
+                    column: ctx.id_column.clone(),
+                    reason: format!("duplicate id {:?}", dup.id),
+                    matched: None,
+                };
+            }
+            texts += 1;
+            let matched = dup.first_id.clone().or_else(|| {
+                let location = (dup.first_epoch, dup.first_row.unwrap_or(u64::MAX));
+                read_back.get(&location).cloned()
+            });
+            tracing::debug!(
+                "{shard_name}: row {} (id {:?}): {} of {matched:?} at {first} (similarity {:?})",
+                dup.row,
+                dup.id,
+                dup.kind.reason(),
+                dup.similarity
+            );
+            source::Reject {
+                row: dup.row,
+                column: ctx.text_column.clone(),
+                reason: dup.kind.reason().to_string(),
+                matched,
+            }
+        })
+        .collect();
+    if texts > 0 {
+        tracing::info!("{shard_name}: {texts} duplicate texts rejected (exact and near)");
+    }
+    rejects
+}
+
+/// The ids of text duplicates' first occurrences that the admit stage did not hold (their
+/// epochs were committed): read back from their shards, the id column of the row groups that
+/// hold them, one read a shard. A shard that cannot be read leaves those ids unnamed (logged):
+/// the rows are rejected all the same.
+fn committed_first_ids(
+    ctx: &EpochSinkContext,
+    duplicates: &[Duplicate],
+) -> HashMap<(u64, u64), String> {
+    let mut wanted: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for dup in duplicates {
+        if let (DuplicateKind::Text | DuplicateKind::Near, None, Some(row)) =
+            (dup.kind, &dup.first_id, dup.first_row)
+        {
+            wanted.entry(dup.first_epoch).or_default().push(row);
+        }
+    }
+    let mut ids = HashMap::new();
+    if wanted.is_empty() {
+        return ids;
+    }
+    let paths = match ctx.store.shard_paths() {
+        Ok(paths) => paths,
+        Err(e) => {
+            tracing::warn!("the first occurrences of duplicate texts are not named: {e}");
+            return ids;
+        }
+    };
+    for (epoch, rows) in wanted {
+        let Some(path) = paths.get(&epoch) else {
+            continue;
+        };
+        match source::fetch_cells(path, &rows, &[ctx.id_column.as_str()]) {
+            Ok(cells) => {
+                for (row, cells) in cells {
+                    if let Some(Some(id)) = cells.into_iter().next() {
+                        ids.insert((epoch, row), id);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                "{}: the first occurrences of duplicate texts are not named: {e}",
+                path.display()
+            ),
+        }
+    }
+    ids
+}
+
 /// Writes an epoch's output and commits it with the epoch's state in one transaction. Returns
 /// the clusters' changes for the bandit (after the commit, so a draw sees the new members).
 fn commit_epoch(
@@ -227,25 +333,15 @@ fn commit_epoch(
                 .filter(|d| !duplicate_rows.contains(&d.row))
                 .map(|d| (d.id.clone(), d.row))
                 .collect();
+            let count_of = |kind| {
+                verdicts
+                    .duplicates
+                    .iter()
+                    .filter(|d| d.kind == kind)
+                    .count() as u64
+            };
             let mut rejects = data.rejects.clone();
-            for dup in &verdicts.duplicates {
-                let first = match dup.first_row {
-                    Some(row) => format!("epoch {} row {row}", dup.first_epoch),
-                    None => format!("epoch {}", dup.first_epoch),
-                };
-                tracing::warn!(
-                    "{}: row {}, column '{}': duplicate id {:?} (first at {first}); row rejected",
-                    shard_name,
-                    dup.row,
-                    ctx.id_column,
-                    dup.id
-                );
-                rejects.push(source::Reject {
-                    row: dup.row,
-                    column: ctx.id_column.clone(),
-                    reason: format!("duplicate id {:?}", dup.id),
-                });
-            }
+            rejects.extend(duplicate_rejects(ctx, &shard_name, &verdicts.duplicates));
             if ctx.strategy != Strategy::Random {
                 fit_sample =
                     fit_sample_candidates(ctx.seed, data, &duplicate_rows, ctx.fit_pool_docs);
@@ -257,7 +353,9 @@ fn commit_epoch(
                 rows: data.rows,
                 docs: accepted.len() as u64,
                 rejected: data.rejects.len() as u64,
-                duplicates: verdicts.duplicates.len() as u64,
+                duplicates: count_of(DuplicateKind::Id),
+                duplicate_texts: count_of(DuplicateKind::Text),
+                near_duplicates: count_of(DuplicateKind::Near),
                 selected: verdicts.selected.len() as u64,
                 tokens: accepted
                     .iter()
@@ -292,6 +390,7 @@ fn commit_epoch(
         clusters,
         fit_sample,
         fit_sample_size: ctx.fit_pool_docs,
+        dedup: verdicts.dedup,
     });
     ctx.order.done(epoch);
     result.with_context(|| format!("committing epoch {epoch}"))?;

@@ -73,6 +73,10 @@ pub struct DocMeta {
     pub row_group: u32,
     pub id: String,
     pub tokens: u32,
+    /// What text dedup compares (`dedup::Fingerprint`), computed where the shard is read;
+    /// None when `[dedup]` is off or before the read stage adds it.
+    #[serde(default)]
+    pub fingerprint: Option<crate::dedup::Fingerprint>,
 }
 
 /// A row that was refused, with the reason.
@@ -81,6 +85,10 @@ pub struct Reject {
     pub row: u64,
     pub column: String,
     pub reason: String,
+    /// The id of the earlier document a duplicate text repeats (`duplicate-text`,
+    /// `near-duplicate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
 }
 
 /// One shard read into memory: its projected rows and the documents found in them.
@@ -467,6 +475,7 @@ pub fn read_shard(
                 row,
                 column: column.to_string(),
                 reason: reason.to_string(),
+                matched: None,
             };
             match (id_at(ids, i), string_at(texts, i)) {
                 (None, _) => rejects.push(reject(&config.id_column, "id is null")),
@@ -489,6 +498,7 @@ pub fn read_shard(
                         row_group: group_of(row) as u32,
                         id,
                         tokens: counter.count(text),
+                        fingerprint: None,
                     })
                 }
             }

@@ -9,6 +9,7 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use super::{DocMeta, EmbeddingColumn, ShardData, SourceConfig};
+use crate::dedup::{DedupConfig, MinHasher};
 use crate::tokens::TokenCounter;
 
 /// Rejected rows logged one by one per shard; the rest are counted.
@@ -30,12 +31,28 @@ pub struct LocalShard {
 /// The shards a worker holds, by epoch.
 pub type LocalShards = Rc<RefCell<HashMap<u64, LocalShard>>>;
 
+/// The documents with their text fingerprints (`[dedup]`): the costly part of dedup, done
+/// here, on the worker that read the shard, so that workers do it in parallel.
+fn fingerprinted(data: &ShardData, text_column: &str, dedup: &DedupConfig) -> Vec<DocMeta> {
+    let mut docs = data.docs.clone();
+    if !dedup.enabled() {
+        return docs;
+    }
+    let hasher = MinHasher::new(dedup);
+    for (doc, text) in docs.iter_mut().zip(data.doc_texts(text_column)) {
+        doc.fingerprint = Some(hasher.fingerprint(dedup, text));
+    }
+    docs
+}
+
 /// Reads a shard this worker owns (epoch `epoch`, at `path`) and keeps it until its epoch is
-/// written; returns its documents, none when the shard is quarantined.
+/// written; returns its documents (fingerprinted as `dedup` says), none when the shard is
+/// quarantined.
 pub fn read_local(
     epoch: u64,
     path: &Path,
     source: &SourceConfig,
+    dedup: &DedupConfig,
     counter: &TokenCounter,
     embedding: Option<&EmbeddingColumn>,
     local: &LocalShards,
@@ -65,7 +82,7 @@ pub fn read_local(
             if data.rows == 0 {
                 tracing::warn!("{}: shard has no rows", path.display());
             }
-            data.docs.clone()
+            fingerprinted(data, &source.text_column, dedup)
         }
         Err(_) => Vec::new(),
     };

@@ -128,6 +128,7 @@ pub fn store_with_pool(
             }),
             fit_sample: vec![],
             fit_sample_size: 0,
+            dedup: Default::default(),
         })
         .unwrap();
     store

@@ -1,0 +1,255 @@
+//! Duplicate texts: what a document's text is reduced to so that copies can be found in the
+//! stream (`[dedup]`). Pure functions of the text and the settings, computed on the worker
+//! that reads the shard (the expensive part: normalising, hashing, MinHash); the admit stage
+//! (`select::text_dedup`) only compares these fingerprints with earlier documents'.
+//!
+//! - Exact: the text normalised (Unicode NFKC, lower case, runs of whitespace collapsed to one
+//!   space, trimmed) and hashed (xxh3, 64 bits: a false duplicate needs about 2^32 documents
+//!   a pool, and then both texts would be reported with the matched id).
+//! - Near: MinHash over word n-grams (Broder 1997) with locality-sensitive banding, as
+//!   FineWeb's datatrove does: `bands` x `rows` hash functions, a band is `rows` consecutive
+//!   minima hashed into one key. Two documents of Jaccard similarity s share at least one band
+//!   with probability 1 - (1 - s^rows)^bands (`band_match_probability`). A band match is then
+//!   checked against `threshold` with a 1-byte-a-hash sketch (b-bit MinHash, Li and König
+//!   2010), which is what the store keeps of a document.
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Exact and near-duplicate removal (`[dedup]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Reject a document whose normalised text equals an earlier document's.
+    #[serde(default = "yes")]
+    pub exact: bool,
+    /// Reject a document whose estimated Jaccard similarity to an earlier kept document that
+    /// shares one of its bands is at least `threshold`.
+    #[serde(default = "yes")]
+    pub near: bool,
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Words a shingle (word n-gram).
+    #[serde(default = "default_ngram")]
+    pub ngram: usize,
+    #[serde(default = "default_bands")]
+    pub bands: usize,
+    /// Hash functions a band.
+    #[serde(default = "default_rows")]
+    pub rows: usize,
+    /// Seeds the MinHash functions and the band keys.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_threshold() -> f64 {
+    0.8
+}
+fn default_ngram() -> usize {
+    5
+}
+fn default_bands() -> usize {
+    14
+}
+fn default_rows() -> usize {
+    8
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            exact: true,
+            near: true,
+            threshold: default_threshold(),
+            ngram: default_ngram(),
+            bands: default_bands(),
+            rows: default_rows(),
+            seed: 0,
+        }
+    }
+}
+
+/// Bands are numbered in the key's top byte.
+const MAX_BANDS: usize = 255;
+/// Hash functions at most (bands x rows): a sketch is this many bytes a kept document.
+const MAX_HASHES: usize = 1024;
+
+impl DedupConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let threshold_ok = self.threshold > 0.0 && self.threshold <= 1.0;
+        let sizes_ok = self.ngram > 0 && self.rows > 0 && self.bands > 0;
+        let bounded = self.bands <= MAX_BANDS && self.hashes() <= MAX_HASHES;
+        match (threshold_ok, sizes_ok, bounded) {
+            (false, _, _) => Err(format!(
+                "dedup.threshold must be in (0, 1], got {}",
+                self.threshold
+            )),
+            (_, false, _) => {
+                Err("dedup.ngram, dedup.bands and dedup.rows must be at least 1".into())
+            }
+            (_, _, false) => Err(format!(
+                "dedup: at most {MAX_BANDS} bands and {MAX_HASHES} hash functions \
+                 (bands x rows), got {} x {}",
+                self.bands, self.rows
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether documents need a fingerprint at all.
+    pub fn enabled(&self) -> bool {
+        self.exact || self.near
+    }
+
+    pub fn hashes(&self) -> usize {
+        self.bands * self.rows
+    }
+}
+
+/// What the admit stage compares of a document's text.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Hash of the normalised text (`text_hash`).
+    pub text: u64,
+    /// One key a band (`band_keys`); empty when near dedup is off.
+    pub bands: Vec<u64>,
+    /// The low byte of each MinHash value (`sketch`); empty when near dedup is off.
+    pub sketch: Vec<u8>,
+}
+
+/// The text as it is compared: NFKC, lower case, whitespace runs as one space, trimmed.
+pub fn normalise(text: &str) -> String {
+    // ASCII is its own NFKC form: most web text skips the decomposition tables.
+    let folded: String = if text.is_ascii() {
+        text.to_ascii_lowercase()
+    } else {
+        text.nfkc().collect::<String>().to_lowercase()
+    };
+    let mut out = String::with_capacity(folded.len());
+    for word in folded.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+/// The exact-duplicate key of a normalised text.
+pub fn text_hash(normalised: &str) -> u64 {
+    xxh3_64(normalised.as_bytes())
+}
+
+/// A 64-bit mix (splitmix64): derives the hash functions' parameters from the seed.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut x = *state;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The MinHash functions: h_i(x) = (a_i x + b_i) >> 32 on 64-bit shingle hashes, a_i odd
+/// (multiply-shift, Dietzfelbinger et al.): one multiply-add a shingle and function.
+pub struct MinHasher {
+    params: Vec<(u64, u64)>,
+    ngram: usize,
+    rows: usize,
+    seed: u64,
+}
+
+impl MinHasher {
+    pub fn new(config: &DedupConfig) -> MinHasher {
+        let mut state = config.seed;
+        let params = (0..config.hashes())
+            .map(|_| (splitmix(&mut state) | 1, splitmix(&mut state)))
+            .collect();
+        MinHasher {
+            params,
+            ngram: config.ngram,
+            rows: config.rows,
+            seed: config.seed,
+        }
+    }
+
+    /// The minimum of each hash function over the text's word n-grams (a text of fewer words
+    /// is one shingle).
+    pub fn signature(&self, normalised: &str) -> Vec<u32> {
+        let words: Vec<u64> = normalised
+            .split(' ')
+            .map(|w| xxh3_64(w.as_bytes()))
+            .collect();
+        let width = self.ngram.min(words.len()).max(1);
+        let mut minima = vec![u32::MAX; self.params.len()];
+        let mut bytes = Vec::with_capacity(width * 8);
+        for shingle in words.windows(width) {
+            bytes.clear();
+            shingle
+                .iter()
+                .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
+            let x = xxh3_64(&bytes);
+            for (min, &(a, b)) in minima.iter_mut().zip(&self.params) {
+                let h = (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
+                *min = (*min).min(h);
+            }
+        }
+        minima
+    }
+
+    /// One key a band: its `rows` minima hashed, the band's number in the top byte (so keys
+    /// of different bands never meet).
+    pub fn band_keys(&self, signature: &[u32]) -> Vec<u64> {
+        signature
+            .chunks(self.rows)
+            .enumerate()
+            .map(|(band, minima)| {
+                let bytes: Vec<u8> = minima.iter().flat_map(|m| m.to_le_bytes()).collect();
+                let hash = xxh3_64_with_seed(&bytes, self.seed ^ band as u64);
+                ((band as u64) << 56) | (hash >> 8)
+            })
+            .collect()
+    }
+
+    /// A document's fingerprint under `config` (near parts only when near dedup is on).
+    pub fn fingerprint(&self, config: &DedupConfig, text: &str) -> Fingerprint {
+        let normalised = normalise(text);
+        let mut fingerprint = Fingerprint {
+            text: text_hash(&normalised),
+            ..Default::default()
+        };
+        if config.near {
+            let signature = self.signature(&normalised);
+            fingerprint.bands = self.band_keys(&signature);
+            fingerprint.sketch = sketch(&signature);
+        }
+        fingerprint
+    }
+}
+
+/// The low byte of each minimum (b-bit MinHash with b = 8).
+pub fn sketch(signature: &[u32]) -> Vec<u8> {
+    signature.iter().map(|&m| m as u8).collect()
+}
+
+/// The Jaccard similarity two sketches estimate. Two 8-bit values also agree by chance (1 in
+/// 256) when the minima differ, so the fraction that agree, f, estimates s + (1 - s)/256 and
+/// s = (f - 1/256) / (1 - 1/256).
+pub fn estimated_jaccard(a: &[u8], b: &[u8]) -> f64 {
+    if a.is_empty() || a.len() != b.len() {
+        return 0.0;
+    }
+    let agree = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    let chance = 1.0 / 256.0;
+    ((agree - chance) / (1.0 - chance)).max(0.0)
+}
+
+/// The probability that two documents of Jaccard similarity `s` share at least one band.
+pub fn band_match_probability(s: f64, bands: usize, rows: usize) -> f64 {
+    1.0 - (1.0 - s.powi(rows as i32)).powi(bands as i32)
+}
+
+#[cfg(test)]
+mod tests;

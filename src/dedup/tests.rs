@@ -1,0 +1,124 @@
+use super::*;
+
+#[test]
+fn normalisation_folds_compatibility_forms_case_and_whitespace() {
+    assert_eq!(normalise("  Hello \t\n  World  "), "hello world");
+    // NFKC: the ligature, full-width letters and the superscript become their plain forms.
+    assert_eq!(normalise("ﬁne ＡＢＣ x²"), "fine abc x2");
+    // A composed and a decomposed é are the same text.
+    assert_eq!(normalise("Caf\u{e9}"), normalise("Cafe\u{301}"));
+    // Non-breaking and ideographic spaces are whitespace runs too.
+    assert_eq!(normalise("a\u{a0}\u{3000}b"), "a b");
+    assert_eq!(normalise("   "), "");
+    assert_eq!(
+        text_hash(&normalise("The  Cat\n")),
+        text_hash(&normalise("the cat"))
+    );
+    assert_ne!(text_hash("the cat"), text_hash("the cats"));
+}
+
+#[test]
+fn banding_probability_matches_the_s_curve_of_fineweb() {
+    let p = |s| band_match_probability(s, 14, 8);
+    // The usual rule of thumb for the S-curve's midpoint, (1/b)^(1/r), is 0.72 here; the exact
+    // 50% point, (1 - 2^(-1/b))^(1/r), is 0.685.
+    assert!(((1.0f64 / 14.0).powf(1.0 / 8.0) - 0.72).abs() < 0.005);
+    let midpoint = (1.0 - 0.5f64.powf(1.0 / 14.0)).powf(1.0 / 8.0);
+    assert!((p(midpoint) - 0.5).abs() < 1e-9);
+    assert!((midpoint - 0.685).abs() < 0.005, "{midpoint}");
+    assert!(p(0.72) > 0.6 && p(0.65) < 0.4, "{} {}", p(0.72), p(0.65));
+    assert!(p(0.85) > 0.95, "{}", p(0.85));
+    assert!(p(0.5) < 0.06, "{}", p(0.5));
+    assert_eq!(p(1.0), 1.0);
+    assert_eq!(p(0.0), 0.0);
+    // One band of one row is plain MinHash: P = s.
+    assert!((band_match_probability(0.3, 1, 1) - 0.3).abs() < 1e-12);
+}
+
+#[test]
+fn band_keys_are_one_a_band_numbered_in_the_top_byte() {
+    let config = DedupConfig::default();
+    let hasher = MinHasher::new(&config);
+    let signature = hasher.signature(&normalise("one two three four five six seven"));
+    assert_eq!(signature.len(), 112);
+    let keys = hasher.band_keys(&signature);
+    assert_eq!(keys.len(), 14);
+    for (band, key) in keys.iter().enumerate() {
+        assert_eq!(key >> 56, band as u64);
+    }
+    // A band's key depends on its rows only: changing one minimum changes one key.
+    let mut changed = signature.clone();
+    changed[8 * 3 + 2] ^= 1;
+    let other = hasher.band_keys(&changed);
+    let differing: Vec<usize> = (0..14).filter(|&b| keys[b] != other[b]).collect();
+    assert_eq!(differing, [3]);
+}
+
+/// Documents of `n` distinct words where the second shares the first `shared` words' n-grams.
+fn words(range: std::ops::Range<usize>, tag: &str) -> Vec<String> {
+    range.map(|i| format!("{tag}{i}")).collect()
+}
+
+#[test]
+fn the_estimate_follows_the_jaccard_similarity_of_the_shingles() {
+    let config = DedupConfig::default();
+    let hasher = MinHasher::new(&config);
+    // a: words 0..200; b: words 40..240. Shingles (5-grams): 196 each, 156 shared.
+    let a = words(0..200, "w").join(" ");
+    let b = words(40..240, "w").join(" ");
+    let truth = 156.0 / (196.0 + 196.0 - 156.0);
+    let (sa, sb) = (hasher.signature(&a), hasher.signature(&b));
+    let exact = sa.iter().zip(&sb).filter(|(x, y)| x == y).count() as f64 / 112.0;
+    let estimate = estimated_jaccard(&sketch(&sa), &sketch(&sb));
+    // 112 hashes: a standard error of about 0.04 at s = 0.66.
+    assert!((exact - truth).abs() < 0.15, "{exact} vs {truth}");
+    assert!((estimate - truth).abs() < 0.15, "{estimate} vs {truth}");
+    assert_eq!(estimated_jaccard(&sketch(&sa), &sketch(&sa)), 1.0);
+    let c = words(0..200, "z").join(" ");
+    assert!(estimated_jaccard(&sketch(&sa), &sketch(&hasher.signature(&c))) < 0.1);
+}
+
+#[test]
+fn fingerprints_depend_on_the_seed_and_skip_near_parts_when_off() {
+    let text = "A text of some words, enough for a shingle or two.";
+    let on = DedupConfig::default();
+    let fp = MinHasher::new(&on).fingerprint(&on, text);
+    assert_eq!((fp.bands.len(), fp.sketch.len()), (14, 112));
+    let off = DedupConfig {
+        near: false,
+        ..on.clone()
+    };
+    let exact_only = MinHasher::new(&off).fingerprint(&off, text);
+    assert_eq!(exact_only.text, fp.text);
+    assert!(exact_only.bands.is_empty() && exact_only.sketch.is_empty());
+    let seeded = DedupConfig { seed: 1, ..on };
+    assert_ne!(
+        MinHasher::new(&seeded).fingerprint(&seeded, text).bands,
+        fp.bands
+    );
+    // A text shorter than a shingle is one shingle, not none.
+    let short = MinHasher::new(&DedupConfig::default()).signature("two words");
+    assert!(short.iter().all(|&m| m != u32::MAX));
+}
+
+#[test]
+fn settings_are_checked() {
+    let ok = DedupConfig::default();
+    assert!(ok.validate().is_ok());
+    for bad in [
+        DedupConfig {
+            threshold: 0.0,
+            ..ok.clone()
+        },
+        DedupConfig {
+            rows: 0,
+            ..ok.clone()
+        },
+        DedupConfig {
+            bands: 300,
+            ..ok.clone()
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
