@@ -94,7 +94,7 @@ impl JobSpec {
     pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Self::parse(&text, path)
     }
@@ -164,7 +164,7 @@ impl JobSpec {
                 cluster.remove("tune");
             }
             fingerprint["embed"] = serde_json::json!({
-                "model": self.embed.model,
+                "model": self.embed.fingerprint_model(),
                 "column": self.embed.column,
                 "dim": self.embed.dim,
                 "max_tokens": self.embed.max_tokens,

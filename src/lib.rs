@@ -11,6 +11,7 @@
 //! Quad loop) and builds each operator's context from the job. `config` composes the stages'
 //! settings into the job spec; `schema` is the file formats.
 
+pub mod assets;
 pub mod bandit;
 pub mod cli;
 pub mod cluster;

@@ -316,7 +316,7 @@ fn open(
 ) -> Result<(File, ArrowReaderMetadata, Vec<usize>), ShardError> {
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let options = ArrowReaderOptions::new().with_offset_index_policy(offset_index);
     let metadata =
@@ -418,7 +418,7 @@ pub fn read_shard(
     let group_of = |row: u64| group_ends.partition_point(|&end| end <= row);
     let handle = file.try_clone().map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, metadata.clone())
         .with_projection(mask)
@@ -520,7 +520,7 @@ pub fn fetch_cells(
     };
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| not_parquet(&e))?;
     let schema = builder.schema().clone();
