@@ -111,8 +111,8 @@ pub enum Command {
         #[command(subcommand)]
         what: GpuCheckCommand,
     },
-    /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), or a
-    /// job's clusters (`quad inspect clusters JOB`).
+    /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), a job's
+    /// clusters (`quad inspect clusters JOB`) or its rejected rows (`quad inspect rejects JOB`).
     #[command(args_conflicts_with_subcommands = true)]
     Inspect {
         #[command(subcommand)]
@@ -135,6 +135,18 @@ pub enum InspectCommand {
         /// Show only the largest this-many clusters.
         #[arg(short = 'l', long)]
         limit: Option<usize>,
+    },
+    /// A job's rejected rows (file, row, column, reason; for a duplicate id, where the id was
+    /// first accepted), their count by kind, and its quarantined shards. Reads the state
+    /// store, so not while the job runs (see `quad status`).
+    Rejects {
+        job: PathBuf,
+        /// Only rows whose reason contains this (case-insensitive), e.g. "duplicate".
+        #[arg(long)]
+        reason: Option<String>,
+        /// Rows listed.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        rows: usize,
     },
 }
 
@@ -322,6 +334,17 @@ pub fn run(cli: Cli) -> Result<i32> {
             print!(
                 "{}",
                 crate::inspect::inspect_clusters(&spec, examples, limit)?
+            );
+            Ok(exit::OK)
+        }
+        Command::Inspect {
+            what: Some(InspectCommand::Rejects { job, reason, rows }),
+            ..
+        } => {
+            let spec = JobSpec::load(&job)?;
+            print!(
+                "{}",
+                crate::inspect::inspect_rejects(&spec, reason.as_deref(), rows)?
             );
             Ok(exit::OK)
         }
