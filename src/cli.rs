@@ -50,6 +50,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where a job stands: shards done and waiting, documents, clusters, rounds, selected
+    /// tokens against the budget, the last commit, quarantined shards. While the job runs, from
+    /// the status file it publishes at each commit (it holds the store locked); otherwise
+    /// from the state store.
+    Status {
+        /// The job spec (TOML).
+        job: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the run's HTML report (SVG plots of rewards, cluster scores, pulls, influence,
     /// source mix and costs) from its state store.
     Report {
@@ -267,6 +278,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             reset,
             json,
         } => run_cmd(&job, workers, once, reset, json),
+        Command::Status { job, json } => {
+            let status = crate::status::job_status(&JobSpec::load(&job)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(exit::OK)
+        }
         Command::Report { job, out } => {
             let path = crate::report::write_report(&job, out.as_deref())?;
             println!("{}", path.display());

@@ -71,6 +71,10 @@ pub struct RuntimeConfig {
     /// MiB it answers "maybe" more often and more ids are looked up in the store.
     #[serde(default = "default_dedup_filter_mib")]
     pub dedup_filter_mib: u64,
+    /// Serve Prometheus metrics at `http://<metrics_addr>/metrics` while the job runs, e.g.
+    /// "127.0.0.1:9184" (README, Operations). Off when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -78,6 +82,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_epochs_in_flight: default_in_flight(),
             dedup_filter_mib: default_dedup_filter_mib(),
+            metrics_addr: None,
         }
     }
 }
