@@ -50,6 +50,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where a job stands: shards done and waiting, documents, clusters, rounds, selected
+    /// tokens against the budget, the last commit, quarantined shards. While the job runs, from
+    /// the status file it publishes at each commit (it holds the store locked); otherwise
+    /// from the state store.
+    Status {
+        /// The job spec (TOML).
+        job: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the run's HTML report (SVG plots of rewards, cluster scores, pulls, influence,
     /// source mix and costs) from its state store.
     Report {
@@ -111,8 +122,8 @@ pub enum Command {
         #[command(subcommand)]
         what: GpuCheckCommand,
     },
-    /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), or a
-    /// job's clusters (`quad inspect clusters JOB`).
+    /// Print a Parquet file's schema, row count and first rows (`quad inspect FILE`), a job's
+    /// clusters (`quad inspect clusters JOB`) or its rejected rows (`quad inspect rejects JOB`).
     #[command(args_conflicts_with_subcommands = true)]
     Inspect {
         #[command(subcommand)]
@@ -135,6 +146,18 @@ pub enum InspectCommand {
         /// Show only the largest this-many clusters.
         #[arg(short = 'l', long)]
         limit: Option<usize>,
+    },
+    /// A job's rejected rows (file, row, column, reason; for a duplicate id, where the id was
+    /// first accepted), their count by kind, and its quarantined shards. Reads the state
+    /// store, so not while the job runs (see `quad status`).
+    Rejects {
+        job: PathBuf,
+        /// Only rows whose reason contains this (case-insensitive), e.g. "duplicate".
+        #[arg(long)]
+        reason: Option<String>,
+        /// Rows listed.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        rows: usize,
     },
 }
 
@@ -255,6 +278,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             reset,
             json,
         } => run_cmd(&job, workers, once, reset, json),
+        Command::Status { job, json } => {
+            let status = crate::status::job_status(&JobSpec::load(&job)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(exit::OK)
+        }
         Command::Report { job, out } => {
             let path = crate::report::write_report(&job, out.as_deref())?;
             println!("{}", path.display());
@@ -322,6 +354,17 @@ pub fn run(cli: Cli) -> Result<i32> {
             print!(
                 "{}",
                 crate::inspect::inspect_clusters(&spec, examples, limit)?
+            );
+            Ok(exit::OK)
+        }
+        Command::Inspect {
+            what: Some(InspectCommand::Rejects { job, reason, rows }),
+            ..
+        } => {
+            let spec = JobSpec::load(&job)?;
+            print!(
+                "{}",
+                crate::inspect::inspect_rejects(&spec, reason.as_deref(), rows)?
             );
             Ok(exit::OK)
         }

@@ -75,6 +75,10 @@ pub struct RuntimeConfig {
     /// MiB it answers "maybe" more often and more ids are looked up in the store.
     #[serde(default = "default_dedup_filter_mib")]
     pub dedup_filter_mib: u64,
+    /// Serve Prometheus metrics at `http://<metrics_addr>/metrics` while the job runs, e.g.
+    /// "127.0.0.1:9184" (README, Operations). Off when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -82,6 +86,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_epochs_in_flight: default_in_flight(),
             dedup_filter_mib: default_dedup_filter_mib(),
+            metrics_addr: None,
         }
     }
 }
@@ -98,7 +103,7 @@ impl JobSpec {
     pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Self::parse(&text, path)
     }
@@ -170,7 +175,7 @@ impl JobSpec {
                 cluster.remove("tune");
             }
             fingerprint["embed"] = serde_json::json!({
-                "model": self.embed.model,
+                "model": self.embed.fingerprint_model(),
                 "column": self.embed.column,
                 "dim": self.embed.dim,
                 "max_tokens": self.embed.max_tokens,

@@ -46,6 +46,7 @@ use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
 
 mod ingest;
+mod monitor;
 mod quad_loop;
 mod rounds;
 
@@ -104,6 +105,10 @@ struct Shared {
     ingest_done: Mutex<Option<Instant>>,
     /// Wall time between round commits (the last `ROUND_TIMES_KEPT` rounds of this run).
     round_times: Mutex<RoundTimes>,
+    /// Prometheus metrics (served when `runtime.metrics_addr` is set).
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The status file `quad status` reads while the job runs.
+    status: crate::status::Publisher,
 }
 
 /// Time between consecutive round commits.
@@ -180,6 +185,12 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     };
     let order = Arc::new(CommitOrder::default());
     order.add(plan.iter().map(|p| p.epoch));
+    let metrics = Arc::new(crate::metrics::Metrics::new(&spec.name, 0)?);
+    metrics.shards_found.inc_by(found.len() as u64);
+    if clustering.is_some() {
+        metrics.clusters_seen(store.clusters()?.iter().map(|c| c.cluster));
+    }
+    let status = crate::status::Publisher::new(spec, &store, found.len() as u64)?;
     let summary = Summary {
         job: spec.name.clone(),
         workers: options.workers,
@@ -204,7 +215,18 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
         ingest_done: Mutex::new(None),
         round_times: Mutex::new(RoundTimes::default()),
+        metrics,
+        status,
     });
+    monitor::publish_status(&shared, true);
+    let metrics_server = match &spec.runtime.metrics_addr {
+        Some(addr) => Some(crate::metrics::serve(
+            addr,
+            shared.metrics.clone(),
+            monitor::refresh(Arc::downgrade(&shared)),
+        )?),
+        None => None,
+    };
     let watch = spec.source.watch && !options.once;
     let config = timely::Config::process(options.workers.max(1));
     let worker_shared = shared.clone();
@@ -216,6 +238,8 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         result.map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
     }
     shared.progress.finish();
+    drop(metrics_server);
+    monitor::publish_status(&shared, false);
     if let Some(err) = shared.failure.lock().expect("failure lock").take() {
         return Err(err);
     }
@@ -361,6 +385,7 @@ fn feed_shards(
                     epoch: planned.epoch,
                     docs,
                 });
+                shared.metrics.epochs_in_flight.inc();
             }
             input.advance_to(planned.epoch + 1);
             sent.push(planned.epoch);
@@ -395,6 +420,7 @@ fn feed_shards(
                     tracing::info!(new_shards = plan.len(), "found new shards");
                     shared.progress.add_total(plan.len() as u64);
                     shared.summary.lock().expect("summary lock").shards_found += plan.len() as u64;
+                    shared.metrics.shards_found.inc_by(plan.len() as u64);
                 }
             }
             Err(e) => shared.fail(e),

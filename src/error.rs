@@ -28,20 +28,20 @@ pub enum ShardError {
     },
     #[error("{path}: column '{column}' uses the reserved output prefix 'quad_'")]
     ReservedColumn { path: PathBuf, column: String },
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot open: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 /// A job spec that cannot be used. The job does not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{path}: cannot read the job spec: {source}")]
+    #[error("{path}: cannot read the job spec: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: invalid job spec: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -85,10 +85,10 @@ pub enum ClusterError {
 /// A causal LM that cannot be loaded, saved or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -102,10 +102,10 @@ pub enum ModelError {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Torch {
         context: String,
-        source: tch::TchError,
+        cause: tch::TchError,
     },
 }
 
@@ -132,7 +132,7 @@ impl ModelError {
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }
     }
 }

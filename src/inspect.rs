@@ -1,4 +1,5 @@
-//! `quad inspect FILE.parquet`: schema, row count, row groups and a few rows.
+//! `quad inspect FILE.parquet`: schema, row count, row groups and a few rows; `quad inspect
+//! clusters JOB` and `quad inspect rejects JOB`: what a job's store holds.
 use std::fs::File;
 use std::path::Path;
 
@@ -8,6 +9,9 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::util::pretty::pretty_format_batches;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::sync::Arc;
+
+mod rejects;
+pub use rejects::inspect_rejects;
 
 /// Longest cell shown; long texts are cut with an ellipsis.
 const CELL_CHARS: usize = 60;

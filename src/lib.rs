@@ -11,6 +11,7 @@
 //! Quad loop) and builds each operator's context from the job. `config` composes the stages'
 //! settings into the job spec; `schema` is the file formats.
 
+pub mod assets;
 pub mod bandit;
 pub mod cli;
 pub mod cluster;
@@ -27,6 +28,7 @@ pub mod gpucheck;
 pub mod influence;
 pub mod inspect;
 pub mod membership;
+pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod progress;
@@ -37,6 +39,7 @@ pub mod select;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod tokens;
 pub mod tune;
 pub mod warmup;

@@ -79,6 +79,28 @@ impl Durations {
 }
 
 impl Summary {
+    /// Adds what a committed epoch did.
+    pub fn add_epoch(&mut self, record: &crate::state::EpochRecord) {
+        match &record.quarantined {
+            Some(reason) => {
+                self.shards_quarantined += 1;
+                self.quarantined
+                    .push((record.shard.clone(), reason.clone()));
+            }
+            None => self.shards_done += 1,
+        }
+        self.rows_read += record.rows;
+        self.documents += record.docs;
+        self.rejected += record.rejected;
+        self.duplicates += record.duplicates;
+        self.duplicate_texts += record.duplicate_texts;
+        self.near_duplicates += record.near_duplicates;
+        self.selected += record.selected;
+        self.tokens += record.tokens;
+        self.selected_tokens += record.selected_tokens;
+        self.files_written += u64::from(record.file.is_some());
+    }
+
     pub fn nothing_to_do(&self) -> bool {
         self.shards_done == 0
             && self.shards_quarantined == 0

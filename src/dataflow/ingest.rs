@@ -6,7 +6,7 @@ use crate::cluster::operator::AssignContext;
 use crate::embed::operator::EmbedContext;
 use crate::select::operator::AdmitContext;
 use crate::sink::epoch_sink::EpochSinkContext;
-use crate::state::EpochRecord;
+use crate::state::EpochCommit;
 
 pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
     let spec = &shared.spec;
@@ -59,39 +59,25 @@ pub(super) fn epoch_sink_context(shared: &Arc<Shared>) -> EpochSinkContext {
         order: shared.order.clone(),
         delay: shared.hooks.delay,
         crash_after_rename: shared.hooks.crash_after_rename,
-        on_commit: Arc::new(move |epoch, record, clustered| {
-            epoch_committed(&commit_shared, epoch, record, clustered)
-        }),
+        on_commit: Arc::new(move |commit| epoch_committed(&commit_shared, commit)),
         fail: fail_handle(shared),
         failed: failed_handle(shared),
     }
 }
 
-/// A committed epoch in the summary and the progress.
-fn epoch_committed(shared: &Shared, epoch: u64, record: &EpochRecord, clustered: u64) {
+/// A committed epoch in the summary, the metrics, the status file and the progress.
+fn epoch_committed(shared: &Shared, commit: &EpochCommit) {
+    let (epoch, record) = (commit.epoch, &commit.record);
+    let clustered = commit
+        .clusters
+        .as_ref()
+        .map_or(0, |c| c.members.len() as u64);
     let shard_name = &record.shard;
     let mut summary = shared.summary.lock().expect("summary lock");
-    match &record.quarantined {
-        Some(reason) => {
-            summary.shards_quarantined += 1;
-            summary
-                .quarantined
-                .push((shard_name.clone(), reason.clone()));
-        }
-        None => summary.shards_done += 1,
-    }
-    summary.rows_read += record.rows;
-    summary.documents += record.docs;
-    summary.rejected += record.rejected;
-    summary.duplicates += record.duplicates;
-    summary.duplicate_texts += record.duplicate_texts;
-    summary.near_duplicates += record.near_duplicates;
-    summary.selected += record.selected;
-    summary.tokens += record.tokens;
-    summary.selected_tokens += record.selected_tokens;
-    summary.files_written += u64::from(record.file.is_some());
+    summary.add_epoch(record);
     summary.clustered += clustered;
     drop(summary);
+    super::monitor::epoch_committed(shared, commit);
     shared
         .progress
         .epoch_done(epoch, shard_name, record.docs, record.selected);

@@ -66,6 +66,8 @@ fn round_committed(shared: &Shared, outcome: &RoundOutcome) {
     summary.scored += outcome.scored.len() as u64;
     summary.selected += outcome.selected.len() as u64;
     summary.selected_tokens += selected_tokens;
+    drop(summary);
+    super::monitor::round_committed(shared, outcome, selected_tokens);
 }
 
 /// The membership operator's context; `shards` is the loop's one lookup of shard paths.
@@ -148,11 +150,29 @@ pub(super) fn load_bandit(shared: &Shared) -> Result<Bandit> {
 
 /// Adds this run's embedding and scoring costs to the stored ones and returns the total.
 pub(super) fn record_costs(shared: &Shared) -> Result<Costs> {
-    let spec = &shared.spec;
     let mut costs: Costs = shared
         .store
         .run_value(crate::report::COSTS_KEY)?
         .unwrap_or_default();
+    let run = run_costs(shared, costs.factor_flops == 0.0);
+    costs.add(&run);
+    let clusters = shared.store.clusters()?;
+    costs.pool_docs = clusters.iter().map(|c| c.size).sum();
+    costs.pool_tokens = clusters.iter().map(|c| c.tokens).sum();
+    shared
+        .store
+        .put_run_value(crate::report::COSTS_KEY, &costs)?;
+    let mix = crate::report::update_pool_tokens_by_source(&shared.store)?;
+    shared
+        .store
+        .put_run_value(crate::report::POOL_MIX_KEY, &mix)?;
+    Ok(costs)
+}
+
+/// This run's embedding, factor-fitting and scoring costs so far; the factors count only when
+/// `count_factors` (no earlier run of the job counted them).
+pub(super) fn run_costs(shared: &Shared, count_factors: bool) -> Costs {
+    let spec = &shared.spec;
     let (embed_flops, embedded) = *shared.embed_cost.lock().expect("embed cost");
     let tally = shared.score_tally.lock().expect("score tally").clone();
     let mut run = Costs {
@@ -173,7 +193,7 @@ pub(super) fn record_costs(shared: &Shared) -> Result<Costs> {
         // The factors are fitted once per model and data (then cached): counted at most
         // once, when no earlier run of this job counted them, with full windows (an upper
         // bound: the fit documents' lengths are not kept).
-        if costs.factor_flops == 0.0
+        if count_factors
             && spec.influence.preconditioner != crate::influence::Preconditioner::Identity
         {
             let fit_docs =
@@ -182,16 +202,5 @@ pub(super) fn record_costs(shared: &Shared) -> Result<Costs> {
                 crate::cost::factor_fit_flops(shape, blocks, std::iter::repeat_n(window, fit_docs));
         }
     }
-    costs.add(&run);
-    let clusters = shared.store.clusters()?;
-    costs.pool_docs = clusters.iter().map(|c| c.size).sum();
-    costs.pool_tokens = clusters.iter().map(|c| c.tokens).sum();
-    shared
-        .store
-        .put_run_value(crate::report::COSTS_KEY, &costs)?;
-    let mix = crate::report::update_pool_tokens_by_source(&shared.store)?;
-    shared
-        .store
-        .put_run_value(crate::report::POOL_MIX_KEY, &mix)?;
-    Ok(costs)
+    run
 }

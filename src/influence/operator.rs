@@ -153,6 +153,8 @@ pub struct ScoreTally {
     pub windows: BTreeMap<u64, u64>,
     /// How long each call (one a round) took.
     pub seconds: Durations,
+    /// All calls together.
+    pub busy_seconds: f64,
 }
 
 /// The influence scorer as the loop's `DocScorer`, counting what it scores.
@@ -183,7 +185,9 @@ impl DocScorer for TalliedScorer {
         let started = std::time::Instant::now();
         let scores = self.scorer.score(texts)?;
         let mut tally = self.tally.lock().expect("score tally");
-        tally.seconds.push(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        tally.seconds.push(seconds);
+        tally.busy_seconds += seconds;
         let window = self.window.max(1);
         for s in &scores {
             tally.docs += 1;

@@ -65,7 +65,7 @@ pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<CausalLm, Mode
     for file in weight_files(dir)? {
         let read = Tensor::read_safetensors(&file).map_err(|e| ModelError::Torch {
             context: format!("reading {}", file.display()),
-            source: e,
+            cause: e,
         })?;
         tensors.extend(read);
     }

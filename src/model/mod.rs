@@ -201,7 +201,7 @@ impl CausalLm {
         let weights = dir.join("model.safetensors");
         Tensor::write_safetensors(&self.hf_tensors(), &weights).map_err(|e| ModelError::Torch {
             context: format!("writing {}", weights.display()),
-            source: e,
+            cause: e,
         })?;
         let tok = dir.join("tokenizer.json");
         self.tokenizer

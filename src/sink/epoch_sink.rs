@@ -49,7 +49,8 @@ pub struct EpochSinkContext {
 }
 
 /// Called with an epoch, its committed record and the documents it clustered.
-pub type OnEpochCommit = Arc<dyn Fn(u64, &EpochRecord, u64) + Send + Sync>;
+/// Called after an epoch's commit with what it committed.
+pub type OnEpochCommit = Arc<dyn Fn(&EpochCommit) + Send + Sync>;
 
 /// Clustering jobs commit epochs strictly in epoch order, so the stored clusterer state is
 /// always the state after every committed epoch and no later one: what resuming needs.
@@ -377,24 +378,24 @@ fn commit_epoch(
     if ctx.clustering && !ctx.order.wait_turn(epoch, || (ctx.failed)()) {
         return Ok(Vec::new()); // the job failed elsewhere; this epoch stays uncommitted
     }
-    let clustered = clusters.as_ref().map_or(0, |c| c.members.len() as u64);
     let changes = clusters
         .as_ref()
         .map(|c| member_updates(epoch, c))
         .unwrap_or_default();
-    let result = ctx.store.commit_epoch(&EpochCommit {
+    let commit = EpochCommit {
         epoch,
-        record: record.clone(),
+        record,
         accepted,
         rejects,
         clusters,
         fit_sample,
         fit_sample_size: ctx.fit_pool_docs,
         dedup: verdicts.dedup,
-    });
+    };
+    let result = ctx.store.commit_epoch(&commit);
     ctx.order.done(epoch);
     result.with_context(|| format!("committing epoch {epoch}"))?;
-    (ctx.on_commit)(epoch, &record, clustered);
+    (ctx.on_commit)(&commit);
     Ok(changes)
 }
 

@@ -91,6 +91,38 @@ pub struct Reject {
     pub matched: Option<String>,
 }
 
+impl Reject {
+    /// The reason without what varies from row to row (quoted values, numbers, what follows
+    /// a colon), e.g. `duplicate id "a-17"` -> `duplicate id`: a small set of kinds to count
+    /// rejects by (metrics, `quad inspect rejects`), new reasons included as they come.
+    pub fn kind(&self) -> String {
+        reason_kind(&self.reason)
+    }
+}
+
+/// See `Reject::kind`.
+pub fn reason_kind(reason: &str) -> String {
+    const MAX_CHARS: usize = 60;
+    let head = reason.split(':').next().unwrap_or_default();
+    let mut unquoted = String::new();
+    for (i, part) in head.split('"').enumerate() {
+        if i % 2 == 0 {
+            unquoted.push_str(part);
+        }
+    }
+    let kind = unquoted
+        .split_whitespace()
+        .filter(|word| !word.chars().any(|c| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let kind: String = kind.chars().take(MAX_CHARS).collect();
+    if kind.is_empty() {
+        "other".into()
+    } else {
+        kind
+    }
+}
+
 /// One shard read into memory: its projected rows and the documents found in them.
 pub struct ShardData {
     pub schema: SchemaRef,
@@ -324,7 +356,7 @@ fn open(
 ) -> Result<(File, ArrowReaderMetadata, Vec<usize>), ShardError> {
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let options = ArrowReaderOptions::new().with_offset_index_policy(offset_index);
     let metadata =
@@ -426,7 +458,7 @@ pub fn read_shard(
     let group_of = |row: u64| group_ends.partition_point(|&end| end <= row);
     let handle = file.try_clone().map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, metadata.clone())
         .with_projection(mask)
@@ -530,7 +562,7 @@ pub fn fetch_cells(
     };
     let file = File::open(path).map_err(|source| ShardError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| not_parquet(&e))?;
     let schema = builder.schema().clone();
@@ -712,6 +744,18 @@ mod tests {
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
     use std::sync::Arc;
+
+    #[test]
+    fn reject_kinds_drop_what_varies_from_row_to_row() {
+        assert_eq!(reason_kind(r#"duplicate id "a-17""#), "duplicate id");
+        assert_eq!(reason_kind("text is empty"), "text is empty");
+        assert_eq!(
+            reason_kind("embedding has 3 values, expected 8"),
+            "embedding has values, expected"
+        );
+        assert_eq!(reason_kind("Parser error: bad byte at 12"), "Parser error");
+        assert_eq!(reason_kind("42"), "other");
+    }
 
     /// A shard of `n` rows in row groups of 7: id "d{i}", text "text {i}", value i*10.
     fn shard(dir: &Path, n: usize) -> PathBuf {

@@ -165,7 +165,13 @@ pub fn tune_k(spec: &JobSpec, options: &TuneKOptions) -> Result<TuneKReport> {
         .tch_device()
         .map_err(|e| anyhow::anyhow!("embed.device: {e}"))?;
     let encoder = SentenceEncoder::load(&spec.embed.model, device, spec.embed.max_tokens)
-        .with_context(|| format!("loading the encoder {}", spec.embed.model.display()))?;
+        .with_context(|| {
+            format!(
+                "loading the encoder {}{}",
+                spec.embed.model.display(),
+                spec.embed.model_note()
+            )
+        })?;
     let dim = encoder.dim();
     let started = Instant::now();
     let mut x = Vec::with_capacity(chosen.len() * dim);
