@@ -146,8 +146,15 @@ fn metrics_and_status_follow_a_watch_mode_run_and_agree_with_the_summary() {
     let started = Instant::now();
     let second_run = quad().args(["run", "--once"]).arg(&job).output().unwrap();
     assert_eq!(second_run.status.code(), Some(1), "{}", stderr(&second_run));
-    assert!(stderr(&second_run).contains("already open"), "{}", stderr(&second_run));
-    assert!(started.elapsed() >= Duration::from_secs(4), "it did not wait");
+    assert!(
+        stderr(&second_run).contains("already open"),
+        "{}",
+        stderr(&second_run)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "it did not wait"
+    );
 
     // Shards arrive atomically: written under another name, then renamed into the glob.
     write_small_shard(&input.join("s1.tmp"), "b", 30);
