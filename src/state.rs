@@ -376,6 +376,29 @@ pub struct StateStore {
     path: PathBuf,
 }
 
+/// How long a job waits for a store another process holds open.
+const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens (or creates) the store for a job. `quad status` and `quad inspect` hold the store
+/// for the moment they read it when no job runs: a job that starts then waits for them
+/// rather than failing. A store another job holds still fails, after `OPEN_WAIT`.
+fn create_waiting(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + OPEN_WAIT;
+    loop {
+        match Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+        {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 impl StateStore {
     /// Opens (or creates) the store. A store made by a job with other selection settings is
     /// refused, since resuming it would mix two selections in one output.
@@ -383,10 +406,7 @@ impl StateStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StateError::store(path, e))?;
         }
-        let db = Database::builder()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(path)
-            .map_err(|e| StateError::store(path, e))?;
+        let db = create_waiting(path).map_err(|e| StateError::store(path, e))?;
         let store = StateStore {
             db,
             path: path.to_path_buf(),

@@ -141,6 +141,20 @@ fn metrics_and_status_follow_a_watch_mode_run_and_agree_with_the_summary() {
     assert_eq!(running["source"], "status file");
     assert_eq!(running["shards_done"], 1);
     assert_eq!(running["documents"], 40);
+    // A second run of the job waits a moment for the store (a reader may hold it), then
+    // fails: the running job holds it.
+    let started = Instant::now();
+    let second_run = quad().args(["run", "--once"]).arg(&job).output().unwrap();
+    assert_eq!(second_run.status.code(), Some(1), "{}", stderr(&second_run));
+    assert!(
+        stderr(&second_run).contains("already open"),
+        "{}",
+        stderr(&second_run)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "it did not wait"
+    );
 
     // Shards arrive atomically: written under another name, then renamed into the glob.
     write_small_shard(&input.join("s1.tmp"), "b", 30);
