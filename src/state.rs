@@ -941,15 +941,13 @@ impl StateStore {
     pub fn rejects(&self) -> Result<Vec<RejectedRow>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            out.push((
-                k.value(),
-                serde_json::from_str(v.value()).map_err(|e| self.err(e))?,
-            ));
-        }
-        Ok(out)
+        let rows = table.iter().map_err(|e| self.err(e))?;
+        rows.map(|entry| {
+            let (at, json) = entry.map_err(|e| self.err(e))?;
+            let reject = serde_json::from_str(json.value()).map_err(|e| self.err(e))?;
+            Ok((at.value(), reject))
+        })
+        .collect()
     }
 
     /// Whether epoch `epoch` is committed.
