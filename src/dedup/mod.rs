@@ -121,19 +121,43 @@ pub struct Fingerprint {
 }
 
 /// The text as it is compared: NFKC, lower case, whitespace runs as one space, trimmed.
+///
+/// Computed a piece at a time between ASCII whitespace, which is a normalisation boundary
+/// (a starter that composes with nothing, so nothing reorders or composes across it): the
+/// ASCII pieces, most of web text, skip the NFKC machinery, which costs more than all the
+/// rest of a fingerprint but the MinHash. The result is that of the whole text normalised.
 pub fn normalise(text: &str) -> String {
-    // ASCII is its own NFKC form: most web text skips the decomposition tables.
-    let folded: String = if text.is_ascii() {
-        text.to_ascii_lowercase()
-    } else {
-        text.nfkc().collect::<String>().to_lowercase()
-    };
-    let mut out = String::with_capacity(folded.len());
-    for word in folded.split_whitespace() {
+    let mut out = String::with_capacity(text.len());
+    fn push_word(out: &mut String, word: &str) {
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(word);
+    }
+    // Split on bytes: an ASCII byte is never part of a longer character, so every split
+    // point is a character boundary.
+    let is_space = |b: u8| b.is_ascii_whitespace() || b == 0x0b;
+    let mut start = 0;
+    for end in (0..text.len())
+        .filter(|&i| is_space(text.as_bytes()[i]))
+        .chain([text.len()])
+    {
+        let piece = &text[start..end];
+        start = end + 1;
+        if piece.is_empty() {
+            continue;
+        }
+        if piece.is_ascii() {
+            push_word(&mut out, piece);
+            let word = out.len() - piece.len();
+            out[word..].make_ascii_lowercase();
+        } else {
+            // NFKC may make whitespace (a no-break space becomes a space): split again.
+            let folded = piece.nfkc().collect::<String>().to_lowercase();
+            folded
+                .split_whitespace()
+                .for_each(|word| push_word(&mut out, word));
+        }
     }
     out
 }
@@ -155,20 +179,66 @@ fn splitmix(state: &mut u64) -> u64 {
 /// The MinHash functions: h_i(x) = (a_i x + b_i) >> 32 on 64-bit shingle hashes, a_i odd
 /// (multiply-shift, Dietzfelbinger et al.): one multiply-add a shingle and function.
 pub struct MinHasher {
-    params: Vec<(u64, u64)>,
+    /// The a_i, then the b_i: apart, so that the inner loop reads two plain arrays and
+    /// vectorises.
+    multipliers: Vec<u64>,
+    offsets: Vec<u64>,
     ngram: usize,
     rows: usize,
     seed: u64,
 }
 
+/// Lowers each minimum to h_i(x) where smaller: the loop every shingle runs, over all the
+/// hash functions. Inlined into each instruction-set version of `update_minima`.
+#[inline(always)]
+fn lower_minima(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
+    for ((min, &a), &b) in minima.iter_mut().zip(multipliers).zip(offsets) {
+        let h = (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
+        *min = (*min).min(h);
+    }
+}
+
+/// `lower_minima` compiled for AVX-512 (eight 64-bit multiplies an instruction), which the
+/// portable build cannot assume. The same arithmetic: the signature does not depend on the
+/// CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn lower_minima_avx512(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
+    lower_minima(minima, multipliers, offsets, x)
+}
+
+/// `lower_minima` compiled for AVX2 (four lanes; the 64-bit multiply in 32-bit pieces).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lower_minima_avx2(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
+    lower_minima(minima, multipliers, offsets, x)
+}
+
+/// The widest `lower_minima` this CPU runs.
+fn minima_kernel() -> fn(&mut [u32], &[u64], &[u64], u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the features `lower_minima_avx512` is compiled for were just detected.
+            return |m, a, b, x| unsafe { lower_minima_avx512(m, a, b, x) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above, for AVX2.
+            return |m, a, b, x| unsafe { lower_minima_avx2(m, a, b, x) };
+        }
+    }
+    lower_minima
+}
+
 impl MinHasher {
     pub fn new(config: &DedupConfig) -> MinHasher {
         let mut state = config.seed;
-        let params = (0..config.hashes())
+        let (multipliers, offsets) = (0..config.hashes())
             .map(|_| (splitmix(&mut state) | 1, splitmix(&mut state)))
-            .collect();
+            .unzip();
         MinHasher {
-            params,
+            multipliers,
+            offsets,
             ngram: config.ngram,
             rows: config.rows,
             seed: config.seed,
@@ -183,18 +253,20 @@ impl MinHasher {
             .map(|w| xxh3_64(w.as_bytes()))
             .collect();
         let width = self.ngram.min(words.len()).max(1);
-        let mut minima = vec![u32::MAX; self.params.len()];
+        let mut minima = vec![u32::MAX; self.multipliers.len()];
+        let lower = minima_kernel();
         let mut bytes = Vec::with_capacity(width * 8);
         for shingle in words.windows(width) {
             bytes.clear();
             shingle
                 .iter()
                 .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
-            let x = xxh3_64(&bytes);
-            for (min, &(a, b)) in minima.iter_mut().zip(&self.params) {
-                let h = (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
-                *min = (*min).min(h);
-            }
+            lower(
+                &mut minima,
+                &self.multipliers,
+                &self.offsets,
+                xxh3_64(&bytes),
+            );
         }
         minima
     }

@@ -1,4 +1,26 @@
 use super::*;
+use unicode_normalization::UnicodeNormalization;
+
+#[test]
+fn normalisation_a_piece_at_a_time_equals_the_whole_text_normalised() {
+    // The definition, applied to the whole text at once.
+    let whole = |text: &str| {
+        let folded = text.nfkc().collect::<String>().to_lowercase();
+        folded.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let texts = [
+        "Plain ASCII, Mixed Case\tand\x0bvertical tab",
+        "caf\u{e9} cafe\u{301} e \u{301}acute after a space",
+        "\u{301}leading mark, A\u{30a}\u{301} marks to reorder \u{316}\u{301}",
+        "no\u{a0}break and ideographic\u{3000}space, ellipsis\u{2026} and \u{2122}",
+        "\u{3a3}\u{39f}\u{3a3} \u{39f}\u{394}\u{39f}\u{3a3} final sigma: \u{391}\u{3a3}. x\u{3a3}y",
+        "\u{fb01}ne \u{ff21}\u{ff22} \u{2460} \u{1100}\u{1161}\u{11a8} jamo, \u{2028}line\u{85}next",
+        "\u{130}stanbul \u{1e9e} \u{df} \u{212b}ngstr\u{f6}m",
+    ];
+    for text in texts {
+        assert_eq!(normalise(text), whole(text), "{text:?}");
+    }
+}
 
 #[test]
 fn normalisation_folds_compatibility_forms_case_and_whitespace() {
