@@ -135,12 +135,13 @@ pub fn write_report(job: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
         spec.select.strategy,
         crate::config::Strategy::Quad | crate::config::Strategy::Exploit
     );
-    let record = RunRecord::load(
-        &store,
-        &spec.name,
-        &strategy,
-        uses_tau.then_some(spec.bandit.tau),
-    )?;
+    // The threshold the last round applied: `tau`, or with `tau_quantile` that quantile of
+    // the scores seen, which the stored bandit knows.
+    let tau = match store.bandit()? {
+        Some(bandit) => bandit.threshold(),
+        None => spec.bandit.tau,
+    };
+    let record = RunRecord::load(&store, &spec.name, &strategy, uses_tau.then_some(tau))?;
     let path = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| spec.sink.path.join("report.html"));

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use quad::bandit::{
     Bandit, BanditConfig, BanditError, Budget, ClusterInput, DocLoc, InMemoryBandit, Member,
-    MemberRef, TauMode,
+    MemberRef, RewardScale, TauMode,
 };
 use quad::config::Strategy;
 use rand::seq::SliceRandom;
@@ -29,8 +29,10 @@ fn small(id: u32, centroid: Vec<f32>, docs: u64, tokens: u64) -> ClusterInput {
     }
 }
 
+/// Raw rewards: these tests check the arithmetic of arms, scores and sharing by hand.
 fn config(r: usize) -> BanditConfig {
     BanditConfig {
+        reward: RewardScale::Raw,
         clusters_per_round: r,
         n_min: 2,
         gamma: 0.01,
@@ -257,6 +259,41 @@ fn quad_prefers_reference_like_clusters_and_still_tries_every_cluster() {
     for (id, arm) in b.arms() {
         assert!(arm.own_pulls >= 1, "cluster {id} was never pulled");
     }
+}
+
+/// Standardised rewards and `tau_quantile` make the bandit's decisions independent of the
+/// scores' scale: the planted pool scored as it is and scored x 1000 + 50 (another model or
+/// normalisation) gives the same pulls and the same selection, round for round. Raw rewards
+/// do not: against scores a thousand times larger, alpha's bonus no longer counts.
+#[test]
+fn standardised_rewards_make_the_bandit_blind_to_the_scores_scale() {
+    let rounds = |reward: RewardScale, scale: f64, shift: f64| {
+        let cfg = BanditConfig {
+            reward,
+            tau_quantile: Some(0.5),
+            clusters_per_round: 2,
+            budget: Budget::Ratio(0.15),
+            ..BanditConfig::default()
+        };
+        let mut b = planted::bandit(5, Strategy::Quad, cfg);
+        let mut out = Vec::new();
+        while !b.is_done() && out.len() < 200 {
+            let (pulls, outcome) =
+                planted::step_scored_by(&mut b, |m| planted::influence(m) * scale + shift);
+            let clusters: Vec<u32> = pulls.iter().map(|p| p.cluster).collect();
+            let selected: Vec<MemberRef> = outcome.selected.iter().map(|(m, _)| *m).collect();
+            out.push((clusters, selected));
+        }
+        out
+    };
+    let standard = rounds(RewardScale::Standardised, 1.0, 0.0);
+    assert!(standard.len() > 10, "{} rounds", standard.len());
+    assert_eq!(standard, rounds(RewardScale::Standardised, 1000.0, 50.0));
+    assert_ne!(
+        rounds(RewardScale::Raw, 1.0, 0.0),
+        rounds(RewardScale::Raw, 1000.0, 50.0),
+        "raw rewards: the scale changes the pulls"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! the demo slice); the reference set is the slice's held-out news documents.
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -376,58 +376,74 @@ fn a_bandit_strategy_without_clustering_is_refused_with_the_reason() {
     );
 }
 
-/// The planted structure: the clusters are the slice's source domains and the reference set is
-/// held-out news, so the news cluster is the reference-like one. Even with a tiny random model
-/// its members score highest on average with normalised scores (observed: mean 16.9 against
-/// 6.9 to 15.0 for the other clusters; unnormalised the gap is too small to steer by), and
-/// quad must turn that into a clearly larger news share than random selection takes (observed
-/// 0.46 against 0.29), while still pulling every cluster at least once.
+/// The planted structure: every cluster is one of the slice's source domains. After trying
+/// every cluster, the bandit must exploit: the clusters with the best mean reward take a
+/// clearly larger share of quad's selected tokens than of random selection's. Which domains
+/// those are is the model's business (with the tiny random model used here, speeches, fiction,
+/// parliament and news score alike; tests/influence_behaviour.rs checks that the demo's real
+/// model ranks news first). Run with the defaults that bear on it (raw scores, standardised
+/// rewards, text dedup on) and the README's scale-free threshold, `tau_quantile = 0.5`.
 #[test]
-fn quad_takes_more_of_the_reference_like_cluster_than_random_and_tries_every_cluster() {
+fn quad_exploits_the_best_rewarded_clusters_after_trying_every_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let budget = "budget = { ratio = 0.1 }";
-    let job = loop_job(dir.path(), "quad", 7, "strategy = \"quad\"", budget);
-    let spec = std::fs::read_to_string(&job).unwrap();
-    // Text dedup off (both jobs): with it on, the slice's repeated texts leave the pool and
-    // quad's news share fell to 0.320 against random's 0.290 (seed 7), under the 1.3x this
-    // asserts; the steering this checks was observed without it. Open question for the lead.
-    let no_dedup = "\n[dedup]\nexact = false\nnear = false\n";
-    std::fs::write(
-        &job,
-        spec.replace("batch = 16\n", "batch = 16\nnormalise = true\n") + no_dedup,
-    )
-    .unwrap();
-    run_ok(&job, 2);
-    let random = loop_job(
-        dir.path(),
-        "random",
-        7,
-        "strategy = \"random\"\nratio = 0.1",
-        budget,
+    let quad_bandit = format!("{budget}\ntau_quantile = 0.5");
+    run_ok(
+        &loop_job(dir.path(), "quad", 7, "strategy = \"quad\"", &quad_bandit),
+        2,
     );
-    let random_spec = std::fs::read_to_string(&random).unwrap() + no_dedup;
-    std::fs::write(&random, random_spec).unwrap();
-    run_ok(&random, 2);
+    let random = "strategy = \"random\"\nratio = 0.1";
+    run_ok(&loop_job(dir.path(), "random", 7, random, budget), 2);
     let st = store(dir.path(), "quad");
+    let rounds = st.round_records().unwrap();
+    // Each cluster's mean reward over its own scored pulls.
+    let mut rewards: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for pull in rounds.iter().flat_map(|r| &r.pulls) {
+        if let Some(reward) = pull.reward {
+            rewards.entry(pull.cluster).or_default().push(reward);
+        }
+    }
+    let clusters: BTreeSet<u32> = st.clusters().unwrap().iter().map(|c| c.cluster).collect();
+    let pulled: BTreeSet<u32> = rewards.keys().copied().collect();
+    assert_eq!(
+        pulled, clusters,
+        "every cluster is sampled and scored at least once"
+    );
+    let mut by_reward: Vec<(f64, u32)> = rewards
+        .iter()
+        .map(|(&c, r)| (r.iter().sum::<f64>() / r.len() as f64, c))
+        .collect();
+    by_reward.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // Clusters are pure domains: a cluster's tokens are its source's.
+    let best: BTreeSet<String> = by_reward[..3]
+        .iter()
+        .map(|&(_, c)| cluster_source(&st, c))
+        .collect();
     let share = |name: &str| {
         let by_source = tokens_by_source(&selection(&dir.path().join(name)), &st);
         let total: u64 = by_source.values().sum();
-        by_source.get("news").copied().unwrap_or(0) as f64 / total as f64
+        let of_best: u64 = best.iter().filter_map(|s| by_source.get(s)).sum();
+        of_best as f64 / total as f64
     };
-    let (quad_news, random_news) = (share("quad"), share("random"));
+    let (quad_best, random_best) = (share("quad"), share("random"));
+    eprintln!("best-rewarded {best:?}: quad {quad_best:.3}, random {random_best:.3}");
     assert!(
-        quad_news > 1.3 * random_news,
-        "news share of the selected tokens: quad {quad_news:.3}, random {random_news:.3}"
+        quad_best > 1.3 * random_best,
+        "share of the selected tokens from the 3 best-rewarded clusters ({best:?}, mean rewards \
+         {by_reward:?}): quad {quad_best:.3}, random {random_best:.3}"
     );
-    let pulled: std::collections::BTreeSet<u32> = st
-        .round_records()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.pulls.iter().map(|p| p.cluster))
-        .collect();
-    let clusters: std::collections::BTreeSet<u32> =
-        st.clusters().unwrap().iter().map(|c| c.cluster).collect();
-    assert_eq!(pulled, clusters, "every cluster is sampled at least once");
+}
+
+/// The source domain of a cluster's members (clusters of the planted slice are pure domains).
+fn cluster_source(st: &StateStore, cluster: u32) -> String {
+    let (_, id) = members_with_ids(st, cluster)
+        .into_iter()
+        .next()
+        .expect("a pulled cluster has members");
+    id.rsplit_once('-')
+        .expect("ids are source-number")
+        .0
+        .to_string()
 }
 
 /// Runs `quad tune ARGS --out OUT JOB` and expects success.

@@ -26,6 +26,17 @@ pub enum Strategy {
     TopkInfluence,
 }
 
+/// The unit of the rewards the bandit credits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardScale {
+    /// (mean influence - median) / robust standard deviation of the scores seen.
+    #[default]
+    Standardised,
+    /// The sample's mean influence as it is.
+    Raw,
+}
+
 /// How tau is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -66,9 +77,19 @@ pub struct BanditConfig {
     /// R: clusters pulled per round.
     #[serde(default = "default_clusters_per_round")]
     pub clusters_per_round: usize,
-    /// Influence threshold for selection.
+    /// Influence threshold for selection, in the scores' own units (see `tau_quantile`).
     #[serde(default)]
     pub tau: f64,
+    /// A scale-free threshold instead of `tau`: a scored document is kept when its influence
+    /// is at least this quantile of the scores seen so far (this round's included), e.g. 0.5
+    /// keeps the better half. Deterministic (a seeded reservoir of the scores, `scale`).
+    #[serde(default)]
+    pub tau_quantile: Option<f64>,
+    /// What a pull's reward is: its sample's mean influence in robust standard units of the
+    /// scores seen (`standardised`, the default: `alpha` then means the same on any model), or
+    /// the raw mean (`raw`, as the paper).
+    #[serde(default)]
+    pub reward: RewardScale,
     #[serde(default = "default_mode")]
     pub mode: TauMode,
     /// Unscored documents taken per passing sample in `block` mode.
@@ -87,6 +108,8 @@ impl Default for BanditConfig {
             n_min: default_n_min(),
             clusters_per_round: default_clusters_per_round(),
             tau: 0.0,
+            tau_quantile: None,
+            reward: RewardScale::default(),
             mode: default_mode(),
             block_size: default_block_size(),
             budget: default_budget(),
@@ -143,6 +166,11 @@ impl BanditConfig {
         if !self.tau.is_finite() {
             return bad("tau", "finite", self.tau);
         }
+        if let Some(q) = self.tau_quantile {
+            if !(0.0..=1.0).contains(&q) {
+                return bad("tau_quantile", "in [0, 1]", q);
+            }
+        }
         if self.mode == TauMode::Block && self.block_size == 0 {
             return Err("bandit.block_size must be at least 1 in block mode".into());
         }
@@ -161,12 +189,13 @@ mod tests {
     #[test]
     fn parses_every_key_and_refuses_unknown_ones() {
         let c: BanditConfig = toml::from_str(
-            "alpha = 0.5\nrho = 0.1\ngamma = 0.02\nn_min = 3\nclusters_per_round = 2\ntau = 0.01\nmode = \"block\"\nblock_size = 50\nbudget = { tokens = 1000 }\n",
+            "alpha = 0.5\nrho = 0.1\ngamma = 0.02\nn_min = 3\nclusters_per_round = 2\ntau = 0.01\ntau_quantile = 0.6\nreward = \"raw\"\nmode = \"block\"\nblock_size = 50\nbudget = { tokens = 1000 }\n",
         )
         .unwrap();
         assert_eq!(c.mode, TauMode::Block);
         assert_eq!(c.budget, Budget::Tokens(1000));
         assert_eq!(c.clusters_per_round, 2);
+        assert_eq!((c.tau_quantile, c.reward), (Some(0.6), RewardScale::Raw));
         c.validate().unwrap();
         let d: BanditConfig = toml::from_str("").unwrap();
         assert_eq!(d, BanditConfig::default());
@@ -174,6 +203,8 @@ mod tests {
         assert!(toml::from_str::<BanditConfig>("budget = { ratio = 0.1, tokens = 5 }").is_err());
         let bad: BanditConfig = toml::from_str("gamma = 0.0").unwrap();
         assert!(bad.validate().unwrap_err().contains("bandit.gamma"));
+        let bad: BanditConfig = toml::from_str("tau_quantile = 1.5").unwrap();
+        assert!(bad.validate().unwrap_err().contains("bandit.tau_quantile"));
         let bad: BanditConfig = toml::from_str("budget = { ratio = 1.5 }").unwrap();
         assert!(bad.validate().unwrap_err().contains("budget.ratio"));
     }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod draw;
 pub mod operator;
 pub mod record;
+pub mod scale;
 pub mod tune;
 
 use std::collections::HashMap;
@@ -26,8 +27,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 pub use arms::Arm;
-pub use config::{BanditConfig, Budget, Strategy, TauMode};
+pub use config::{BanditConfig, Budget, RewardScale, Strategy, TauMode};
 pub use draw::{ClusterInput, InMemoryBandit, Member, MemoryMembership};
+pub use scale::ScoreScale;
 
 /// Where a document lives: its shard (by epoch), row group and row. The bandit only compares
 /// and orders locations; the dataflow uses them to fetch rows.
@@ -112,7 +114,8 @@ pub struct RoundOutcome {
     /// could not be read): sampled, rejected with the reason, never selected, not in a reward.
     #[serde(default)]
     pub unscorable: Vec<(MemberRef, String)>,
-    /// r_i per pulled and scored cluster: the mean influence of its sample.
+    /// r_i per pulled and scored cluster: the mean influence of its sample, in the unit of
+    /// `bandit.reward` (robust standard units of the scores seen, by default).
     pub rewards: Vec<(u32, f64)>,
     /// Tokens selected so far (all rounds).
     pub selected_tokens: u64,
@@ -202,6 +205,8 @@ pub struct Bandit {
     /// `topk-influence` only: every scored member until all are scored and the best are taken.
     /// That strategy scores the whole pool by definition; the quad strategies never fill it.
     candidates: Vec<(MemberRef, f64)>,
+    /// The scores seen, for standardised rewards and `tau_quantile` (bounded).
+    scale: ScoreScale,
 }
 
 impl Bandit {
@@ -222,7 +227,25 @@ impl Bandit {
             pool_docs: 0,
             pool_tokens: 0,
             candidates: Vec::new(),
+            scale: ScoreScale::default(),
         })
+    }
+
+    /// The threshold a scored document must reach: `tau_quantile` of the scores seen when it
+    /// is set (and any were seen), `tau` otherwise.
+    pub fn threshold(&self) -> f64 {
+        self.config
+            .tau_quantile
+            .and_then(|q| self.scale.quantile(q))
+            .unwrap_or(self.config.tau)
+    }
+
+    /// What the arm is credited for a sample of mean influence `mean` (`bandit.reward`).
+    fn reward_of(&self, mean: f64) -> f64 {
+        match self.config.reward {
+            RewardScale::Standardised => self.scale.standardise(mean),
+            RewardScale::Raw => mean,
+        }
     }
 
     pub fn seed(&self) -> u64 {
@@ -586,6 +609,14 @@ impl Bandit {
         }
         self.check_draw(round, pulls)?;
         let values_of = Self::values_of(round, pulls, scores)?;
+        // The round's scores join the scale before any reward or threshold is computed, so
+        // the first round already has one.
+        let scored = pulls.iter().zip(&values_of).filter(|(pull, _)| pull.score);
+        self.scale.observe(
+            self.seed,
+            scored.flat_map(|(_, values)| values.iter().copied()),
+        );
+        let tau = self.threshold();
         let mut outcome = RoundOutcome {
             round,
             ..Default::default()
@@ -624,16 +655,16 @@ impl Bandit {
             if finite.is_empty() {
                 continue; // nothing to learn about the arm
             }
-            let reward = finite.iter().map(|(_, v)| v).sum::<f64>() / finite.len() as f64;
+            let mean = finite.iter().map(|(_, v)| v).sum::<f64>() / finite.len() as f64;
+            let reward = self.reward_of(mean);
             outcome.rewards.push((pull.cluster, reward));
             self.credit(ci, reward);
-            let tau = self.config.tau;
             for (m, v) in &finite {
                 if *v >= tau && self.take(ci, m, false) {
                     outcome.selected.push((*m, Some(*v)));
                 }
             }
-            if self.config.mode == TauMode::Block && reward >= tau {
+            if self.config.mode == TauMode::Block && mean >= tau {
                 for m in &pull.block {
                     if self.take(ci, m, true) {
                         outcome.selected.push((*m, None));

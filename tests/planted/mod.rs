@@ -59,12 +59,20 @@ pub fn bandit(seed: u64, strategy: Strategy, config: BanditConfig) -> InMemoryBa
 
 /// One round: plan, score what must be scored, observe.
 pub fn step(b: &mut InMemoryBandit) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
+    step_scored_by(b, influence)
+}
+
+/// One round with the scores `score` gives.
+pub fn step_scored_by(
+    b: &mut InMemoryBandit,
+    score: impl Fn(&MemberRef) -> f64,
+) -> (Vec<quad::bandit::Pull>, RoundOutcome) {
     let round = b.next_round();
     let pulls = b.plan_round(round);
     let scores: Vec<(MemberRef, f64)> = pulls
         .iter()
         .filter(|p| p.score)
-        .flat_map(|p| p.members.iter().map(|m| (*m, influence(m))))
+        .flat_map(|p| p.members.iter().map(|m| (*m, score(m))))
         .collect();
     let outcome = b.observe(round, &scores).unwrap();
     (pulls, outcome)
