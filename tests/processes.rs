@@ -266,3 +266,49 @@ fn a_process_without_its_peer_stops_naming_it() {
         assert!(!dir.path().join("alone").exists());
     }
 }
+
+#[test]
+fn a_job_keeps_its_layout_of_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "layout", &slice_glob(), 11, "");
+    let outs = run_processes(&[&job, &job], dir.path(), 1);
+    for out in &outs {
+        assert!(out.status.success(), "{}", stderr(out));
+    }
+    let rows = selected_rows(&dir.path().join("layout"));
+    // Another number of workers would give some shards other owners, which would read them
+    // again: refused by both processes.
+    let outs = run_processes(&[&job, &job], dir.path(), 2);
+    for out in &outs {
+        assert!(!out.status.success());
+        assert!(stderr(out).contains("-n 2 -w 1"), "{}", stderr(out));
+    }
+    // One process would write another folder: refused.
+    let one = run(&job, 1);
+    assert!(!one.status.success());
+    assert!(
+        stderr(&one).contains("several processes"),
+        "{}",
+        stderr(&one)
+    );
+    assert_eq!(selected_rows(&dir.path().join("layout")), rows);
+}
+
+#[test]
+fn the_quad_loop_is_refused_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "loop",
+        &planted_glob(),
+        9,
+        "strategy = \"quad\"\n[embed]\ncolumn = \"embedding\"\ndim = 16\n[cluster]\nenabled = true\nk = 8",
+    );
+    let (hosts, _) = hostfile(dir.path(), 2);
+    let out = spawn_process(&job, &hosts, 2, 0, 1, 30)
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Quad loop"), "{}", stderr(&out));
+    assert!(!dir.path().join("loop").exists());
+}
