@@ -180,7 +180,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         .processes
         .as_ref()
         .map(|p| start + p.connect_timeout);
-    let process: Arc<OnceLock<Result<Started, String>>> = Arc::new(OnceLock::new());
+    let process: Arc<ProcessStart> = Arc::default();
     let config = processes::timely_config(place.workers, options.processes.as_ref());
     let (worker_process, worker_spec, worker_options) =
         (process.clone(), spec.clone(), options.clone());
@@ -190,12 +190,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         }
         // The first worker of the process to get here prepares it (store, shards, metrics);
         // the others wait for it and share what it made.
-        let started = worker_process
-            .get_or_init(|| {
-                start_process(&worker_spec, &worker_options).map_err(|e| format!("{e:#}"))
-            })
-            .as_ref()
-            .map_err(Clone::clone)?;
+        let started = worker_process.start(&worker_spec, &worker_options)?;
         run_worker(worker, &started.shared, started.plan.clone(), started.watch);
         Ok::<(), String>(())
     })?;
@@ -207,15 +202,45 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
             Ok(Ok(())) => {}
         }
     }
+    let process = Arc::try_unwrap(process)
+        .map_err(|_| anyhow::anyhow!("internal: a worker still holds the process's state"))?;
+    // The error that stopped the process's start, as it was (its type sets the exit code).
+    if let Some(e) = process.error.into_inner().expect("start error") {
+        return Err(e);
+    }
     if let Some(e) = refused {
         anyhow::bail!(e);
     }
-    let started = Arc::try_unwrap(process)
-        .ok()
-        .and_then(OnceLock::into_inner)
-        .context("internal: the workers ended without starting the job")?
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let started = process
+        .started
+        .into_inner()
+        .flatten()
+        .context("internal: the workers ended without starting the job")?;
     finish_job(started, start)
+}
+
+/// What the first worker of a process to need it starts (`start_process`), shared by the
+/// process's workers; or the error that stopped it.
+#[derive(Default)]
+struct ProcessStart {
+    started: OnceLock<Option<Started>>,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl ProcessStart {
+    /// The process's start, made by the first worker to ask (the others wait for it).
+    fn start(&self, spec: &JobSpec, options: &RunOptions) -> Result<&Started, String> {
+        self.started
+            .get_or_init(|| match start_process(spec, options) {
+                Ok(started) => Some(started),
+                Err(e) => {
+                    *self.error.lock().expect("start error") = Some(e);
+                    None
+                }
+            })
+            .as_ref()
+            .ok_or_else(|| "the process did not start".to_owned())
+    }
 }
 
 /// This process's place: its index, how many processes, and its worker threads.
