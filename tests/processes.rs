@@ -297,13 +297,9 @@ fn a_job_keeps_its_layout_of_processes() {
 #[test]
 fn the_quad_loop_is_refused_across_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(
-        dir.path(),
-        "loop",
-        &planted_glob(),
-        9,
-        "strategy = \"quad\"\n[embed]\ncolumn = \"embedding\"\ndim = 16\n[cluster]\nenabled = true\nk = 8",
-    );
+    let select = "strategy = \"quad\"\n[embed]\ncolumn = \"embedding\"\ndim = 16\n[cluster]\n\
+                  enabled = true\nk = 8";
+    let job = write_job(dir.path(), "loop", &planted_glob(), 9, select);
     let (hosts, _) = hostfile(dir.path(), 2);
     let out = spawn_process(&job, &hosts, 2, 0, 1, 30)
         .wait_with_output()
