@@ -137,6 +137,7 @@ fn main() -> Result<()> {
                 &RunOptions {
                     workers,
                     once: true,
+                    processes: None,
                 },
             )?;
             times.push(t.elapsed().as_secs_f64());

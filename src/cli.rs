@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::JobSpec;
+use crate::dataflow::processes::{read_hostfile, Processes};
 use crate::dataflow::{run_job, RunOptions};
 
 /// Exit codes: what a script driving quad can rely on.
@@ -37,9 +38,11 @@ pub enum Command {
     Run {
         /// The job spec (TOML), e.g. dataflows/demo.toml.
         job: PathBuf,
-        /// Timely worker threads. The output does not depend on it.
+        /// Timely worker threads (of each process). The output does not depend on it.
         #[arg(short = 'w', long, default_value_t = 1)]
         workers: usize,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// Process the shards found now and exit, even if the spec says `watch`.
         #[arg(long)]
         once: bool,
@@ -133,6 +136,58 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 5)]
         rows: usize,
     },
+}
+
+/// Several processes on timely's cluster mode (README, "Several processes and machines").
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Processes of the job (timely's cluster mode); each writes `<sink.path>/p<index>` and
+    /// keeps its own state store. The output does not depend on it.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index, 0 to processes - 1.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    pub process: usize,
+    /// The processes' `host:port`, one a line, in index order (timely's hostfile).
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Seconds to connect to every peer and agree on the job before giving up.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout: u64,
+}
+
+impl ClusterArgs {
+    /// This process's place, or None for a job of one process.
+    pub fn processes(&self) -> Result<Option<Processes>> {
+        if self.process >= self.processes.max(1) {
+            anyhow::bail!(
+                "--process {} is not below --processes {}",
+                self.process,
+                self.processes
+            );
+        }
+        if self.processes <= 1 {
+            return Ok(None);
+        }
+        let hostfile = self
+            .hostfile
+            .as_ref()
+            .with_context(|| format!("--processes {} needs --hostfile", self.processes))?;
+        let addresses = read_hostfile(hostfile)?;
+        if addresses.len() != self.processes {
+            anyhow::bail!(
+                "--processes {} but {} lists {} addresses",
+                self.processes,
+                hostfile.display(),
+                addresses.len()
+            );
+        }
+        Ok(Some(Processes {
+            index: self.process,
+            addresses,
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+        }))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,10 +329,18 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Run {
             job,
             workers,
+            cluster,
             once,
             reset,
             json,
-        } => run_cmd(&job, workers, once, reset, json),
+        } => {
+            let options = RunOptions {
+                workers,
+                once,
+                processes: cluster.processes()?,
+            };
+            run_cmd(&job, &options, reset, json)
+        }
         Command::Status { job, json } => {
             let status = crate::status::job_status(&JobSpec::load(&job)?)?;
             if json {
@@ -381,16 +444,20 @@ pub fn run(cli: Cli) -> Result<i32> {
 }
 
 /// `quad run`.
-fn run_cmd(job: &Path, workers: usize, once: bool, reset: bool, json: bool) -> Result<i32> {
+fn run_cmd(job: &Path, options: &RunOptions, reset: bool, json: bool) -> Result<i32> {
     let spec = JobSpec::load(job)?;
-    if workers == 0 {
+    if options.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
+    let (process, processes) = options
+        .processes
+        .as_ref()
+        .map_or((0, 1), |p| (p.index, p.count()));
     if reset {
-        reset_job(&spec)?;
+        reset_job(&spec.for_process(process, processes))?;
     }
-    tracing::info!(job = %job.display(), workers, "starting");
-    let summary = run_job(&spec, &RunOptions { workers, once })?;
+    tracing::info!(job = %job.display(), workers = options.workers, process, processes, "starting");
+    let summary = run_job(&spec, options)?;
     eprintln!("{summary}");
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

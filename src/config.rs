@@ -147,6 +147,34 @@ impl JobSpec {
         Ok(())
     }
 
+    /// The spec process `index` of `count` runs (`quad run -n`): with several processes each
+    /// writes its own output folder `<sink.path>/p<index>` and keeps its own store (the
+    /// default one in that folder, or `state.path` with `.p<index>` before its extension),
+    /// and serves metrics at `runtime.metrics_addr`'s port plus its index. One process keeps
+    /// every path as it is.
+    pub fn for_process(&self, index: usize, count: usize) -> JobSpec {
+        let mut spec = self.clone();
+        if count <= 1 {
+            return spec;
+        }
+        spec.sink.path = self.sink.path.join(format!("p{index}"));
+        spec.state.path = self.state.path.as_ref().map(|path| {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            let name = match path.extension() {
+                Some(ext) => format!("{stem}.p{index}.{}", ext.to_string_lossy()),
+                None => format!("{stem}.p{index}"),
+            };
+            path.with_file_name(name)
+        });
+        spec.runtime.metrics_addr = self.runtime.metrics_addr.as_ref().map(|addr| {
+            match addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<usize>())) {
+                Some((host, Ok(port))) => format!("{host}:{}", port + index),
+                _ => addr.clone(),
+            }
+        });
+        spec
+    }
+
     pub fn state_path(&self) -> PathBuf {
         self.state
             .path

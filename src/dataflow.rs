@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -47,9 +47,11 @@ use crate::tokens::TokenCounter;
 
 mod ingest;
 mod monitor;
+pub mod processes;
 mod quad_loop;
 mod rounds;
 
+use processes::{Identity, Processes};
 use quad_loop::build_loop;
 use rounds::{load_bandit, loop_context, record_costs};
 
@@ -58,6 +60,8 @@ pub struct RunOptions {
     pub workers: usize,
     /// Process each found shard once even if the spec says `watch`.
     pub once: bool,
+    /// This process's place among several (`-n`, `-p`, `--hostfile`); None: one process.
+    pub processes: Option<Processes>,
 }
 
 /// Set by a stop request (Ctrl-C, SIGTERM): finish the epochs in flight, then exit.
@@ -84,7 +88,9 @@ impl Hooks {
 
 /// Shared between the workers of this process.
 struct Shared {
+    /// The spec as this process runs it (`JobSpec::for_process`).
     spec: JobSpec,
+    place: ProcessPlace,
     store: Arc<StateStore>,
     counter: TokenCounter,
     summary: Mutex<Summary>,
@@ -150,14 +156,145 @@ fn failed_handle(shared: &Arc<Shared>) -> Failed {
     Arc::new(move || shared.failed.load(Ordering::SeqCst))
 }
 
-/// Runs a job to completion (or, in watch mode, until a stop request) and returns its summary.
+/// Runs a job to completion (or, in watch mode, until a stop request) and returns its summary
+/// (of this process, when the job runs on several).
 pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let start = Instant::now();
+    let place = ProcessPlace::of(options);
+    if place.count > 1 && spec.select.strategy != Strategy::Random {
+        anyhow::bail!(
+            "select.strategy {:?} on {} processes: the Quad loop does not run across processes \
+             yet (its membership reads members that other processes' stores hold); run it on \
+             one process with -w workers",
+            spec.select.strategy,
+            place.count
+        );
+    }
+    // Every process must run the spec as written; each then runs its own paths.
+    let identity = Identity::new(place.index, place.count, &spec.selection_fingerprint());
+    let spec = spec.for_process(place.index, place.count);
+    if let Some(p) = &options.processes {
+        crate::model::set_local_process(p.local_index());
+    }
+    let deadline = options
+        .processes
+        .as_ref()
+        .map(|p| start + p.connect_timeout);
+    let process: Arc<ProcessStart> = Arc::default();
+    let config = processes::timely_config(place.workers, options.processes.as_ref());
+    let (worker_process, worker_spec, worker_options) =
+        (process.clone(), spec.clone(), options.clone());
+    let guards = processes::execute_within(config, options.processes.as_ref(), move |worker| {
+        if let Some(deadline) = deadline {
+            processes::agree(worker, &identity, deadline)?;
+        }
+        // The first worker of the process to get here prepares it (store, shards, metrics);
+        // the others wait for it and share what it made.
+        let started = worker_process.start(&worker_spec, &worker_options)?;
+        run_worker(worker, &started.shared, started.plan.clone(), started.watch);
+        Ok::<(), String>(())
+    })?;
+    let mut refused = None;
+    for result in guards.join() {
+        match result {
+            Err(e) => anyhow::bail!("worker failed: {e}"),
+            Ok(Err(e)) => refused = refused.or(Some(e)),
+            Ok(Ok(())) => {}
+        }
+    }
+    let process = Arc::try_unwrap(process)
+        .map_err(|_| anyhow::anyhow!("internal: a worker still holds the process's state"))?;
+    // The error that stopped the process's start, as it was (its type sets the exit code).
+    if let Some(e) = process.error.into_inner().expect("start error") {
+        return Err(e);
+    }
+    if let Some(e) = refused {
+        anyhow::bail!(e);
+    }
+    let started = process
+        .started
+        .into_inner()
+        .flatten()
+        .context("internal: the workers ended without starting the job")?;
+    finish_job(started, start)
+}
+
+/// What the first worker of a process to need it starts (`start_process`), shared by the
+/// process's workers; or the error that stopped it.
+#[derive(Default)]
+struct ProcessStart {
+    started: OnceLock<Option<Started>>,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl ProcessStart {
+    /// The process's start, made by the first worker to ask (the others wait for it).
+    fn start(&self, spec: &JobSpec, options: &RunOptions) -> Result<&Started, String> {
+        self.started
+            .get_or_init(|| match start_process(spec, options) {
+                Ok(started) => Some(started),
+                Err(e) => {
+                    *self.error.lock().expect("start error") = Some(e);
+                    None
+                }
+            })
+            .as_ref()
+            .ok_or_else(|| "the process did not start".to_owned())
+    }
+}
+
+/// This process's place: its index, how many processes, and its worker threads.
+#[derive(Debug, Clone, Copy)]
+struct ProcessPlace {
+    index: usize,
+    count: usize,
+    workers: usize,
+}
+
+impl ProcessPlace {
+    fn of(options: &RunOptions) -> ProcessPlace {
+        let (index, count) = options
+            .processes
+            .as_ref()
+            .map_or((0, 1), |p| (p.index, p.count()));
+        ProcessPlace {
+            index,
+            count,
+            workers: options.workers.max(1),
+        }
+    }
+
+    /// The first worker of this process: it does what the process does once.
+    fn first_local(&self, worker: usize) -> bool {
+        worker == self.index * self.workers
+    }
+
+    /// Whether this process's workers own `epoch` (worker `epoch % peers` does; timely numbers
+    /// the workers of process i from i * workers).
+    fn owns(&self, epoch: u64) -> bool {
+        let peers = (self.workers * self.count) as u64;
+        (epoch % peers) / self.workers as u64 == self.index as u64
+    }
+}
+
+/// What a process of the job prepared before its workers build the dataflow.
+struct Started {
+    shared: Arc<Shared>,
+    plan: Vec<PlannedShard>,
+    watch: bool,
+    metrics_server: Option<crate::metrics::MetricsServer>,
+}
+
+/// Opens the store, removes the outputs of uncommitted epochs, plans the shards and builds the
+/// state the process's workers share.
+fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
+    let place = ProcessPlace::of(options);
     let counter = TokenCounter::from_spec(&spec.tokens.tokenizer)?;
     let store = Arc::new(StateStore::open(
         &spec.state_path(),
         &spec.selection_fingerprint(),
     )?);
+    processes::check_layout(spec, &store, place.count, place.workers)?;
     let removed = sink::remove_uncommitted(&spec.sink.path, &store.outputs()?)?;
     for name in &removed {
         tracing::warn!(file = %name, "removed output of an epoch that never committed; it is recomputed");
@@ -184,8 +321,8 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         _ => None,
     };
     let order = Arc::new(CommitOrder::default());
-    order.add(plan.iter().map(|p| p.epoch));
-    let metrics = Arc::new(crate::metrics::Metrics::new(&spec.name, 0)?);
+    order.add(plan.iter().map(|p| p.epoch).filter(|&e| place.owns(e)));
+    let metrics = Arc::new(crate::metrics::Metrics::new(&spec.name, place.index)?);
     metrics.shards_found.inc_by(found.len() as u64);
     if clustering.is_some() {
         metrics.clusters_seen(store.clusters()?.iter().map(|c| c.cluster));
@@ -193,7 +330,9 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let status = crate::status::Publisher::new(spec, &store, found.len() as u64)?;
     let summary = Summary {
         job: spec.name.clone(),
-        workers: options.workers,
+        workers: place.workers,
+        processes: place.count,
+        process: place.index,
         shards_found: found.len() as u64,
         shards_already_done: (found.len() - plan.len()) as u64,
         removed_uncommitted: removed,
@@ -201,12 +340,13 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     };
     let shared = Arc::new(Shared {
         spec: spec.clone(),
+        place,
         store,
         counter,
         summary: Mutex::new(summary),
         failure: Mutex::new(None),
         failed: AtomicBool::new(false),
-        progress: Progress::new(plan.len() as u64),
+        progress: Progress::new(plan.iter().filter(|p| place.owns(p.epoch)).count() as u64),
         hooks: Hooks::from_env(),
         clustering,
         embedding,
@@ -227,16 +367,22 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         )?),
         None => None,
     };
-    let watch = spec.source.watch && !options.once;
-    let config = timely::Config::process(options.workers.max(1));
-    let worker_shared = shared.clone();
-    let guards = timely::execute(config, move |worker| {
-        run_worker(worker, &worker_shared, plan.clone(), watch)
+    Ok(Started {
+        shared,
+        plan,
+        watch: spec.source.watch && !options.once,
+        metrics_server,
     })
-    .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
-    for result in guards.join() {
-        result.map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
-    }
+}
+
+/// After the workers: the run's failure, or its summary (costs recorded, store compacted).
+fn finish_job(started: Started, start: Instant) -> Result<Summary> {
+    let Started {
+        shared,
+        metrics_server,
+        ..
+    } = started;
+    let spec = &shared.spec;
     shared.progress.finish();
     drop(metrics_server);
     monitor::publish_status(&shared, false);
@@ -339,7 +485,7 @@ fn run_worker(
     while !probe.done() && !failed() {
         worker.step_or_park(Some(Duration::from_millis(1)));
     }
-    if index == 0 {
+    if shared.place.first_local(index) {
         *shared.ingest_done.lock().expect("ingest time") = Some(Instant::now());
     }
     while !loop_probe.done() && !failed() {
@@ -415,10 +561,15 @@ fn feed_shards(
         {
             Ok(found) => {
                 plan = found.into_iter().filter(|p| p.epoch >= next).collect();
-                shared.order.add(plan.iter().map(|p| p.epoch));
-                if index == 0 && !plan.is_empty() {
+                shared.order.add(
+                    plan.iter()
+                        .map(|p| p.epoch)
+                        .filter(|&e| shared.place.owns(e)),
+                );
+                if shared.place.first_local(index) && !plan.is_empty() {
                     tracing::info!(new_shards = plan.len(), "found new shards");
-                    shared.progress.add_total(plan.len() as u64);
+                    let owned = plan.iter().filter(|p| shared.place.owns(p.epoch)).count();
+                    shared.progress.add_total(owned as u64);
                     shared.summary.lock().expect("summary lock").shards_found += plan.len() as u64;
                     shared.metrics.shards_found.inc_by(plan.len() as u64);
                 }

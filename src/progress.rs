@@ -11,7 +11,12 @@ use serde::Serialize;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub job: String,
+    /// Worker threads of each process.
     pub workers: usize,
+    /// Processes of the job (`quad run -n`); the summary is this process's.
+    pub processes: usize,
+    /// This process's index.
+    pub process: usize,
     pub shards_found: u64,
     pub shards_already_done: u64,
     pub shards_done: u64,
@@ -111,9 +116,14 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let process = if self.processes > 1 {
+            format!("process {} of {}, ", self.process, self.processes)
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "quad run '{}' ({} worker{})",
+            "quad run '{}' ({process}{} worker{})",
             self.job,
             self.workers,
             if self.workers == 1 { "" } else { "s" }

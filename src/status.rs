@@ -48,9 +48,17 @@ pub struct JobStatus {
     pub quarantined: Vec<(String, String)>,
 }
 
-/// The status file of a job whose store is at `state_path`.
+/// The status file of a job whose store is at `state_path`: `status.json` beside it, or
+/// `status.p<I>.json` beside process I's store `<name>.p<I>.redb` (`JobSpec::for_process`).
 pub fn status_path(state_path: &Path) -> PathBuf {
-    state_path.with_file_name("status.json")
+    let stem = state_path.file_stem().unwrap_or_default().to_string_lossy();
+    let process = stem
+        .rsplit_once(".p")
+        .filter(|(_, i)| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+    match process {
+        Some((_, index)) => state_path.with_file_name(format!("status.p{index}.json")),
+        None => state_path.with_file_name("status.json"),
+    }
 }
 
 fn unix_now() -> u64 {

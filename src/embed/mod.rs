@@ -74,7 +74,7 @@ impl EmbedConfig {
     /// The tch device the spec names.
     pub fn tch_device(&self) -> Result<tch::Device, String> {
         match self.device.as_str() {
-            "auto" => Ok(tch::Device::cuda_if_available()),
+            "auto" => Ok(crate::model::auto_device()),
             "cpu" => Ok(tch::Device::Cpu),
             "cuda" => Ok(tch::Device::Cuda(0)),
             other => other

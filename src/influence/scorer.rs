@@ -30,7 +30,7 @@ pub fn parse_kind(dtype: &str) -> Result<Kind, String> {
 
 pub fn parse_device(device: &str) -> Result<Device, String> {
     match device {
-        "auto" => Ok(Device::cuda_if_available()),
+        "auto" => Ok(crate::model::auto_device()),
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
         other => other

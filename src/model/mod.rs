@@ -17,6 +17,25 @@ pub use crate::error::ModelError;
 pub use config::LlamaConfig;
 pub use llama::{BlockKind, Llama, TrackedLinear};
 
+/// This process's index among the job's processes on its machine (`quad run -n`), which
+/// picks its GPU for `device = "auto"`; 0 for a job of one process.
+static LOCAL_PROCESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Says which of the job's processes on this machine this one is (0, 1, ...).
+pub fn set_local_process(index: usize) {
+    LOCAL_PROCESS.store(index, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The device `"auto"` means: the GPU of this process's local index (modulo the GPUs there
+/// are), so that processes of one machine use one GPU each; the CPU without CUDA.
+pub fn auto_device() -> Device {
+    if !tch::Cuda::is_available() {
+        return Device::Cpu;
+    }
+    let gpus = tch::Cuda::device_count().max(1) as usize;
+    Device::Cuda(LOCAL_PROCESS.load(std::sync::atomic::Ordering::Relaxed) % gpus)
+}
+
 /// A causal LM with its tokenizer.
 pub struct CausalLm {
     pub config: LlamaConfig,
