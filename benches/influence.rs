@@ -175,7 +175,9 @@ fn smollm2_gpu() {
     let worst = a
         .iter()
         .zip(&b)
-        .map(|(x, y)| (x.influence - y.influence).abs() / x.influence.abs().max(1e-30))
+        .map(|(x, y)| {
+            (x.value().unwrap() - y.value().unwrap()).abs() / x.value().unwrap().abs().max(1e-30)
+        })
         .fold(0.0, f64::max);
     println!("CUDA vs CPU (f32, 4 docs x 128 tokens): worst relative difference {worst:.2e}");
     drop(s_cpu);

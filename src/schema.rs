@@ -115,6 +115,6 @@ mod tests {
         assert!(input().fields.iter().all(|f| !f.nullable));
         let names: Vec<_> = output_fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["quad_cluster", "quad_influence", "quad_round"]);
-        assert_eq!(score_schema().fields().len(), 4);
+        assert_eq!(score_schema().fields().len(), 5);
     }
 }

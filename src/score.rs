@@ -46,7 +46,16 @@ pub fn score_file(
     }
     let ids = StringArray::from_iter_values(docs.iter().map(|(id, _)| id.as_str()));
     let tokens = Int64Array::from_iter_values(scores.iter().map(|s| s.tokens as i64));
-    let influence = Float64Array::from_iter_values(scores.iter().map(|s| s.influence));
+    let influence: Float64Array = scores.iter().map(|s| s.value()).collect();
+    let unscorable: StringArray = scores
+        .iter()
+        .map(|s| s.influence.as_ref().err().map(|reason| reason.to_string()))
+        .collect();
+    for ((id, _), s) in docs.iter().zip(&scores) {
+        if let Err(reason) = &s.influence {
+            tracing::warn!(id, %reason, "document not scored");
+        }
+    }
     let norm: Float64Array = scores.iter().map(|s| s.norm).collect();
     let schema = crate::schema::score_schema();
     let columns: Vec<ArrayRef> = vec![
@@ -54,6 +63,7 @@ pub fn score_file(
         Arc::new(tokens),
         Arc::new(influence),
         Arc::new(norm),
+        Arc::new(unscorable),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     let dir = output

@@ -1224,6 +1224,28 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Rejects selected rows that could not be fetched for output (null now, the shard gone or
+    /// unreadable): each is recorded with its reason and leaves the pending table, in one
+    /// transaction, so a restart neither writes nor rejects it twice.
+    pub fn reject_pending(&self, rejected: &[(PendingRow, Reject)]) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+            let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+            for (r, reject) in rejected {
+                let m = &r.member;
+                pending
+                    .remove((m.cluster, r.round, m.loc.shard, m.loc.row))
+                    .map_err(|e| self.err(e))?;
+                let json = serde_json::to_string(reject).map_err(|e| self.err(e))?;
+                rejects
+                    .insert((m.loc.shard, m.loc.row), json.as_str())
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Records a closed output file with the pending rows it holds, which leave the pending
     /// table, and adds its tokens by source to the run's tally, in one transaction.
     pub fn commit_output_file(

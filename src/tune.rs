@@ -124,6 +124,7 @@ fn build_scorer(spec: &JobSpec) -> Result<InfluenceScorer> {
         })
 }
 
+/// The scores of the members that could be scored (an unscorable one has no score to tune on).
 fn score_members(
     scorer: &mut InfluenceScorer,
     sample: &ClusterSample,
@@ -132,8 +133,8 @@ fn score_members(
     let texts: Vec<&str> = members.iter().map(|m| sample.text(m)).collect();
     Ok(scorer
         .score(&texts)?
-        .into_iter()
-        .map(|s| s.influence)
+        .iter()
+        .filter_map(|s| s.value())
         .collect())
 }
 

@@ -138,16 +138,15 @@ factor_cache = "{out}/factors"
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    assert_eq!(names, ["id", "tokens", "influence", "norm"]);
+    assert_eq!(names, ["id", "tokens", "influence", "norm", "unscorable"]);
     let mut by_id = HashMap::new();
     for b in &batches {
         let ids = b.column(0).as_string::<i32>();
         let infl = b.column(2).as_primitive::<arrow::datatypes::Float64Type>();
-        assert_eq!(
-            b.column(3).null_count(),
-            b.num_rows(),
-            "norm is null without normalisation"
-        );
+        // Null norms without normalisation, null reasons when every document was scored.
+        for (c, name) in [(3, "norm"), (4, "unscorable")] {
+            assert_eq!(b.column(c).null_count(), b.num_rows(), "{name}");
+        }
         for i in 0..b.num_rows() {
             assert!(infl.value(i).is_finite());
             by_id.insert(ids.value(i).to_string(), infl.value(i));

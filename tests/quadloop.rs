@@ -6,10 +6,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type, Schema};
 use common::*;
 use quad::model::{CausalLm, LlamaConfig};
 use quad::state::{member_flags, StateStore};
@@ -35,6 +35,18 @@ fn tiny_model() -> &'static Path {
 
 /// A Quad-loop job over the planted slice; `select` and `bandit` go into their sections.
 fn loop_job(dir: &Path, name: &str, seed: u64, select: &str, bandit: &str) -> PathBuf {
+    loop_job_over(dir, name, seed, &planted_glob(), select, bandit)
+}
+
+/// A Quad-loop job over the shards of `shards` (a glob of planted shards).
+fn loop_job_over(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    shards: &str,
+    select: &str,
+    bandit: &str,
+) -> PathBuf {
     let sections = format!(
         r#"[bandit]
 clusters_per_round = 2
@@ -66,14 +78,7 @@ factor_cache = "{cache}"
         cache = dir.join("factors").display(),
     );
     let job = dir.join(format!("{name}.toml"));
-    let text = job_text(
-        name,
-        seed,
-        &planted_glob(),
-        select,
-        &sections,
-        &dir.join(name),
-    );
+    let text = job_text(name, seed, shards, select, &sections, &dir.join(name));
     std::fs::write(&job, text).unwrap();
     job
 }
@@ -238,20 +243,33 @@ fn quad_loop_is_deterministic_across_workers_and_seeds_and_keeps_the_budget() {
     assert!(mix.len() >= 2 && !mix.contains_key("(none)"), "{mix:?}");
 }
 
+/// The job with small output files (20 rows), so that files close while rounds go on.
+fn small_files(job: PathBuf) -> PathBuf {
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("[sink]\n", "[sink]\nmin_file_rows = 20\n"),
+    )
+    .unwrap();
+    job
+}
+
+/// Runs the job on 2 workers with the crash hook: it aborts once a file closed at round 2 or
+/// later is on disk, before that file's commit.
+fn crash_after_round_2(job: &Path) {
+    let out = quad()
+        .args(["run", "--json", "-w", "2"])
+        .arg(job)
+        .env("QUAD_TEST_CRASH_AFTER_ROUND", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the crash hook did not fire");
+}
+
 #[test]
 fn kill_in_the_middle_of_the_loop_then_resume_gives_the_uninterrupted_selection() {
     let dir = tempfile::tempdir().unwrap();
     let budget = "budget = { ratio = 0.1 }";
-    // Small output files, so that files close while rounds go on.
-    let small_files = |job: PathBuf| {
-        let text = std::fs::read_to_string(&job).unwrap();
-        std::fs::write(
-            &job,
-            text.replace("[sink]\n", "[sink]\nmin_file_rows = 20\n"),
-        )
-        .unwrap();
-        job
-    };
     let straight = small_files(loop_job(
         dir.path(),
         "straight",
@@ -267,13 +285,7 @@ fn kill_in_the_middle_of_the_loop_then_resume_gives_the_uninterrupted_selection(
         "strategy = \"quad\"",
         budget,
     ));
-    let out = quad()
-        .args(["run", "--json", "-w", "2"])
-        .arg(&job)
-        .env("QUAD_TEST_CRASH_AFTER_ROUND", "2")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "the crash hook did not fire");
+    crash_after_round_2(&job);
     // A file closed at round 2 or later is on disk but not committed; the rerun removes it
     // and writes its rows again from the pending rows of the committed rounds.
     assert!(store(dir.path(), "killed").round_records().unwrap().len() >= 3);
@@ -731,4 +743,152 @@ factor_cache = "{cache}"
     };
     let err = build_scorer(&cfg, &source, unreadable, 5).err().unwrap();
     assert!(err.to_string().contains("shard gone"), "{err}");
+}
+
+/// `batch` with its id and text columns replaced (`None`: kept), both made nullable, so that
+/// every shard of a test pool has one schema.
+fn with_texts(
+    batch: &RecordBatch,
+    ids: Option<Vec<String>>,
+    texts: Option<Vec<Option<String>>>,
+) -> RecordBatch {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let column: ArrayRef = match (field.name().as_str(), &ids, &texts) {
+            ("id", Some(ids), _) => Arc::new(StringArray::from_iter_values(ids)),
+            ("text", _, Some(texts)) => Arc::new(texts.iter().cloned().collect::<StringArray>()),
+            _ => column.clone(),
+        };
+        let nullable = field.is_nullable() || matches!(field.name().as_str(), "id" | "text");
+        fields.push(field.as_ref().clone().with_nullable(nullable));
+        columns.push(column);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
+/// The planted shards, sorted.
+fn planted_shards() -> Vec<PathBuf> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(planted_slice())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    shards.sort();
+    shards
+}
+
+/// The planted shards copied into `dir` (nullable id and text), and `dir/zz-bad.parquet`.
+fn pool_with_bad_rows(dir: &Path, texts: &[Option<String>]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for path in planted_shards() {
+        let batches = read_parquet(&path);
+        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let name = path.file_name().unwrap();
+        write_shard(&dir.join(name), &with_texts(&batch, None, None));
+    }
+    write_bad_shard(dir, texts);
+}
+
+/// `dir/zz-bad.parquet`: rows with the first planted shard's embeddings and other columns, ids
+/// `bad-N` and `texts`.
+fn write_bad_shard(dir: &Path, texts: &[Option<String>]) {
+    let first = read_parquet(&planted_shards()[0]);
+    let first = arrow::compute::concat_batches(&first[0].schema(), &first).unwrap();
+    let rows = first.slice(0, texts.len());
+    let ids = (0..texts.len()).map(|i| format!("bad-{i}")).collect();
+    write_shard(
+        &dir.join("zz-bad.parquet"),
+        &with_texts(&rows, Some(ids), Some(texts.to_vec())),
+    );
+}
+
+#[test]
+fn bad_rows_never_stop_the_quad_strategy() {
+    // A pool whose last shard holds null, empty, whitespace-only and one-token texts: ingest
+    // rejects the first three kinds, the job runs and exits 0. Then, after a crash, the bad
+    // shard's texts all turn null and the shard with the most pending output rows is deleted:
+    // the resumed job rejects and records what it can no longer fetch (for scoring or for
+    // output) and still exits 0. No selected row lacks its score.
+    let dir = tempfile::tempdir().unwrap();
+    let mut texts: Vec<Option<String>> = vec![
+        None,
+        Some(String::new()),
+        Some("   ".into()),
+        Some("\t\n".into()),
+    ];
+    texts.extend((0..60).map(|i| Some(format!("word{i}"))));
+    let pool = dir.path().join("pool");
+    pool_with_bad_rows(&pool, &texts);
+    let glob = format!("{}/*.parquet", pool.display());
+    let budget = "budget = { ratio = 0.2 }";
+    let job = small_files(loop_job_over(
+        dir.path(),
+        "bad",
+        4,
+        &glob,
+        "strategy = \"quad\"",
+        budget,
+    ));
+    crash_after_round_2(&job);
+    let st = store(dir.path(), "bad");
+    let bad_epoch = *st
+        .shard_paths()
+        .unwrap()
+        .iter()
+        .find(|(_, p)| p.ends_with("zz-bad.parquet"))
+        .unwrap()
+        .0;
+    let ingest: BTreeMap<u64, String> = st
+        .rejects()
+        .unwrap()
+        .into_iter()
+        .filter(|((epoch, _), _)| *epoch == bad_epoch)
+        .map(|((_, row), r)| (row, r.reason))
+        .collect();
+    assert_eq!(ingest.get(&0).map(String::as_str), Some("text is null"));
+    for row in 1..4 {
+        assert_eq!(ingest.get(&row).map(String::as_str), Some("text is empty"));
+    }
+    // The shard with the most rows waiting for output goes; the bad shard's texts turn null.
+    let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
+    for r in st.pending_rows(|_| true).unwrap() {
+        *pending.entry(r.member.loc.shard).or_default() += 1;
+    }
+    let (&gone, _) = pending
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .expect("pending rows");
+    let paths = st.shard_paths().unwrap();
+    drop(st);
+    std::fs::remove_file(&paths[&gone]).unwrap();
+    write_bad_shard(&pool, &vec![None; texts.len()]);
+
+    let resumed = run(&job, 2);
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    let st = store(dir.path(), "bad");
+    let after: Vec<(u64, String)> = st
+        .rejects()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| r.reason.contains("on fetch") || r.reason.contains("fetching"))
+        .map(|((epoch, _), r)| (epoch, r.reason))
+        .collect();
+    assert!(
+        after
+            .iter()
+            .any(|(e, r)| *e == gone && r.contains("fetching for output")),
+        "{after:?}"
+    );
+    // Every selected row was scored, and no output row has a null text.
+    let sel = selection(&dir.path().join("bad"));
+    assert!(!sel.is_empty());
+    assert!(sel
+        .iter()
+        .all(|r| r.3.is_some_and(|b| f64::from_bits(b).is_finite())));
+    for file in output_files(&dir.path().join("bad")) {
+        for batch in read_parquet(&file) {
+            let text = batch.column_by_name("text").unwrap();
+            assert_eq!(text.null_count(), 0, "{} has a null text", file.display());
+        }
+    }
 }

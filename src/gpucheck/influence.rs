@@ -59,7 +59,11 @@ pub(super) fn parity(rec: &mut StepRecorder, opts: &CheckOptions) -> Result<(), 
     for device in ["cpu".to_string(), opts.device_setting()] {
         let cfg = parity_config(opts, device)?;
         let mut scorer = build_scorer(&cfg, &source, FitPool::Glob(&source.shards), SEED)?;
-        let s: Vec<f64> = scorer.score(&refs)?.iter().map(|d| d.influence).collect();
+        let s: Vec<f64> = scorer
+            .score(&refs)?
+            .iter()
+            .map(|d| d.value().unwrap_or(f64::NAN))
+            .collect();
         scores.push(s);
     }
     let (cpu, dev) = (&scores[0], &scores[1]);

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use factors::{BlockLayout, Damping, KfacFactors};
-pub use scorer::{DocScore, InfluenceScorer, ReferenceGradient};
+pub use scorer::{DocScore, InfluenceScorer, ReferenceGradient, Unscorable};
 
 /// Why influence could not be computed.
 #[derive(Debug, thiserror::Error)]

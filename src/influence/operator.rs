@@ -202,14 +202,7 @@ impl DocScorer for TalliedScorer {
         }
         Ok(scores
             .into_iter()
-            .map(|s| match s.influence {
-                _ if s.tokens < 2 => Err(format!(
-                    "{} token(s): nothing to predict, so no influence",
-                    s.tokens
-                )),
-                v if !v.is_finite() => Err(format!("influence is not finite ({v})")),
-                v => Ok(v),
-            })
+            .map(|s| s.influence.map_err(|reason| reason.to_string()))
             .collect())
     }
 }

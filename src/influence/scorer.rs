@@ -148,6 +148,27 @@ impl Windows {
         }
         out
     }
+
+    /// Consecutive ranges of at most `batch` windows, cutting documents where they fall: what
+    /// scoring runs through the model, so memory is bounded whatever a document's length.
+    pub fn chunks(&self, batch: usize) -> Vec<std::ops::Range<usize>> {
+        let batch = batch.max(1);
+        (0..self.rows.len())
+            .step_by(batch)
+            .map(|start| start..(start + batch).min(self.rows.len()))
+            .collect()
+    }
+
+    /// Whether window `row` is the first (`first`) or the last of its document.
+    fn ends_document(&self, row: usize, first: bool) -> bool {
+        let doc = self.row_doc[row];
+        let neighbour = if first {
+            row.checked_sub(1)
+        } else {
+            Some(row + 1)
+        };
+        neighbour.and_then(|r| self.row_doc.get(r)) != Some(&doc)
+    }
 }
 
 /// Which next tokens the loss of a pass is taken against.
@@ -336,7 +357,8 @@ impl ReferenceGradient {
             ));
         }
         let mut sums: Vec<Tensor> = Vec::new();
-        for range in windows.batches(batch) {
+        // Linear in the windows, so a document may be cut across batches.
+        for range in windows.chunks(batch) {
             let weights: Vec<f64> = range
                 .clone()
                 .map(|r| 1.0 / (windows.predictions[windows.row_doc[r]] as f64 * used as f64))
@@ -374,18 +396,132 @@ pub struct ScorerSettings {
     pub seed: u64,
 }
 
+/// Why a document has no influence score. Decided here, once, for every caller: the loop
+/// records the reason and never selects the document on a score, `quad score` writes a null.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Unscorable {
+    /// Fewer than two tokens: no next-token prediction, so no loss and no gradient.
+    #[error("{tokens} token(s): nothing to predict, so no influence")]
+    TooShort { tokens: u64 },
+    /// The score came out NaN or infinite (a diverged model, an overflow in low precision).
+    #[error("influence is not finite ({0})")]
+    NotFinite(f64),
+    /// The values could not be read back from the device.
+    #[error("reading the score back from the device: {0}")]
+    Conversion(String),
+}
+
 /// One document's score.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DocScore {
     /// Tokens of the document (all windows).
     pub tokens: u64,
-    /// v^T H^-1 grad L(z), divided by `norm` when normalising. Positive: a step on the document
-    /// lowers the reference loss.
-    pub influence: f64,
+    /// v^T H^-1 grad L(z), divided by `norm` when normalising, or why there is none. Positive:
+    /// a step on the document lowers the reference loss.
+    pub influence: Result<f64, Unscorable>,
     /// ||grad L(z)|| when normalising.
     pub norm: Option<f64>,
     /// The Kronecker sketch of grad L(z) (s^2 per tracked linear) when sketching.
     pub sketch: Option<Vec<f32>>,
+}
+
+impl DocScore {
+    /// The influence, when the document could be scored.
+    pub fn value(&self) -> Option<f64> {
+        self.influence.as_ref().ok().copied()
+    }
+}
+
+/// Sums of one document's parts while its windows go through the model batch by batch.
+struct Partial {
+    influence: f64,
+    sq_norm: f64,
+    sketch: Option<Vec<f32>>,
+    failure: Option<Unscorable>,
+}
+
+/// The running sums of a `score_tokens` call. A document cut across batches keeps its weight
+/// gradient sum_t g_t a_t^T per tracked linear (`open`) until its last window, so its norm
+/// needs no window's activations after that window's batch: memory is one gradient, whatever
+/// the document's length. At most one document is open at a time (batches are consecutive).
+struct ScoreSums {
+    docs: Vec<Partial>,
+    open: Option<(usize, Vec<Tensor>)>,
+}
+
+impl ScoreSums {
+    fn new(n: usize, sketch_len: Option<usize>) -> ScoreSums {
+        ScoreSums {
+            docs: (0..n)
+                .map(|_| Partial {
+                    influence: 0.0,
+                    sq_norm: 0.0,
+                    sketch: sketch_len.map(|len| vec![0.0; len]),
+                    failure: None,
+                })
+                .collect(),
+            open: None,
+        }
+    }
+
+    fn fail(&mut self, doc: usize, reason: Unscorable) {
+        self.docs[doc].failure.get_or_insert(reason);
+    }
+
+    /// Adds one segment's per-linear weight gradients to the open document's; returns the
+    /// squared norm of the whole when `last` (the document's last window is in the segment).
+    fn add_open(&mut self, doc: usize, grads: Vec<Tensor>, last: bool) -> Option<f64> {
+        match self.open.as_mut() {
+            Some((d, sums)) if *d == doc => {
+                for (s, g) in sums.iter_mut().zip(grads) {
+                    *s += g;
+                }
+            }
+            _ => self.open = Some((doc, grads)),
+        }
+        if !last {
+            return None;
+        }
+        let (_, sums) = self.open.take()?;
+        Some(
+            sums.iter()
+                .map(|s| s.square().sum(Kind::Double).double_value(&[]))
+                .sum(),
+        )
+    }
+
+    /// The scores: too short, failed, normalised, then checked to be finite.
+    fn finish(self, docs: &[Vec<i64>], normalise: bool) -> Vec<DocScore> {
+        self.docs
+            .into_iter()
+            .zip(docs)
+            .map(|(p, doc)| {
+                let tokens = doc.len() as u64;
+                let norm = normalise.then(|| p.sq_norm.sqrt());
+                let influence = match (tokens, p.failure) {
+                    (0 | 1, _) => Err(Unscorable::TooShort { tokens }),
+                    (_, Some(reason)) => Err(reason),
+                    (_, None) => match norm {
+                        Some(n) if n > 0.0 => Ok(p.influence / n),
+                        _ => Ok(p.influence),
+                    },
+                };
+                let influence = influence.and_then(|v| {
+                    if v.is_finite() {
+                        Ok(v)
+                    } else {
+                        Err(Unscorable::NotFinite(v))
+                    }
+                });
+                DocScore {
+                    tokens,
+                    influence,
+                    norm,
+                    sketch: p.sketch,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Scores documents against a preconditioned reference gradient.
@@ -490,90 +626,123 @@ impl InfluenceScorer {
         self.score_tokens(&docs)
     }
 
-    /// Scores token sequences: one forward and backward per batch of windows.
+    /// Scores token sequences: one forward and backward per batch of at most `batch` windows
+    /// (a long document's windows go through several), each document's parts summed across
+    /// batches. A document that cannot be scored gets the reason instead of a score.
     pub fn score_tokens(&mut self, docs: &[Vec<i64>]) -> Result<Vec<DocScore>, InfluenceError> {
         let windows = Windows::new(docs, self.settings.window);
-        let mut out: Vec<DocScore> = docs
-            .iter()
-            .map(|d| DocScore {
-                tokens: d.len() as u64,
-                influence: 0.0,
-                norm: self.settings.normalise.then_some(0.0),
-                sketch: self.sketch.as_ref().map(|s| vec![0.0; s.len()]),
-            })
-            .collect();
-        for range in windows.batches(self.settings.batch) {
-            let rows = &windows.rows[range.clone()];
-            let row_doc = &windows.row_doc[range.clone()];
-            let weights: Vec<f64> = row_doc
+        let mut sums = ScoreSums::new(docs.len(), self.sketch.as_ref().map(|s| s.len()));
+        for range in windows.chunks(self.settings.batch) {
+            let weights: Vec<f64> = windows.row_doc[range.clone()]
                 .iter()
                 .map(|&d| 1.0 / windows.predictions[d] as f64)
                 .collect();
+            let rows = &windows.rows[range.clone()];
             let (captures, _) = capture(&self.model, rows, &weights, Targets::Data)?;
-            tch::no_grad(|| self.accumulate_batch(&captures, row_doc, &mut out));
+            tch::no_grad(|| self.accumulate_batch(&captures, &windows, range, &mut sums));
         }
-        if self.settings.normalise {
-            for s in &mut out {
-                let norm = s.norm.unwrap_or(0.0).sqrt();
-                s.norm = Some(norm);
-                if norm > 0.0 {
-                    s.influence /= norm;
-                }
-            }
-        }
-        Ok(out)
+        Ok(sums.finish(docs, self.settings.normalise))
     }
 
+    /// Adds one batch (windows `range`) to the sums: each row's bilinear score to its
+    /// document's influence, and per document segment its norm and sketch parts.
     fn accumulate_batch(
         &self,
         captures: &[(Tensor, Tensor)],
-        row_doc: &[usize],
-        out: &mut [DocScore],
+        windows: &Windows,
+        range: std::ops::Range<usize>,
+        sums: &mut ScoreSums,
     ) {
+        let row_doc = &windows.row_doc[range.clone()];
         let mut per_row =
             Tensor::zeros([row_doc.len() as i64], (Kind::Double, self.model.device()));
         for ((a, g), m) in captures.iter().zip(&self.preconditioned) {
             per_row += bilinear_scores(a, g, m);
         }
-        let per_row = Vec::<f64>::try_from(per_row.to_device(Device::Cpu)).unwrap_or_default();
-        for (r, &d) in row_doc.iter().enumerate() {
-            out[d].influence += per_row.get(r).copied().unwrap_or(0.0);
+        match Vec::<f64>::try_from(per_row.to_device(Device::Cpu)) {
+            Ok(values) => {
+                for (v, &d) in values.iter().zip(row_doc) {
+                    sums.docs[d].influence += v;
+                }
+            }
+            Err(e) => {
+                for &d in row_doc {
+                    sums.fail(d, Unscorable::Conversion(e.to_string()));
+                }
+            }
         }
         if !self.settings.normalise && self.sketch.is_none() {
             return;
         }
-        // Rows of one document are contiguous in a batch: gather each document's tokens.
+        // Rows of one document are contiguous in a batch: take each document's segment.
         let mut start = 0;
         while start < row_doc.len() {
             let d = row_doc[start];
-            let n = row_doc[start..].iter().take_while(|&&x| x == d).count() as i64;
-            let mut sq = 0.0;
-            let mut parts = Vec::new();
-            for (l, (a, g)) in captures.iter().enumerate() {
-                let a = a.narrow(0, start as i64, n).flatten(0, 1);
-                let g = g.narrow(0, start as i64, n).flatten(0, 1);
-                if self.settings.normalise {
-                    sq += gradient_sq_norm(&a, &g, NormMethod::Auto);
-                }
-                if let Some(sketch) = &self.sketch {
-                    parts.push(sketch.sketch_tokens(l, &a, &g).flatten(0, 1));
+            let n = row_doc[start..].iter().take_while(|&&x| x == d).count();
+            let (first, last) = (range.start + start, range.start + start + n - 1);
+            let segment: Vec<(Tensor, Tensor)> = captures
+                .iter()
+                .map(|(a, g)| {
+                    let cut = |t: &Tensor| t.narrow(0, start as i64, n as i64).flatten(0, 1);
+                    (cut(a), cut(g))
+                })
+                .collect();
+            let whole = windows.ends_document(first, true) && windows.ends_document(last, false);
+            self.add_segment(&segment, d, whole, windows.ends_document(last, false), sums);
+            start += n;
+        }
+    }
+
+    /// One document's segment of a batch ((a, g) per tracked linear, [n, d]): its squared
+    /// norm (through the Gram matrices when the segment is the whole document, else through
+    /// the document's open gradient) and its sketch.
+    fn add_segment(
+        &self,
+        segment: &[(Tensor, Tensor)],
+        doc: usize,
+        whole: bool,
+        last: bool,
+        sums: &mut ScoreSums,
+    ) {
+        if self.settings.normalise {
+            if whole {
+                sums.docs[doc].sq_norm = segment
+                    .iter()
+                    .map(|(a, g)| gradient_sq_norm(a, g, NormMethod::Auto))
+                    .sum();
+            } else {
+                let grads = segment
+                    .iter()
+                    .map(|(a, g)| {
+                        token_gradient(&a.to_kind(Kind::Double), &g.to_kind(Kind::Double))
+                    })
+                    .collect();
+                if let Some(sq) = sums.add_open(doc, grads, last) {
+                    sums.docs[doc].sq_norm = sq;
                 }
             }
-            if let Some(norm) = out[d].norm.as_mut() {
-                *norm += sq;
-            }
-            if let Some(s) = out[d].sketch.as_mut() {
-                let v = Vec::<f32>::try_from(
-                    Tensor::cat(&parts, 0)
-                        .to_kind(Kind::Float)
-                        .to_device(Device::Cpu),
-                )
-                .unwrap_or_default();
+        }
+        let Some(sketch) = &self.sketch else {
+            return;
+        };
+        let parts: Vec<Tensor> = segment
+            .iter()
+            .enumerate()
+            .map(|(l, (a, g))| sketch.sketch_tokens(l, a, g).flatten(0, 1))
+            .collect();
+        let values = Vec::<f32>::try_from(
+            Tensor::cat(&parts, 0)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu),
+        );
+        match (values, sums.docs[doc].sketch.as_mut()) {
+            (Ok(v), Some(s)) => {
                 for (x, y) in s.iter_mut().zip(v) {
                     *x += y;
                 }
             }
-            start += n as usize;
+            (Err(e), _) => sums.fail(doc, Unscorable::Conversion(e.to_string())),
+            (Ok(_), None) => {}
         }
     }
 

@@ -19,8 +19,9 @@ use crate::source::{id_at, read_shard, string_at, SourceConfig};
 use crate::state::StateStore;
 use crate::tokens::TokenCounter;
 
-/// (id, text) of every row of a Parquet file with the source's id and text columns. A null or
-/// empty text, a null id or an unreadable file is an error naming the file, row and column.
+/// (id, text) of every row of a Parquet file with the source's id and text columns that ingest
+/// would accept. A row ingest rejects (null or empty text, null id) is skipped, and the skips
+/// are logged with the file, the first row, column and reason; an unreadable file is an error.
 pub fn read_documents(
     path: &Path,
     source: &SourceConfig,
@@ -37,25 +38,31 @@ pub fn read_documents(
     let counter = TokenCounter::from_spec("whitespace").map_err(|e| input(e.to_string()))?;
     let data = read_shard(path, &config, &counter, None).map_err(|e| input(e.to_string()))?;
     if let Some(r) = data.rejects.first() {
-        return Err(input(format!(
-            "row {}, column '{}': {}",
-            r.row, r.column, r.reason
-        )));
+        tracing::warn!(
+            file = %path.display(),
+            rows = data.rejects.len(),
+            first = %format!("row {}, column '{}': {}", r.row, r.column, r.reason),
+            "rows that ingest rejects are skipped"
+        );
     }
     let index = |name: &str| data.schema.fields().iter().position(|f| f.name() == name);
     let (Some(id_col), Some(text_col)) = (index(&source.id_column), index(&source.text_column))
     else {
         return Err(input("id or text column missing after projection".into()));
     };
+    let rejected: std::collections::BTreeSet<u64> = data.rejects.iter().map(|r| r.row).collect();
     let mut out = Vec::with_capacity(data.docs.len());
+    let mut shard_row = 0u64;
     for batch in &data.batches {
         for row in 0..batch.num_rows() {
-            if let (Some(id), Some(text)) = (
+            let cells = (
                 id_at(batch.column(id_col), row),
                 string_at(batch.column(text_col), row),
-            ) {
+            );
+            if let (false, (Some(id), Some(text))) = (rejected.contains(&shard_row), cells) {
                 out.push((id, text.to_string()));
             }
+            shard_row += 1;
         }
     }
     Ok(out)
@@ -76,7 +83,11 @@ pub fn pool_sample(
         crate::source::discover(glob).map_err(|e| InfluenceError::Settings(e.to_string()))?;
     let mut texts = Vec::new();
     for shard in &shards {
-        texts.extend(read_documents(shard, source)?.into_iter().map(|(_, t)| t));
+        // A shard the job would quarantine is left out of the sample, not fatal.
+        match read_documents(shard, source) {
+            Ok(docs) => texts.extend(docs.into_iter().map(|(_, t)| t)),
+            Err(e) => tracing::warn!(error = %e, "pool sample: shard skipped"),
+        }
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9001);
     texts.shuffle(&mut rng);
@@ -133,11 +144,42 @@ pub fn stored_fit_pool(
         identity: format!("{:016x}", identity.digest()),
         texts: Box::new(move || {
             let locations: Vec<DocLoc> = sample.iter().map(|(_, loc)| *loc).collect();
-            let texts = texts_at(&ShardPaths::new(store), &source, &locations)
-                .map_err(|e| InfluenceError::PoolSample(format!("{e:#}")))?;
-            Ok(texts.into_iter().flatten().collect())
+            Ok::<_, InfluenceError>(readable_texts(&ShardPaths::new(store), &source, &locations))
         }),
     })
+}
+
+/// The texts at `locations` that can still be read, in their order, read shard by shard: a
+/// text that is null now or a shard that is gone or unreadable is left out of the sample (and
+/// logged), not fatal.
+fn readable_texts(shards: &ShardPaths, source: &SourceConfig, locations: &[DocLoc]) -> Vec<String> {
+    let mut by_shard: std::collections::BTreeMap<u64, Vec<DocLoc>> = Default::default();
+    for loc in locations {
+        by_shard.entry(loc.shard).or_default().push(*loc);
+    }
+    let mut found: std::collections::BTreeMap<(u64, u64), String> = Default::default();
+    for (epoch, locs) in by_shard {
+        match texts_at(shards, source, &locs) {
+            Ok(texts) => {
+                let nulls = texts.iter().filter(|t| t.is_none()).count();
+                if nulls > 0 {
+                    tracing::warn!(epoch, nulls, "factor-fitting sample: null texts left out");
+                }
+                for (loc, text) in locs.iter().zip(texts) {
+                    if let Some(text) = text {
+                        found.insert((loc.shard, loc.row), text);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(epoch, error = %format!("{e:#}"), "factor-fitting sample: shard left out")
+            }
+        }
+    }
+    locations
+        .iter()
+        .filter_map(|loc| found.remove(&(loc.shard, loc.row)))
+        .collect()
 }
 
 /// The kind of device, for the factor cache key (factors fitted on one GPU serve another).
@@ -148,6 +190,36 @@ fn device_kind(device: tch::Device) -> &'static str {
         tch::Device::Mps => "mps",
         tch::Device::Vulkan => "vulkan",
     }
+}
+
+/// The factor cache key: every setting that changes the fitted factors (sampled labels depend on
+/// the padding of a batch, kernels on the dtype and the kind of device), the model's hash, and
+/// the fitting data by identity (the reference set's token hash, the pool sample's identity).
+/// Settings that only change scoring (damping, normalisation, sketches) are left out.
+pub fn factor_cache_key(
+    cfg: &InfluenceConfig,
+    device: tch::Device,
+    model_hash: &str,
+    reference_hash: &str,
+    pool_identity: &str,
+    seed: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "version": 2,
+        "model": model_hash,
+        "dtype": cfg.dtype,
+        "device": device_kind(device),
+        "fisher": cfg.fisher,
+        "qkv": cfg.qkv,
+        "gate_up": cfg.gate_up,
+        "ekfac": cfg.preconditioner == Preconditioner::Ekfac,
+        "window": cfg.window,
+        "batch": cfg.batch,
+        "max_tokens": cfg.max_tokens,
+        "seed": seed,
+        "reference": reference_hash,
+        "pool": pool_identity,
+    })
 }
 
 /// Builds the scorer the `[influence]` section describes, fitting its factors on the reference
@@ -194,24 +266,14 @@ pub fn build_scorer(
             batch: cfg.batch,
             seed,
         };
-        // Every setting that changes the factors (sampled labels depend on the padding of a
-        // batch, and kernels on the device), the model, and the fitting data by identity.
-        let key = serde_json::json!({
-            "version": 2,
-            "model": cache::model_hash(&model),
-            "dtype": cfg.dtype,
-            "device": device_kind(device),
-            "fisher": cfg.fisher,
-            "qkv": cfg.qkv,
-            "gate_up": cfg.gate_up,
-            "ekfac": settings.ekfac,
-            "window": cfg.window,
-            "batch": cfg.batch,
-            "max_tokens": cfg.max_tokens,
-            "seed": seed,
-            "reference": cache::tokens_hash(&reference),
-            "pool": pool_identity,
-        });
+        let key = factor_cache_key(
+            cfg,
+            device,
+            &cache::model_hash(&model),
+            &cache::tokens_hash(&reference),
+            &pool_identity,
+            seed,
+        );
         let dir = cfg
             .factor_cache
             .clone()

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::{Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch,
+};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -17,7 +19,7 @@ use crate::bandit::MemberRef;
 use crate::error::{Fail, Failed};
 use crate::membership::ShardPaths;
 use crate::schema;
-use crate::source::{self, SourceConfig};
+use crate::source::{self, Reject, SourceConfig};
 use crate::state::{PendingRow, StateStore};
 
 /// What the round sink needs of the job.
@@ -138,6 +140,20 @@ fn close_file(
     let Some(round) = rows.iter().map(|r| r.round).max() else {
         return Ok(0);
     };
+    let taken = rows.len();
+    let (fetched, rejected) = fetch_for_output(ctx, &rows);
+    if !rejected.is_empty() {
+        ctx.store
+            .reject_pending(&rejected)
+            .context("recording rows that could not be fetched for output")?;
+    }
+    if fetched.is_empty() {
+        return Ok(taken);
+    }
+    let rows: Vec<PendingRow> = fetched
+        .iter()
+        .flat_map(|(_, _, rows)| rows.iter().copied())
+        .collect();
     // Named by its last round and the worker; a name a committed file already has (another
     // run with another number of workers) gets a suffix.
     let committed = ctx.store.outputs()?;
@@ -145,7 +161,7 @@ fn close_file(
         .map(|n| round_file_name(round, index, n))
         .find(|name| !committed.contains(name))
         .expect("a free name");
-    let tokens_by_source = write_rows(ctx, &name, &rows)?;
+    let tokens_by_source = write_rows(ctx, &name, &fetched)?;
     if ctx.crash_after_round.is_some_and(|crash| round >= crash) {
         tracing::error!(
             file = name,
@@ -158,7 +174,7 @@ fn close_file(
         .with_context(|| format!("committing {name}"))?;
     (ctx.on_file)(&name, rows.len());
     tracing::info!(file = name, rows = rows.len(), "output file committed");
-    Ok(rows.len())
+    Ok(taken)
 }
 
 /// Members grouped by the shard holding them, rows ascending.
@@ -175,21 +191,85 @@ fn by_shard<'a, T>(
     out
 }
 
+/// A shard's selected rows fetched back for output: (shard path, the rows' columns, the rows).
+type FetchedRows = (std::path::PathBuf, RecordBatch, Vec<PendingRow>);
+
+/// The pending rows fetched back by location, shard by shard, rows ascending; a row that
+/// cannot be had any more (its text null now, its shard gone or unreadable) is rejected with
+/// the reason instead, and the other rows go on.
+fn fetch_for_output(
+    ctx: &RoundSinkContext,
+    rows: &[PendingRow],
+) -> (Vec<FetchedRows>, Vec<(PendingRow, Reject)>) {
+    let (mut fetched, mut rejected) = (Vec::new(), Vec::new());
+    for (epoch, rows) in by_shard(rows.iter().map(|r| (&r.member, *r))) {
+        let rows: Vec<PendingRow> = rows.into_iter().map(|(_, r)| r).collect();
+        let reject = |r: &PendingRow, reason: String| {
+            tracing::warn!(epoch, row = r.member.loc.row, %reason, "selected row rejected");
+            let column = ctx.source.text_column.clone();
+            let (row, matched) = (r.member.loc.row, None);
+            (
+                *r,
+                Reject {
+                    row,
+                    column,
+                    reason,
+                    matched,
+                },
+            )
+        };
+        let wanted: Vec<u64> = rows.iter().map(|r| r.member.loc.row).collect();
+        let read = ctx.shards.get(epoch).and_then(|path| {
+            let batch = source::fetch_rows(&path, &ctx.source, &wanted)?;
+            Ok((path, batch))
+        });
+        let (path, batch) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                let reason = format!("fetching for output: {e:#}");
+                rejected.extend(rows.iter().map(|r| reject(r, reason.clone())));
+                continue;
+            }
+        };
+        let text = batch.column_by_name(&ctx.source.text_column);
+        let null = |i: usize| text.is_some_and(|c| c.is_null(i));
+        if (0..batch.num_rows()).any(null) {
+            let reason = format!("{}: text is null on fetch for output", path.display());
+            let keep: BooleanArray = (0..batch.num_rows()).map(|i| Some(!null(i))).collect();
+            rejected.extend(
+                rows.iter()
+                    .enumerate()
+                    .filter(|(i, _)| null(*i))
+                    .map(|(_, r)| reject(r, reason.clone())),
+            );
+            let rows = rows
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !null(*i))
+                .map(|(_, r)| *r)
+                .collect();
+            match arrow::compute::filter_record_batch(&batch, &keep) {
+                Ok(batch) => fetched.push((path, batch, rows)),
+                Err(e) => tracing::error!(error = %e, "internal: filtering fetched rows"),
+            }
+            continue;
+        }
+        fetched.push((path, batch, rows));
+    }
+    (fetched, rejected)
+}
+
 /// Writes rows (fetched back by location) with quad_cluster, quad_influence and quad_round as
 /// one Parquet file; returns their tokens by the rows' `source` column.
 fn write_rows(
     ctx: &RoundSinkContext,
     name: &str,
-    rows: &[PendingRow],
+    fetched: &[FetchedRows],
 ) -> Result<BTreeMap<String, u64>> {
     let mut tokens_by_source = BTreeMap::new();
     let mut batches = Vec::new();
     let mut out_schema = None;
-    let selected = by_shard(rows.iter().map(|r| (&r.member, r)));
-    for (epoch, rows) in selected {
-        let path = ctx.shards.get(epoch)?;
-        let wanted: Vec<u64> = rows.iter().map(|(row, _)| *row).collect();
-        let batch = source::fetch_rows(&path, &ctx.source, &wanted)?;
+    for (path, batch, rows) in fetched {
         let schema = schema::output_schema(&batch.schema());
         match &out_schema {
             None => out_schema = Some(schema.clone()),
@@ -201,7 +281,7 @@ fn write_rows(
             Some(_) => {}
         }
         if let Ok(index) = batch.schema().index_of(SOURCE_COLUMN) {
-            for (i, (_, r)) in rows.iter().enumerate() {
+            for (i, r) in rows.iter().enumerate() {
                 let domain = source::string_at(batch.column(index), i).unwrap_or("(none)");
                 *tokens_by_source.entry(domain.to_string()).or_default() += r.member.tokens;
             }
@@ -210,15 +290,13 @@ fn write_rows(
         for field in schema::output_fields() {
             let array: ArrayRef = match field.name().as_str() {
                 "quad_cluster" => Arc::new(Int32Array::from_iter_values(
-                    rows.iter().map(|(_, r)| r.member.cluster as i32),
+                    rows.iter().map(|r| r.member.cluster as i32),
                 )),
-                "quad_influence" => Arc::new(
-                    rows.iter()
-                        .map(|(_, r)| r.influence)
-                        .collect::<Float64Array>(),
-                ),
+                "quad_influence" => {
+                    Arc::new(rows.iter().map(|r| r.influence).collect::<Float64Array>())
+                }
                 "quad_round" => Arc::new(Int64Array::from_iter_values(
-                    rows.iter().map(|(_, r)| r.round as i64),
+                    rows.iter().map(|r| r.round as i64),
                 )),
                 other => anyhow::bail!("internal: unknown output column {other}"),
             };
