@@ -262,15 +262,21 @@ fn entries_of<'a, const K: usize, const V: usize>(
     })
 }
 
-/// The first key of the block that would hold `key`: the greatest at or below it.
-fn block_of<const K: usize>(
+/// Calls `f` with the block that would hold `key` (the one whose first key is the greatest at
+/// or below it): its first key and its packed entries. None when every block starts above
+/// `key`. One B-tree lookup: the block comes with its key.
+fn with_block_of<const K: usize, T>(
     run: &impl ReadableTable<&'static [u8; K], &'static [u8]>,
     key: &[u8; K],
-) -> Result<Option<[u8; K]>, StorageError> {
-    Ok(match run.range::<&[u8; K]>(..=key)?.next_back() {
-        Some(block) => Some(*block?.0.value()),
-        None => None,
-    })
+    f: impl FnOnce(&[u8; K], &[u8]) -> T,
+) -> Result<Option<T>, StorageError> {
+    match run.range::<&[u8; K]>(..=key)?.next_back() {
+        Some(block) => {
+            let (start, bytes) = block?;
+            Ok(Some(f(start.value(), bytes.value())))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Calls `f` with the entries of `run` whose keys are in `low..=high`, in key order, until `f`
@@ -282,7 +288,7 @@ fn scan_run<const K: usize, const V: usize>(
     mut f: impl FnMut(&[u8; K], &[u8; V]) -> bool,
 ) -> Result<(), redb::Error> {
     // The block holding `low` may start below it.
-    let start = block_of(run, low)?.unwrap_or(*low);
+    let start = with_block_of(run, low, |start, _| *start)?.unwrap_or(*low);
     for block in run.range::<&[u8; K]>(&start..=high)? {
         let (_, bytes) = block?;
         for (key, value) in unpack::<K, V>(bytes.value()) {
@@ -309,12 +315,10 @@ where
     /// The value of `key`, from the newest run that holds it.
     pub(super) fn get(&self, key: &[u8; K]) -> Result<Option<[u8; V]>, redb::Error> {
         for table in &self.tables {
-            let Some(start) = block_of(table, key)? else {
-                continue;
-            };
-            let block = table.get(&start)?.expect("the block just found");
-            let found = unpack::<K, V>(block.value()).find(|(k, _)| k == key);
-            if let Some((_, value)) = found {
+            let found = with_block_of(table, key, |_, bytes| {
+                unpack::<K, V>(bytes).find(|(k, _)| k == key)
+            })?;
+            if let Some(Some((_, value))) = found {
                 return Ok(Some(value));
             }
         }
@@ -381,12 +385,11 @@ impl<const K: usize, const V: usize> Runs<WriteRun<'_, K>, K, V> {
     /// Removes `key` from the run that holds it; its value, or None if no run does.
     pub(super) fn remove(&mut self, key: &[u8; K]) -> Result<Option<[u8; V]>, redb::Error> {
         for table in &mut self.tables {
-            let Some(start) = block_of(table, key)? else {
+            let found = with_block_of(&*table, key, |start, bytes| {
+                (*start, unpack::<K, V>(bytes).collect::<Vec<Entry<K, V>>>())
+            })?;
+            let Some((start, block)) = found else {
                 continue;
-            };
-            let block: Vec<Entry<K, V>> = {
-                let bytes = table.get(&start)?.expect("the block just found");
-                unpack::<K, V>(bytes.value()).collect()
             };
             let Some(at) = block.iter().position(|(k, _)| k == key) else {
                 continue;
