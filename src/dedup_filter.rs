@@ -6,6 +6,7 @@
 //!
 //! Blocked (Putze, Sanders, Singler 2007): all of a key's bits fall in one 64-byte block, so a
 //! lookup touches one cache line.
+use crate::hash::mix;
 
 /// Bits set per key, all in one block.
 const BITS_PER_KEY: u32 = 8;
@@ -16,15 +17,6 @@ const BLOCK_BYTES: usize = BLOCK_WORDS * 8;
 pub struct DedupFilter {
     blocks: Vec<[u64; BLOCK_WORDS]>,
     seed: u64,
-}
-
-/// A 64-bit mix (splitmix64's finaliser): spreads the seeded key over all bits.
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 impl DedupFilter {

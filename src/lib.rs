@@ -25,6 +25,7 @@ pub mod doctor;
 pub mod embed;
 pub mod error;
 pub mod gpucheck;
+pub mod hash;
 pub mod influence;
 pub mod inspect;
 pub mod membership;

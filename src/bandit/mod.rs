@@ -240,11 +240,12 @@ impl Bandit {
             .unwrap_or(self.config.tau)
     }
 
-    /// What the arm is credited for a sample of mean influence `mean` (`bandit.reward`).
-    fn reward_of(&self, mean: f64) -> f64 {
+    /// What an arm is credited for a sample of mean influence m (`bandit.reward`), with the
+    /// scale as it stands: computed once a round, after the round's scores joined it.
+    fn reward_function(&self) -> Box<dyn Fn(f64) -> f64> {
         match self.config.reward {
-            RewardScale::Standardised => self.scale.standardise(mean),
-            RewardScale::Raw => mean,
+            RewardScale::Standardised => Box::new(self.scale.standardiser()),
+            RewardScale::Raw => Box::new(|mean| mean),
         }
     }
 
@@ -617,6 +618,7 @@ impl Bandit {
             scored.flat_map(|(_, values)| values.iter().copied()),
         );
         let tau = self.threshold();
+        let reward_of = self.reward_function();
         let mut outcome = RoundOutcome {
             round,
             ..Default::default()
@@ -656,7 +658,7 @@ impl Bandit {
                 continue; // nothing to learn about the arm
             }
             let mean = finite.iter().map(|(_, v)| v).sum::<f64>() / finite.len() as f64;
-            let reward = self.reward_of(mean);
+            let reward = reward_of(mean);
             outcome.rewards.push((pull.cluster, reward));
             self.credit(ci, reward);
             for (m, v) in &finite {

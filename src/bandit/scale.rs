@@ -26,12 +26,9 @@ pub struct ScoreScale {
     kept: Vec<f64>,
 }
 
-/// A 64-bit mix of the seed and a position (splitmix64's finaliser).
+/// A 64-bit mix of the seed and a position.
 fn slot_hash(seed: u64, position: u64) -> u64 {
-    let mut x = seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    crate::hash::mix(seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// The q-quantile of sorted values (linear between neighbours); None when empty.
@@ -96,7 +93,13 @@ impl ScoreScale {
     /// `value` in robust standard units of the scores seen; 0 while they have no spread (no
     /// scale to measure by yet: every arm looks alike, and exploration decides).
     pub fn standardise(&self, value: f64) -> f64 {
-        match self.location_and_spread() {
+        self.standardiser()(value)
+    }
+
+    /// `standardise` with the median and spread computed once, for many values.
+    pub fn standardiser(&self) -> impl Fn(f64) -> f64 {
+        let location = self.location_and_spread();
+        move |value| match location {
             Some((median, spread)) => (value - median) / spread,
             None => 0.0,
         }

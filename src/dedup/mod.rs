@@ -170,10 +170,7 @@ pub fn text_hash(normalised: &str) -> u64 {
 /// A 64-bit mix (splitmix64): derives the hash functions' parameters from the seed.
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut x = *state;
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    crate::hash::mix(*state)
 }
 
 /// The MinHash functions: h_i(x) = (a_i x + b_i) >> 32 on 64-bit shingle hashes, a_i odd
@@ -183,6 +180,8 @@ pub struct MinHasher {
     /// vectorises.
     multipliers: Vec<u64>,
     offsets: Vec<u64>,
+    /// `lower_minima` for this CPU, chosen once.
+    lower: MinimaKernel,
     ngram: usize,
     rows: usize,
     seed: u64,
@@ -214,8 +213,10 @@ fn lower_minima_avx2(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x
     lower_minima(minima, multipliers, offsets, x)
 }
 
+type MinimaKernel = fn(&mut [u32], &[u64], &[u64], u64);
+
 /// The widest `lower_minima` this CPU runs.
-fn minima_kernel() -> fn(&mut [u32], &[u64], &[u64], u64) {
+fn minima_kernel() -> MinimaKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
@@ -239,6 +240,7 @@ impl MinHasher {
         MinHasher {
             multipliers,
             offsets,
+            lower: minima_kernel(),
             ngram: config.ngram,
             rows: config.rows,
             seed: config.seed,
@@ -254,14 +256,13 @@ impl MinHasher {
             .collect();
         let width = self.ngram.min(words.len()).max(1);
         let mut minima = vec![u32::MAX; self.multipliers.len()];
-        let lower = minima_kernel();
         let mut bytes = Vec::with_capacity(width * 8);
         for shingle in words.windows(width) {
             bytes.clear();
             shingle
                 .iter()
                 .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
-            lower(
+            (self.lower)(
                 &mut minima,
                 &self.multipliers,
                 &self.offsets,
