@@ -70,9 +70,10 @@ pub struct RuntimeConfig {
     /// Backpressure: at most this many epochs (shards) in flight per worker.
     #[serde(default = "default_in_flight")]
     pub max_epochs_in_flight: u64,
-    /// Size of the in-memory filter in front of the store's duplicate-id lookups, in MiB
-    /// (0: none, every id is looked up). Fixed whatever the pool; past about 6 million ids a
-    /// MiB it answers "maybe" more often and more ids are looked up in the store.
+    /// The most each in-memory filter in front of the store's dedup lookups may take, in MiB
+    /// (0: none, every key is looked up). It grows with its keys up to this bound, whatever
+    /// the pool; past about 840,000 keys a MiB it answers "maybe" more often and more keys are
+    /// looked up in the store.
     #[serde(default = "default_dedup_filter_mib")]
     pub dedup_filter_mib: u64,
     /// Serve Prometheus metrics at `http://<metrics_addr>/metrics` while the job runs, e.g.

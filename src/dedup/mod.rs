@@ -127,6 +127,9 @@ pub struct Fingerprint {
 /// ASCII pieces, most of web text, skip the NFKC machinery, which costs more than all the
 /// rest of a fingerprint but the MinHash. The result is that of the whole text normalised.
 pub fn normalise(text: &str) -> String {
+    if text.is_ascii() {
+        return normalise_ascii(text);
+    }
     let mut out = String::with_capacity(text.len());
     fn push_word(out: &mut String, word: &str) {
         if !out.is_empty() {
@@ -136,10 +139,9 @@ pub fn normalise(text: &str) -> String {
     }
     // Split on bytes: an ASCII byte is never part of a longer character, so every split
     // point is a character boundary.
-    let is_space = |b: u8| b.is_ascii_whitespace() || b == 0x0b;
     let mut start = 0;
     for end in (0..text.len())
-        .filter(|&i| is_space(text.as_bytes()[i]))
+        .filter(|&i| is_ascii_space(text.as_bytes()[i]))
         .chain([text.len()])
     {
         let piece = &text[start..end];
@@ -162,6 +164,31 @@ pub fn normalise(text: &str) -> String {
     out
 }
 
+/// Unicode whitespace among the ASCII bytes (`is_ascii_whitespace` leaves out the vertical tab).
+fn is_ascii_space(b: u8) -> bool {
+    b.is_ascii_whitespace() || b == 0x0b
+}
+
+/// `normalise` of an ASCII text (most of web text), in one pass over its bytes: NFKC leaves
+/// ASCII as it is, so only case and whitespace change.
+fn normalise_ascii(text: &str) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let mut space = false;
+    for &b in text.as_bytes() {
+        if is_ascii_space(b) {
+            space = !out.is_empty();
+        } else {
+            if space {
+                out.push(b' ');
+                space = false;
+            }
+            out.push(b.to_ascii_lowercase());
+        }
+    }
+    // Only ASCII bytes were pushed.
+    String::from_utf8(out).expect("ASCII is UTF-8")
+}
+
 /// The exact-duplicate key of a normalised text.
 pub fn text_hash(normalised: &str) -> u64 {
     xxh3_64(normalised.as_bytes())
@@ -173,74 +200,122 @@ fn splitmix(state: &mut u64) -> u64 {
     crate::hash::mix(*state)
 }
 
+/// The multiplier of `shingle_hashes`' polynomial: odd, so that a word's weight is never 0.
+const SHINGLE_BASE: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The hash of each window of `width` consecutive word hashes: mix(sum_j w_j B^(width-1-j))
+/// (mod 2^64), a polynomial in the words, so order matters, rolled from one window to the
+/// next at a multiply-add or two a word instead of hashing every window's bytes again.
+/// `mix` spreads the sum over all bits for the multiply-shift functions.
+fn shingle_hashes(words: &[u64], width: usize) -> Vec<u64> {
+    // B^(width-1): the weight of the word that leaves the window.
+    let leaving = (1..width).fold(1u64, |p, _| p.wrapping_mul(SHINGLE_BASE));
+    let mut sum = words[..width - 1]
+        .iter()
+        .fold(0u64, |h, &w| h.wrapping_mul(SHINGLE_BASE).wrapping_add(w));
+    let mut hashes = Vec::with_capacity(words.len() + 1 - width);
+    for (i, &w) in words.iter().enumerate().skip(width - 1) {
+        sum = sum.wrapping_mul(SHINGLE_BASE).wrapping_add(w);
+        hashes.push(crate::hash::mix(sum));
+        // Drop the window's first word before the next one comes in.
+        sum = sum.wrapping_sub(words[i + 1 - width].wrapping_mul(leaving));
+    }
+    hashes
+}
+
 /// The MinHash functions: h_i(x) = (a_i x + b_i) >> 32 on 64-bit shingle hashes, a_i odd
 /// (multiply-shift, Dietzfelbinger et al.): one multiply-add a shingle and function.
 pub struct MinHasher {
-    /// The a_i, then the b_i: apart, so that the inner loop reads two plain arrays and
-    /// vectorises.
+    /// The a_i, then the b_i, padded with functions nobody reads to a whole number of
+    /// `FUNCTIONS_A_PASS`: apart, so that the inner loop reads two plain arrays and vectorises.
     multipliers: Vec<u64>,
     offsets: Vec<u64>,
-    /// `lower_minima` for this CPU, chosen once.
-    lower: MinimaKernel,
+    /// The functions asked for (the signature's length).
+    hashes: usize,
+    /// `block_minima` for this CPU, chosen once.
+    minima: MinimaKernel,
     ngram: usize,
     rows: usize,
     seed: u64,
 }
 
-/// Lowers each minimum to h_i(x) where smaller: the loop every shingle runs, over all the
-/// hash functions. Inlined into each instruction-set version of `update_minima`.
+/// Hash functions computed in one pass over a document's shingles: their multipliers, offsets
+/// and minima stay in registers (two 512-bit registers each on AVX-512) while the pass reads
+/// the shingle hashes, so a shingle costs the arithmetic and no loads or stores of minima.
+const FUNCTIONS_A_PASS: usize = 16;
+
+/// The minimum of each hash function over `shingles`, `FUNCTIONS_A_PASS` functions a pass.
+/// Inlined into each instruction-set version below.
 #[inline(always)]
-fn lower_minima(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
-    for ((min, &a), &b) in minima.iter_mut().zip(multipliers).zip(offsets) {
-        let h = (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
-        *min = (*min).min(h);
+fn block_minima(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], shingles: &[u64]) {
+    let passes = multipliers
+        .chunks_exact(FUNCTIONS_A_PASS)
+        .zip(offsets.chunks_exact(FUNCTIONS_A_PASS));
+    for (pass, (a, b)) in passes.enumerate() {
+        let a: [u64; FUNCTIONS_A_PASS] = a.try_into().expect("whole passes");
+        let b: [u64; FUNCTIONS_A_PASS] = b.try_into().expect("whole passes");
+        let mut lowest = [u64::MAX; FUNCTIONS_A_PASS];
+        for &x in shingles {
+            for i in 0..FUNCTIONS_A_PASS {
+                lowest[i] = lowest[i].min(a[i].wrapping_mul(x).wrapping_add(b[i]) >> 32);
+            }
+        }
+        let first = pass * FUNCTIONS_A_PASS;
+        for (min, low) in minima[first..].iter_mut().zip(lowest) {
+            *min = low as u32;
+        }
     }
 }
 
-/// `lower_minima` compiled for AVX-512 (eight 64-bit multiplies an instruction), which the
+/// `block_minima` compiled for AVX-512 (eight 64-bit multiplies an instruction), which the
 /// portable build cannot assume. The same arithmetic: the signature does not depend on the
 /// CPU.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-fn lower_minima_avx512(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
-    lower_minima(minima, multipliers, offsets, x)
+fn block_minima_avx512(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: &[u64]) {
+    block_minima(minima, multipliers, offsets, x)
 }
 
-/// `lower_minima` compiled for AVX2 (four lanes; the 64-bit multiply in 32-bit pieces).
+/// `block_minima` compiled for AVX2 (four lanes; the 64-bit multiply in 32-bit pieces).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn lower_minima_avx2(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: u64) {
-    lower_minima(minima, multipliers, offsets, x)
+fn block_minima_avx2(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: &[u64]) {
+    block_minima(minima, multipliers, offsets, x)
 }
 
-type MinimaKernel = fn(&mut [u32], &[u64], &[u64], u64);
+type MinimaKernel = fn(&mut [u32], &[u64], &[u64], &[u64]);
 
-/// The widest `lower_minima` this CPU runs.
+/// The widest `block_minima` this CPU runs.
 fn minima_kernel() -> MinimaKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the features `lower_minima_avx512` is compiled for were just detected.
-            return |m, a, b, x| unsafe { lower_minima_avx512(m, a, b, x) };
+            // SAFETY: the features `block_minima_avx512` is compiled for were just detected.
+            return |m, a, b, x| unsafe { block_minima_avx512(m, a, b, x) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: as above, for AVX2.
-            return |m, a, b, x| unsafe { lower_minima_avx2(m, a, b, x) };
+            return |m, a, b, x| unsafe { block_minima_avx2(m, a, b, x) };
         }
     }
-    lower_minima
+    block_minima
 }
 
 impl MinHasher {
     pub fn new(config: &DedupConfig) -> MinHasher {
         let mut state = config.seed;
-        let (multipliers, offsets) = (0..config.hashes())
+        let hashes = config.hashes();
+        let padded = hashes.div_ceil(FUNCTIONS_A_PASS) * FUNCTIONS_A_PASS;
+        // The padding's functions come after the real ones, so these are the same whatever
+        // the padding.
+        let (multipliers, offsets) = (0..padded)
             .map(|_| (splitmix(&mut state) | 1, splitmix(&mut state)))
             .unzip();
         MinHasher {
             multipliers,
             offsets,
-            lower: minima_kernel(),
+            hashes,
+            minima: minima_kernel(),
             ngram: config.ngram,
             rows: config.rows,
             seed: config.seed,
@@ -250,25 +325,17 @@ impl MinHasher {
     /// The minimum of each hash function over the text's word n-grams (a text of fewer words
     /// is one shingle).
     pub fn signature(&self, normalised: &str) -> Vec<u32> {
+        // Split on the byte: words are a few bytes long, too short for `str::split`'s
+        // memchr to pay off.
         let words: Vec<u64> = normalised
-            .split(' ')
-            .map(|w| xxh3_64(w.as_bytes()))
+            .as_bytes()
+            .split(|&b| b == b' ')
+            .map(xxh3_64)
             .collect();
-        let width = self.ngram.min(words.len()).max(1);
+        let shingles = shingle_hashes(&words, self.ngram.min(words.len()).max(1));
         let mut minima = vec![u32::MAX; self.multipliers.len()];
-        let mut bytes = Vec::with_capacity(width * 8);
-        for shingle in words.windows(width) {
-            bytes.clear();
-            shingle
-                .iter()
-                .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
-            (self.lower)(
-                &mut minima,
-                &self.multipliers,
-                &self.offsets,
-                xxh3_64(&bytes),
-            );
-        }
+        (self.minima)(&mut minima, &self.multipliers, &self.offsets, &shingles);
+        minima.truncate(self.hashes);
         minima
     }
 

@@ -144,3 +144,84 @@ fn settings_are_checked() {
         assert!(bad.validate().is_err(), "{bad:?}");
     }
 }
+
+/// The signature by its definition, one function and one shingle at a time: the functions'
+/// parameters from the seed's splitmix64 stream (a odd, then b), each shingle's polynomial in
+/// its words' hashes computed on its own rather than rolled.
+fn signature_by_definition(config: &DedupConfig, normalised: &str) -> Vec<u32> {
+    let mut state = config.seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        crate::hash::mix(state)
+    };
+    let functions: Vec<(u64, u64)> = (0..config.hashes()).map(|_| (next() | 1, next())).collect();
+    let words: Vec<u64> = normalised
+        .split(' ')
+        .map(|w| xxh3_64(w.as_bytes()))
+        .collect();
+    let width = config.ngram.min(words.len()).max(1);
+    // Each window's polynomial sum_j w_j B^(width-1-j), evaluated on its own.
+    let shingles: Vec<u64> = words
+        .windows(width)
+        .map(|window| {
+            let sum = window.iter().enumerate().fold(0u64, |sum, (j, &w)| {
+                let power = (0..width - 1 - j).fold(1u64, |p, _| p.wrapping_mul(SHINGLE_BASE));
+                sum.wrapping_add(w.wrapping_mul(power))
+            });
+            crate::hash::mix(sum)
+        })
+        .collect();
+    functions
+        .iter()
+        .map(|&(a, b)| {
+            let hash = |x: u64| (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
+            shingles.iter().map(|&x| hash(x)).min().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn signatures_equal_the_definition_for_any_number_of_functions() {
+    let text = normalise(&words(0..300, "w").join(" "));
+    // 112 (7 whole passes), 15 and 1 (a part pass), 1024 (the most allowed).
+    for (bands, rows) in [(14, 8), (3, 5), (1, 1), (128, 8)] {
+        for seed in [0, 7] {
+            let config = DedupConfig {
+                bands,
+                rows,
+                seed,
+                ..DedupConfig::default()
+            };
+            let hasher = MinHasher::new(&config);
+            for t in [text.as_str(), "two words", ""] {
+                assert_eq!(
+                    hasher.signature(t),
+                    signature_by_definition(&config, t),
+                    "{bands} x {rows}, seed {seed}, {t:.20}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ascii_texts_normalise_as_any_text() {
+    let general = |text: &str| {
+        // A non-ASCII character in front sends the text down the general path.
+        let marked = normalise(&format!("\u{e9} {text}"));
+        marked
+            .strip_prefix('\u{e9}')
+            .unwrap()
+            .trim_start()
+            .to_string()
+    };
+    for text in [
+        "  Mixed CASE\t\ttabs\r\nand\x0bvertical\x0cform feed  ",
+        "",
+        "   ",
+        "one",
+        "\x1f unit separator is not whitespace \x1c",
+    ] {
+        assert_eq!(normalise(text), general(text), "{text:?}");
+    }
+}
