@@ -124,12 +124,10 @@ pub struct Fingerprint {
 ///
 /// Computed a piece at a time between ASCII whitespace, which is a normalisation boundary
 /// (a starter that composes with nothing, so nothing reorders or composes across it): the
-/// ASCII pieces, most of web text, skip the NFKC machinery, which costs more than all the
-/// rest of a fingerprint but the MinHash. The result is that of the whole text normalised.
+/// ASCII pieces, most of web text, are copied as they are and skip the NFKC machinery, which
+/// costs more than all the rest of a fingerprint. The result is that of the whole text
+/// normalised.
 pub fn normalise(text: &str) -> String {
-    if text.is_ascii() {
-        return normalise_ascii(text);
-    }
     let mut out = String::with_capacity(text.len());
     fn push_word(out: &mut String, word: &str) {
         if !out.is_empty() {
@@ -137,22 +135,24 @@ pub fn normalise(text: &str) -> String {
         }
         out.push_str(word);
     }
-    // Split on bytes: an ASCII byte is never part of a longer character, so every split
-    // point is a character boundary.
-    let mut start = 0;
-    for end in (0..text.len())
-        .filter(|&i| is_ascii_space(text.as_bytes()[i]))
-        .chain([text.len()])
-    {
-        let piece = &text[start..end];
-        start = end + 1;
-        if piece.is_empty() {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        if is_ascii_space(bytes[at]) {
+            at += 1;
             continue;
         }
-        if piece.is_ascii() {
+        let start = at;
+        let mut ascii = true;
+        while at < bytes.len() && !is_ascii_space(bytes[at]) {
+            ascii &= bytes[at].is_ascii();
+            at += 1;
+        }
+        // An ASCII byte is never part of a longer character, so `start` and `at` are
+        // character boundaries.
+        let piece = &text[start..at];
+        if ascii {
             push_word(&mut out, piece);
-            let word = out.len() - piece.len();
-            out[word..].make_ascii_lowercase();
         } else {
             // NFKC may make whitespace (a no-break space becomes a space): split again.
             let folded = piece.nfkc().collect::<String>().to_lowercase();
@@ -161,32 +161,14 @@ pub fn normalise(text: &str) -> String {
                 .for_each(|word| push_word(&mut out, word));
         }
     }
+    // The ASCII pieces' capitals, in one pass; Unicode lowercasing left none in the others.
+    out.make_ascii_lowercase();
     out
 }
 
 /// Unicode whitespace among the ASCII bytes (`is_ascii_whitespace` leaves out the vertical tab).
 fn is_ascii_space(b: u8) -> bool {
     b.is_ascii_whitespace() || b == 0x0b
-}
-
-/// `normalise` of an ASCII text (most of web text), in one pass over its bytes: NFKC leaves
-/// ASCII as it is, so only case and whitespace change.
-fn normalise_ascii(text: &str) -> String {
-    let mut out = Vec::with_capacity(text.len());
-    let mut space = false;
-    for &b in text.as_bytes() {
-        if is_ascii_space(b) {
-            space = !out.is_empty();
-        } else {
-            if space {
-                out.push(b' ');
-                space = false;
-            }
-            out.push(b.to_ascii_lowercase());
-        }
-    }
-    // Only ASCII bytes were pushed.
-    String::from_utf8(out).expect("ASCII is UTF-8")
 }
 
 /// The exact-duplicate key of a normalised text.

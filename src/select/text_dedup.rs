@@ -8,18 +8,22 @@
 //!
 //! A bounded filter (`DedupFilter`) in front of each table answers "new" for most new keys
 //! without a store read, as for the ids; nothing here grows with the pool but the store.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{Duplicate, DuplicateKind};
 use crate::dedup::{estimated_jaccard, DedupConfig, Fingerprint};
 use crate::dedup_filter::DedupFilter;
 use crate::error::StateError;
+use crate::hash::MixedKeys;
 use crate::source::DocMeta;
 use crate::state::{DedupCommit, StateStore};
 
 /// A document's location: (epoch, row).
 type Location = (u64, u64);
+
+/// The maps here are keyed by hashes and rows: `MixedKeys` rather than SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, MixedKeys>;
 
 /// What an epoch decided and not yet committed adds to the tables.
 #[derive(Default)]
@@ -120,7 +124,7 @@ impl TextDedup {
                 self.store.first_texts(k)
             })?
         } else {
-            HashMap::new()
+            HashMap::default()
         };
         let stored_bands = if self.config.near {
             let keys = fingerprints().flat_map(|f| f.bands.iter().copied());
@@ -128,7 +132,7 @@ impl TextDedup {
                 self.store.first_bands(k)
             })?
         } else {
-            HashMap::new()
+            HashMap::default()
         };
         Ok(EpochTexts {
             epoch,
