@@ -534,10 +534,11 @@ fn eval_cmd(args: EvalArgs) -> Result<i32> {
         seeds: args.seeds,
         out: args.out,
     };
-    let report = crate::eval::run_eval(&plan, &cfg).map_err(|e| match e {
-        crate::eval::EvalError::Settings(message) => anyhow::Error::new(usage(message)),
-        e => anyhow::Error::new(e).context("quad eval"),
-    })?;
+    let report =
+        crate::eval::run_eval(&plan, &cfg, &crate::dataflow::STOP).map_err(|e| match e {
+            crate::eval::EvalError::Settings(message) => anyhow::Error::new(usage(message)),
+            e => anyhow::Error::new(e).context("quad eval"),
+        })?;
     println!("{report}");
     Ok(exit::OK)
 }

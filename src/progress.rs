@@ -311,7 +311,7 @@ impl StepProgress {
                 bar.set_position(step);
                 bar.set_message(format!("loss {loss:.3}"));
             }
-            None if step == self.total || step % (self.total / 10).max(1) == 0 => {
+            None if step == self.total || step.is_multiple_of((self.total / 10).max(1)) => {
                 tracing::info!(
                     run = %self.label,
                     step,

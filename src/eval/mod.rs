@@ -11,6 +11,7 @@
 //! and SVG outputs. A selection is only a Parquet path, so any strategy's output can be
 //! compared.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub mod config;
@@ -39,6 +40,9 @@ pub enum EvalError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Train(#[from] WarmupError),
+    /// Ctrl-C or SIGTERM: the runs that ended are kept in `DIR/runs` for the next start.
+    #[error("interrupted after {0} finished run(s); start quad eval again to go on")]
+    Interrupted(usize),
     #[error("{path}: cannot write: {cause}")]
     Io {
         path: PathBuf,
@@ -208,8 +212,13 @@ fn read_heldouts(
 }
 
 /// `quad eval`: trains and evaluates every (selection, seed) run not already stored in
-/// `plan.out/runs`, then writes `eval.json`, `eval.md` and `eval.svg` there.
-pub fn run_eval(plan: &EvalPlan, cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
+/// `plan.out/runs`, then writes `eval.json`, `eval.md` and `eval.svg` there. When `stop` is
+/// set (Ctrl-C), no further run starts.
+pub fn run_eval(
+    plan: &EvalPlan,
+    cfg: &EvalConfig,
+    stop: &AtomicBool,
+) -> Result<EvalReport, EvalError> {
     let started = Instant::now();
     let baseline = plan.check()?;
     cfg.validate().map_err(EvalError::Settings)?;
@@ -236,6 +245,9 @@ pub fn run_eval(plan: &EvalPlan, cfg: &EvalConfig) -> Result<EvalReport, EvalErr
         for selection in &selections {
             match ctx.stored(selection, seed) {
                 Some(stored) => results.push(stored),
+                None if stop.load(Ordering::SeqCst) => {
+                    return Err(EvalError::Interrupted(results.len()));
+                }
                 None => {
                     results.push(ctx.run(selection, seed)?);
                     trained += 1;

@@ -218,7 +218,7 @@ impl EvalReport {
     /// set.
     pub fn svg(&self) -> String {
         let categories: Vec<String> = self.selections.iter().map(|s| s.name.clone()).collect();
-        let series: Vec<(&str, Vec<(f64, f64, f64)>)> = self
+        let series: Vec<crate::plot::Ranges<'_>> = self
             .heldouts
             .iter()
             .map(|h| {
