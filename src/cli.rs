@@ -114,6 +114,11 @@ pub enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Judge selections (DESIGN 1.4): for each selection and seed, train a small Llama from
+    /// scratch on the same number of its tokens and measure the loss on held-out sets; compare
+    /// each selection with the baseline, paired by seed. Writes OUT/eval.json, eval.md and
+    /// eval.svg; runs already finished in OUT/runs are reused.
+    Eval(EvalArgs),
     /// Tuning commands (DESIGN 1.2): each prints a table and writes an SVG plot.
     Tune {
         #[command(subcommand)]
@@ -188,6 +193,41 @@ impl ClusterArgs {
             connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
         }))
     }
+}
+
+/// `quad eval`'s arguments (the `[eval]` settings come from `--config`, `--model`, `--device`).
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// NAME=PATH of a selection: a Parquet file, a folder of them or a glob; repeat for
+    /// each selection.
+    #[arg(long = "selection", required = true)]
+    pub selections: Vec<crate::eval::Named>,
+    /// The selection the others are compared with (default: the first).
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// NAME=FILE of a held-out set (Parquet with a text column); repeat for each.
+    #[arg(long = "heldout", required = true)]
+    pub heldouts: Vec<crate::eval::Named>,
+    /// Tokens each model trains on (rounded up to whole optimiser steps).
+    #[arg(long, default_value_t = 400_000)]
+    pub tokens: u64,
+    /// Seeds: each fixes the initial weights and the data order, the same for every
+    /// selection.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub seeds: Vec<u64>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A TOML file whose [eval] section is used (a job spec, or a file with only that
+    /// section).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// KEY=VALUE of [eval.model], e.g. `--model layers=4 --model lr=1e-3`.
+    #[arg(long = "model")]
+    pub model: Vec<String>,
+    /// "auto", "cpu", "cuda" or "cuda:N" (default: eval.device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -402,6 +442,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!("{report}");
             Ok(exit::OK)
         }
+        Command::Eval(args) => eval_cmd(args),
         Command::Tune { which } => run_tune(which),
         Command::GpuCheck { what } => run_gpu_check(what),
         Command::Inspect {
@@ -467,6 +508,39 @@ fn run_cmd(job: &Path, options: &RunOptions, reset: bool, json: bool) -> Result<
     } else {
         exit::OK
     })
+}
+
+/// `quad eval`: the `[eval]` settings (from `--config`, then `--model` and `--device`), the
+/// runs, and the table on stdout.
+fn eval_cmd(args: EvalArgs) -> Result<i32> {
+    let config = args.config.as_deref();
+    let usage = |message: String| crate::error::SpecError::Invalid {
+        path: config.unwrap_or(Path::new("quad eval")).to_path_buf(),
+        message,
+    };
+    let base = match config {
+        Some(path) => crate::eval::EvalConfig::from_file(path).map_err(usage)?,
+        None => crate::eval::EvalConfig::default(),
+    };
+    let mut cfg = base.with_model_settings(&args.model).map_err(usage)?;
+    if let Some(device) = args.device {
+        cfg.device = device;
+    }
+    let plan = crate::eval::EvalPlan {
+        selections: args.selections,
+        baseline: args.baseline,
+        heldouts: args.heldouts,
+        tokens: args.tokens,
+        seeds: args.seeds,
+        out: args.out,
+    };
+    let report =
+        crate::eval::run_eval(&plan, &cfg, &crate::dataflow::STOP).map_err(|e| match e {
+            crate::eval::EvalError::Settings(message) => anyhow::Error::new(usage(message)),
+            e => anyhow::Error::new(e).context("quad eval"),
+        })?;
+    println!("{report}");
+    Ok(exit::OK)
 }
 
 /// `quad tune k|tau|gamma`.

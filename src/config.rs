@@ -14,6 +14,7 @@ pub use crate::corpus::CorpusConfig;
 pub use crate::dedup::DedupConfig;
 pub use crate::embed::EmbedConfig;
 use crate::error::SpecError;
+pub use crate::eval::EvalConfig;
 pub use crate::influence::InfluenceConfig;
 pub use crate::select::SelectConfig;
 pub use crate::sink::SinkConfig;
@@ -58,6 +59,9 @@ pub struct JobSpec {
     /// `quad warmup`: the proxy model trained on a pool sample; every key has a default.
     #[serde(default)]
     pub warmup: WarmupConfig,
+    /// `quad eval --config`: the models trained to judge selections; every key has a default.
+    #[serde(default)]
+    pub eval: EvalConfig,
     /// Only read by `quad corpus demo`.
     #[serde(default)]
     pub corpus: Option<CorpusConfig>,
@@ -135,6 +139,7 @@ impl JobSpec {
         }
         self.influence.validate()?;
         self.warmup.validate()?;
+        self.eval.validate()?;
         self.source.validate()?;
         if self.cluster.enabled {
             self.embed.validate()?;

@@ -7,6 +7,7 @@
 //! clusters (`cluster::assign`), `membership` draws a cluster's members and fetches their texts,
 //! `bandit` chooses clusters, `influence` scores, `sink` writes the output (`sink::epoch_sink`
 //! for ingest, `sink::round_sink` for the rounds), `state` holds the transactional job state.
+//! `eval` judges selections by training small models on them (`quad eval`).
 //! `dataflow` wires the operators into the job's one timely graph (`dataflow/quad_loop.rs` the
 //! Quad loop) and builds each operator's context from the job. `config` composes the stages'
 //! settings into the job spec; `schema` is the file formats.
@@ -24,6 +25,7 @@ pub mod dedup_filter;
 pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod eval;
 pub mod gpucheck;
 pub mod hash;
 pub mod influence;

@@ -107,6 +107,13 @@ pub fn bar_chart(
             legend_entry(&mut svg, s, name, colour);
         }
     }
+    category_labels(&mut svg, &frame, categories);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Labels under the groups of a categorical chart, thinned out when there are many.
+fn category_labels(svg: &mut String, frame: &Frame, categories: &[String]) {
     let every = (categories.len() / 20).max(1);
     for (c, label) in categories.iter().enumerate().step_by(every) {
         let x = frame.px(c as f64 + 0.5);
@@ -117,6 +124,55 @@ pub fn bar_chart(
             escape(label)
         );
     }
+}
+
+/// A named series of (low, centre, high) values, one per category.
+pub type Ranges<'a> = (&'a str, Vec<(f64, f64, f64)>);
+
+/// A categorical dot-and-range chart: in each category's group, one dot per series at its
+/// centre value with a vertical line from its low to its high value (e.g. the mean loss of a
+/// selection and the range over seeds). The y axis spans the data, not zero.
+pub fn range_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[Ranges<'_>],
+) -> String {
+    let n = categories.len().max(1) as f64;
+    let values = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flat_map(|&(lo, mid, hi)| [lo, mid, hi]))
+        .map(|v| (0.0, v));
+    let (_, y_range) = data_ranges(values, std::iter::empty());
+    let frame = Frame::new((0.0, n), y_range);
+    let mut svg = frame.open_with(title, x_label, y_label, false);
+    let group = frame.px(1.0) - frame.px(0.0);
+    let step = group * 0.8 / series.len().max(1) as f64;
+    for (s, (name, values)) in series.iter().enumerate() {
+        let colour = PALETTE[s % PALETTE.len()];
+        for (c, &(lo, mid, hi)) in values.iter().enumerate() {
+            if !(lo.is_finite() && mid.is_finite() && hi.is_finite()) {
+                continue;
+            }
+            let x = frame.px(c as f64) + group * 0.1 + step * (s as f64 + 0.5);
+            let _ = writeln!(
+                svg,
+                r#"<line class="range" x1="{x:.2}" y1="{:.2}" x2="{x:.2}" y2="{:.2}" stroke="{colour}" stroke-width="2"/><circle class="centre" cx="{x:.2}" cy="{:.2}" r="4" fill="{colour}"><title>{}: {} ({} to {})</title></circle>"#,
+                frame.py(lo),
+                frame.py(hi),
+                frame.py(mid),
+                escape(categories.get(c).map_or("", String::as_str)),
+                tick_label(mid),
+                tick_label(lo),
+                tick_label(hi)
+            );
+        }
+        if series.len() > 1 {
+            legend_entry(&mut svg, s, name, colour);
+        }
+    }
+    category_labels(&mut svg, &frame, categories);
     svg.push_str("</svg>\n");
     svg
 }
@@ -454,6 +510,33 @@ mod tests {
             (heights[0] / heights[1] - 0.5 / 0.3).abs() < 0.01,
             "{heights:?}"
         );
+    }
+
+    #[test]
+    fn range_chart_draws_a_dot_and_a_range_per_value() {
+        let cats: Vec<String> = ["random", "quad"].iter().map(|s| s.to_string()).collect();
+        let svg = range_chart(
+            "loss",
+            "selection",
+            "nats/token",
+            &cats,
+            &[
+                ("news", vec![(5.0, 5.1, 5.3), (4.8, 4.9, 5.0)]),
+                ("other", vec![(6.0, 6.1, 6.2), (f64::NAN, 6.0, 6.1)]),
+            ],
+        );
+        assert_eq!(svg.matches(r#"class="centre""#).count(), 3, "NaN skipped");
+        assert_eq!(svg.matches(r#"class="range""#).count(), 3);
+        assert!(!svg.contains("NaN"));
+        // The higher value is drawn higher (smaller y).
+        let cy: Vec<f64> = svg
+            .match_indices(r#"cy=""#)
+            .map(|(i, _)| {
+                let rest = &svg[i + 4..];
+                rest[..rest.find('"').unwrap()].parse().unwrap()
+            })
+            .collect();
+        assert!(cy[0] > cy[2], "{cy:?}");
     }
 
     #[test]

