@@ -16,7 +16,7 @@ use quad::influence::factors::Damping;
 use quad::influence::scorer::{
     fit_factors, flops_per_token, FitSettings, InfluenceScorer, ReferenceGradient, ScorerSettings,
 };
-use quad::influence::{Fisher, Preconditioner, Stacking};
+use quad::influence::{Convention, Fisher, Preconditioner, Stacking};
 use quad::model::{CausalLm, LlamaConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -57,6 +57,7 @@ fn scorer(model: CausalLm, len: usize, batch: usize) -> InfluenceScorer {
     let vocab = model.config.vocab_size;
     let fit = FitSettings {
         fisher: Fisher::True,
+        convention: Convention::Quad,
         qkv: Stacking::Stacked,
         gate_up: Stacking::Separate,
         ekfac: false,

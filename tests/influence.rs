@@ -11,7 +11,7 @@ use quad::influence::scorer::{
     capture, fit_factors, FitSettings, InfluenceScorer, ReferenceGradient, ScorerSettings, Targets,
     Windows,
 };
-use quad::influence::{Fisher, Preconditioner, Stacking};
+use quad::influence::{Convention, Fisher, Preconditioner, Stacking};
 use quad::model::{CausalLm, LlamaConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -58,10 +58,15 @@ fn tiny_model() -> CausalLm {
 
 /// Random token sequences of 3..=20 tokens (longer than WINDOW, so documents span windows).
 fn random_docs(seed: u64, n: usize) -> Vec<Vec<i64>> {
+    random_docs_upto(seed, n, 20)
+}
+
+/// Random token sequences of 3..=`max_len` tokens.
+fn random_docs_upto(seed: u64, n: usize, max_len: usize) -> Vec<Vec<i64>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
-            let len = rng.random_range(3..=20);
+            let len = rng.random_range(3..=max_len);
             (0..len).map(|_| rng.random_range(0..VOCAB)).collect()
         })
         .collect()
@@ -107,7 +112,7 @@ fn autograd_gradient(model: &CausalLm, doc: &[i64]) -> Vec<Tensor> {
             .narrow(0, 0, t - 1)
             .log_softmax(-1, Kind::Double)
             .nll_loss(&ids.squeeze_dim(0).narrow(0, 1, t - 1));
-        total = total + nll * ((t - 1) as f64 / n);
+        total += nll * ((t - 1) as f64 / n);
         start = end - 1;
     }
     Tensor::run_backward(&[total], &weights, false, false)
@@ -138,6 +143,7 @@ fn rel_err(x: f64, y: f64) -> f64 {
 fn fit_settings(qkv: Stacking, gate_up: Stacking, ekfac: bool) -> FitSettings {
     FitSettings {
         fisher: Fisher::Empirical,
+        convention: Convention::Quad,
         qkv,
         gate_up,
         ekfac,
@@ -183,12 +189,128 @@ fn fitting_tokens(model: &CausalLm, docs: &[Vec<i64>]) -> Vec<(Tensor, Tensor)> 
         .collect()
 }
 
+/// What the dense Hessian blocks are built from, per tracked linear: A ([d_in, d_in]) and G
+/// ([d_out, d_out]), averaged as a convention says, and every example's weight gradient
+/// ([N, d_out, d_in], for EK-FAC).
+struct DenseFit {
+    a: Vec<Tensor>,
+    g: Vec<Tensor>,
+    examples: Vec<Tensor>,
+}
+
+/// One window's data, computed without the influence code: its loss (the sum of its token
+/// NLLs, or their mean), the tracked linears' inputs a and output gradients g at every
+/// position ([T, d] each, from the model's tracked forward and one backward of that loss), and
+/// the loss's weight gradient per tracked linear by autograd on the weights.
+fn window_data(model: &CausalLm, ids: &[i64], mean: bool) -> (Vec<(Tensor, Tensor)>, Vec<Tensor>) {
+    let weights = tracked_weights(model);
+    let x = Tensor::from_slice(ids).unsqueeze(0);
+    let t = ids.len() as i64;
+    let (logits, tracked) = model.model.forward_tracked(&x);
+    let nll = logits
+        .squeeze_dim(0)
+        .narrow(0, 0, t - 1)
+        .log_softmax(-1, Kind::Double)
+        .nll_loss(&x.squeeze_dim(0).narrow(0, 1, t - 1));
+    let loss = if mean { nll } else { nll * (t - 1) as f64 };
+    let mut wrt: Vec<&Tensor> = tracked.iter().map(|tr| &tr.output).collect();
+    wrt.extend(weights.iter());
+    let mut grads = Tensor::run_backward(&[loss], &wrt, false, false);
+    let weight_grads = grads.split_off(tracked.len());
+    let positions = tracked
+        .iter()
+        .zip(grads)
+        .map(|(tr, g)| (tr.input.detach().squeeze_dim(0), g.squeeze_dim(0)))
+        .collect();
+    (positions, weight_grads)
+}
+
+/// The windows of `docs` as scoring and fitting cut them (at most WINDOW tokens, overlapping
+/// by one), written out independently of `Windows`.
+fn dense_windows(docs: &[Vec<i64>]) -> Vec<Vec<i64>> {
+    let mut out = Vec::new();
+    for doc in docs {
+        let mut start = 0;
+        while start + 1 < doc.len() {
+            let end = (start + WINDOW).min(doc.len());
+            out.push(doc[start..end].to_vec());
+            start = end - 1;
+        }
+    }
+    out
+}
+
+/// The dense fit of a convention, every window an example. Quad: g from the window's summed
+/// token loss, A and G over the positions with a prediction (all but the window's last).
+/// Kronfluence 1.0.1: g from the window's mean loss, A and G over every input position.
+fn dense_fit(model: &CausalLm, docs: &[Vec<i64>], convention: Convention) -> DenseFit {
+    let mean = convention == Convention::Kronfluence;
+    let (mut a_sums, mut g_sums, mut examples): (Vec<Tensor>, Vec<Tensor>, Vec<Vec<Tensor>>) =
+        Default::default();
+    let mut count = 0;
+    for ids in dense_windows(docs) {
+        let (positions, weight_grads) = window_data(model, &ids, mean);
+        let n = (if mean { ids.len() } else { ids.len() - 1 }) as i64;
+        count += n;
+        for (l, ((a, g), w)) in positions.iter().zip(weight_grads).enumerate() {
+            let (a, g) = (a.narrow(0, 0, n), g.narrow(0, 0, n));
+            let (aa, gg) = (a.tr().mm(&a), g.tr().mm(&g));
+            if l == a_sums.len() {
+                a_sums.push(aa);
+                g_sums.push(gg);
+                examples.push(vec![w]);
+            } else {
+                a_sums[l] += aa;
+                g_sums[l] += gg;
+                examples[l].push(w);
+            }
+        }
+    }
+    DenseFit {
+        a: a_sums.into_iter().map(|s| s / count as f64).collect(),
+        g: g_sums.into_iter().map(|s| s / count as f64).collect(),
+        examples: examples.iter().map(|e| Tensor::stack(e, 0)).collect(),
+    }
+}
+
+/// The dense Hessian block of (linear l, row offset, rows) and its damping: K-FAC's
+/// kron(G, A) (row-major flattening of a [rows, d_in] matrix turns A (x) G into kron(G, A)),
+/// or, for EK-FAC, Q diag(lam) Q^T with Q = kron(Q_G, Q_A) from dense eigendecompositions and
+/// lam the mean over examples of each one's squared rotated gradient. The damping is 0.1 x
+/// the mean eigenvalue (lG lA^T, or lam).
+fn dense_block(fit: &DenseFit, (l, off, rows): (usize, i64, i64), ekfac: bool) -> Tensor {
+    let big_a = &fit.a[l];
+    let big_g = fit.g[l].narrow(0, off, rows).narrow(1, off, rows);
+    let d_in = big_a.size()[0];
+    let d = rows * d_in;
+    let h = if ekfac {
+        let (_, qa) = big_a.linalg_eigh("L");
+        let (_, qg) = big_g.linalg_eigh("L");
+        let q = qg.kron(&qa);
+        let per_example = fit.examples[l].narrow(1, off, rows).reshape([-1, d]);
+        let lam = per_example
+            .mm(&q)
+            .square()
+            .mean_dim([0i64].as_slice(), false, Kind::Double);
+        q.mm(&lam.diag(0)).mm(&q.tr())
+    } else {
+        big_g.kron(big_a)
+    };
+    let delta = 0.1
+        * if ekfac {
+            h.trace().double_value(&[]) / d as f64
+        } else {
+            (big_a.trace().double_value(&[]) / d_in as f64)
+                * (big_g.trace().double_value(&[]) / rows as f64)
+        };
+    h + Tensor::eye(d, (Kind::Double, Device::Cpu)) * delta
+}
+
 /// The dense influence of each document: sum over blocks of v_b^T (H_b + delta I)^-1 grad_b
-/// with H_b built explicitly (H_b is symmetric, so one solve for v_b serves every document).
-/// Row-major flattening of a [rows, d_in] matrix turns A (x) G into kron(G, A).
-/// `blocks` lists (linear, row offset, rows); `ekfac` switches H_b to the EK-FAC form.
+/// with H_b built explicitly (`dense_block`; symmetric, so one solve for v_b serves every
+/// document). `blocks` lists (linear, row offset, rows).
 fn dense_scores(
-    tokens: &[(Tensor, Tensor)],
+    fit: &DenseFit,
     blocks: &[(usize, i64, i64)],
     v: &[Tensor],
     grads: &[Vec<Tensor>],
@@ -196,34 +318,8 @@ fn dense_scores(
 ) -> Vec<f64> {
     let mut total = vec![0.0; grads.len()];
     for &(l, off, rows) in blocks {
-        let (a, g) = &tokens[l];
-        let g = g.narrow(1, off, rows);
-        let n = a.size()[0] as f64;
-        let big_a = a.tr().mm(a) / n;
-        let big_g = g.tr().mm(&g) / n;
-        let d = rows * a.size()[1];
-        let h = if ekfac {
-            let (_, qa) = big_a.linalg_eigh("L");
-            let (_, qg) = big_g.linalg_eigh("L");
-            let q = qg.kron(&qa);
-            // Per-token gradients vec(g_t a_t^T), rotated into the Kronecker eigenbasis.
-            let per_token = g.unsqueeze(2) * a.unsqueeze(1);
-            let rotated = per_token.reshape([-1, d]).mm(&q);
-            let lam = rotated
-                .square()
-                .mean_dim([0i64].as_slice(), false, Kind::Double);
-            q.mm(&lam.diag(0)).mm(&q.tr())
-        } else {
-            big_g.kron(&big_a)
-        };
-        let delta = 0.1
-            * if ekfac {
-                h.trace().double_value(&[]) / d as f64
-            } else {
-                (big_a.trace().double_value(&[]) / a.size()[1] as f64)
-                    * (big_g.trace().double_value(&[]) / rows as f64)
-            };
-        let h = h + Tensor::eye(d, (Kind::Double, Device::Cpu)) * delta;
+        let h = dense_block(fit, (l, off, rows), ekfac);
+        let d = h.size()[0];
         let vb = v[l].narrow(0, off, rows).reshape([d, 1]);
         let x = Tensor::linalg_solve(&h, &vb, true);
         for (t, grad) in total.iter_mut().zip(grads) {
@@ -282,21 +378,21 @@ fn fixture() -> Fixture {
     }
 }
 
-/// Scores `f.scored` with the library for a block structure and preconditioner.
+/// Scores `f.scored` with the library for a block structure, preconditioner and convention.
 fn library_scores(
     f: &Fixture,
     qkv: Stacking,
     gate_up: Stacking,
     p: Preconditioner,
     normalise: bool,
+    convention: Convention,
 ) -> Vec<f64> {
     let model = &f.model;
-    let factors = fit_factors(
-        model,
-        &f.fit,
-        &fit_settings(qkv, gate_up, p == Preconditioner::Ekfac),
-    )
-    .unwrap();
+    let settings = FitSettings {
+        convention,
+        ..fit_settings(qkv, gate_up, p == Preconditioner::Ekfac)
+    };
+    let factors = fit_factors(model, &f.fit, &settings).unwrap();
     let v = ReferenceGradient::compute(model, &f.reference, WINDOW, 4).unwrap();
     let copy = clone_model(model);
     let mut scorer = InfluenceScorer::new(
@@ -330,7 +426,7 @@ fn kfac_scorer(
     normalise: bool,
     sketch: Option<i64>,
 ) -> (KfacFactors, InfluenceScorer) {
-    let factors = stacked_factors(&f);
+    let factors = stacked_factors(f);
     let v = ReferenceGradient::compute(&f.model, &f.reference, WINDOW, 4).unwrap();
     let scorer = InfluenceScorer::new(
         clone_model(&f.model),
@@ -398,12 +494,19 @@ fn fitted_factors_are_the_token_covariances() {
     }
 }
 
-fn check_against_dense(qkv: Stacking, gate_up: Stacking, p: Preconditioner) {
-    // Tolerance: 1e-8 relative (float64 dense solves of up to 2048 x 2048 systems whose
-    // condition number the damping bounds by ~1e3).
-    let f = fixture();
-    let got = library_scores(&f, qkv, gate_up, p, false);
-    let tokens = fitting_tokens(&f.model, &f.fit);
+/// Library and dense scores of `f.scored` for a block structure, preconditioner and convention
+/// (empirical Fisher): every document within 1e-8 relative (float64 dense solves of up to
+/// 2048 x 2048 systems whose condition number the damping bounds by ~1e3). Returns the
+/// relative L2 error of the score vector.
+fn check_against_dense(
+    f: &Fixture,
+    qkv: Stacking,
+    gate_up: Stacking,
+    p: Preconditioner,
+    convention: Convention,
+) -> f64 {
+    let got = library_scores(f, qkv, gate_up, p, false, convention);
+    let fit = dense_fit(&f.model, &f.fit, convention);
     let v = autograd_mean(&f.model, &f.reference);
     let blocks = dense_blocks(&f.model, qkv, gate_up);
     let grads: Vec<Vec<Tensor>> = f
@@ -411,30 +514,79 @@ fn check_against_dense(qkv: Stacking, gate_up: Stacking, p: Preconditioner) {
         .iter()
         .map(|d| autograd_gradient(&f.model, d))
         .collect();
-    let want = dense_scores(&tokens, &blocks, &v, &grads, p == Preconditioner::Ekfac);
+    let want = dense_scores(&fit, &blocks, &v, &grads, p == Preconditioner::Ekfac);
+    let (mut diff, mut size) = (0.0, 0.0);
     for (got, want) in got.into_iter().zip(want) {
         let err = rel_err(got, want);
         assert!(
             err < 1e-8,
-            "{qkv:?}/{gate_up:?}/{p:?}: library {got:e}, dense {want:e}, relative error {err:e}"
+            "{convention:?} {qkv:?}/{gate_up:?}/{p:?}: library {got:e}, dense {want:e}, \
+             relative error {err:e}"
         );
+        diff += (got - want).powi(2);
+        size += want * want;
     }
+    let l2 = (diff / size).sqrt();
+    eprintln!("{convention:?} {qkv:?}/{gate_up:?}/{p:?}: relative L2 error {l2:e}");
+    l2
+}
+
+/// `check_against_dense` on the default fixture in quad's convention.
+fn check_quad(qkv: Stacking, gate_up: Stacking, p: Preconditioner) {
+    check_against_dense(&fixture(), qkv, gate_up, p, Convention::Quad);
 }
 
 #[test]
 fn kfac_score_equals_dense_kronecker_solve_stacked_qkv() {
-    check_against_dense(Stacking::Stacked, Stacking::Separate, Preconditioner::Kfac);
+    check_quad(Stacking::Stacked, Stacking::Separate, Preconditioner::Kfac);
 }
 
 #[test]
 fn kfac_score_equals_dense_kronecker_solve_separate_qkv_stacked_gate_up() {
-    check_against_dense(Stacking::Separate, Stacking::Stacked, Preconditioner::Kfac);
+    check_quad(Stacking::Separate, Stacking::Stacked, Preconditioner::Kfac);
 }
 
 #[test]
-fn ekfac_score_equals_dense_eigenbasis_solve() {
-    check_against_dense(Stacking::Stacked, Stacking::Separate, Preconditioner::Ekfac);
-    check_against_dense(Stacking::Separate, Stacking::Stacked, Preconditioner::Ekfac);
+fn ekfac_eigenvalues_are_the_dense_per_example_ones() {
+    // The corrected eigenvalues from each window's weight gradient (autograd on its summed
+    // token loss), rotated into the dense eigenbasis, squared and averaged over windows.
+    let f = fixture();
+    for (qkv, gate_up) in [
+        (Stacking::Stacked, Stacking::Separate),
+        (Stacking::Separate, Stacking::Stacked),
+    ] {
+        check_against_dense(&f, qkv, gate_up, Preconditioner::Ekfac, Convention::Quad);
+    }
+}
+
+/// A fixture whose documents all fit one window (3..=WINDOW tokens): each is one example, as
+/// in Kronfluence, and batches of them are padded.
+fn fixture_within_window() -> Fixture {
+    let reference = random_docs_upto(4, 6, WINDOW);
+    let mut fit = reference.clone();
+    fit.extend(random_docs_upto(5, 14, WINDOW));
+    Fixture {
+        model: tiny_model(),
+        reference,
+        fit,
+        scored: random_docs_upto(6, 5, WINDOW),
+    }
+}
+
+#[test]
+fn kronfluence_convention_equals_the_dense_kronfluence_definition() {
+    // Kronfluence 1.0.1 with the empirical Fisher and separate Q/K/V (and gate/up): g from each
+    // document's mean loss, A and G over every input position, EK-FAC eigenvalues over
+    // documents, damping 0.1 x the mean eigenvalue, the mean score over reference documents.
+    // The issue asks for a relative L2 error of at most 1e-5; every score is held to 1e-8.
+    // Documents that span windows are checked too, each window one example.
+    let (qkv, gate_up) = (Stacking::Separate, Stacking::Separate);
+    for f in [fixture_within_window(), fixture()] {
+        for p in [Preconditioner::Kfac, Preconditioner::Ekfac] {
+            let l2 = check_against_dense(&f, qkv, gate_up, p, Convention::Kronfluence);
+            assert!(l2 <= 1e-5, "{p:?}: relative L2 error {l2:e}");
+        }
+    }
 }
 
 #[test]
@@ -447,6 +599,7 @@ fn identity_preconditioner_is_the_gradient_dot_product() {
         Stacking::Separate,
         Preconditioner::Identity,
         false,
+        Convention::Quad,
     );
     let v = autograd_mean(&f.model, &f.reference);
     for (doc, got) in f.scored.iter().zip(got) {
@@ -468,6 +621,7 @@ fn normalised_score_divides_by_the_dense_gradient_norm() {
         Stacking::Separate,
         Preconditioner::Kfac,
         false,
+        Convention::Quad,
     );
     let (_, mut scorer) = kfac_scorer(&f, true, None);
     let scored = scorer.score_tokens(&f.scored).unwrap();

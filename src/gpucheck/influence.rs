@@ -15,7 +15,7 @@ use crate::influence::scorer::{
     fit_factors, flops_per_token, FitSettings, InfluenceScorer, ReferenceGradient, ScorerSettings,
 };
 use crate::influence::setup::{build_scorer, FitPool};
-use crate::influence::{Fisher, InfluenceConfig, Preconditioner, Stacking};
+use crate::influence::{Convention, Fisher, InfluenceConfig, Preconditioner, Stacking};
 use crate::model::CausalLm;
 
 /// The parity tolerance: relative L2 distance of the device's scores from the CPU's in f32.
@@ -87,6 +87,7 @@ pub(super) fn parity(rec: &mut StepRecorder, opts: &CheckOptions) -> Result<(), 
 fn fit_settings(window: usize, batch: usize) -> FitSettings {
     FitSettings {
         fisher: Fisher::True,
+        convention: Convention::Quad,
         qkv: Stacking::Stacked,
         gate_up: Stacking::Separate,
         ekfac: false,

@@ -1,9 +1,12 @@
 //! K-FAC and EK-FAC factors (DESIGN 1.3): per block A = E[a a^T] and G = E[g g^T] over the
-//! tokens of a fitting set, their eigendecompositions in float64, the optional EK-FAC
-//! eigenvalue correction, and the preconditioning M = Q_G [(Q_G^T V Q_A) / (lam + delta)] Q_A^T.
+//! tokens of a fitting set (which tokens, and the loss g is taken of, is the caller's
+//! `Convention`), their eigendecompositions in float64, the optional EK-FAC eigenvalue
+//! correction from per-example gradients, and the preconditioning
+//! M = Q_G [(Q_G^T V Q_A) / (lam + delta)] Q_A^T.
 //!
-//! Everything here works on captured activations a_t ([N, d_in]) and output gradients g_t
-//! ([N, d_out]) of linear layers, so it does not depend on the model that produced them.
+//! Everything here works on captured activations a_t and output gradients g_t of linear
+//! layers (flattened tokens [N, d] for A and G, examples [B, T, d] for EK-FAC), so it does not
+//! depend on the model that produced them.
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -207,13 +210,14 @@ impl BlockFactors {
     }
 }
 
-/// Running sums of EK-FAC's corrected eigenvalues E[(Q_G^T g a^T Q_A)^2]. The expectation is
-/// over the same unit as K-FAC's A and G, the token: the corrected eigenvalues are then the
-/// exact diagonal, in the Kronecker eigenbasis, of the token Fisher that A (x) G approximates.
+/// Running sums of EK-FAC's corrected eigenvalues E_n[(Q_G^T G_n Q_A)^2] (George et al. 2018),
+/// G_n = sum_t g_t a_t^T the weight gradient of one example: the exact diagonal, in the
+/// Kronecker eigenbasis, of the Fisher of the examples' losses, which A (x) G approximates. An
+/// example is a window (the unit that goes through the model); the expectation is over examples.
 pub struct EkfacAccumulator<'f> {
     factors: &'f KfacFactors,
     sums: Vec<Option<Tensor>>,
-    tokens: i64,
+    examples: i64,
 }
 
 impl<'f> EkfacAccumulator<'f> {
@@ -221,34 +225,38 @@ impl<'f> EkfacAccumulator<'f> {
         EkfacAccumulator {
             factors,
             sums: factors.blocks.iter().map(|_| None).collect(),
-            tokens: 0,
+            examples: 0,
         }
     }
 
-    /// The same contract as `CovarianceAccumulator::add`.
-    pub fn add(&mut self, captures: &[(Tensor, Tensor)]) {
+    /// Adds the examples of one batch: `captures[l] = (a [B, T, d_in], g [B, T, d_out])` for
+    /// linear l, one row per example. Positions without a loss (padding, a window's last token)
+    /// must have g = 0 there, as backward passes give them: G_n then sums every position.
+    pub fn add_examples(&mut self, captures: &[(Tensor, Tensor)]) {
         let Some((first, _)) = captures.first() else {
             return;
         };
-        self.tokens += first.size()[0];
+        self.examples += first.size()[0];
         for (b, block) in self.factors.blocks.iter().enumerate() {
             let (a, g) = &captures[block.layout.linear];
             let g = block.layout.rows_of(g).to_kind(Kind::Double);
-            let a = a.to_kind(Kind::Double);
-            // (q_g . g_t)^2 (q_a . a_t)^2 summed over t: one product of the squared projections.
-            let pg = g.mm(&block.g_vecs).square();
-            let pa = a.mm(&block.a_vecs).square();
-            accumulate(&mut self.sums[b], &pg.tr().mm(&pa));
+            // G_n for every example at once: [B, rows, T] x [B, T, d_in].
+            let per_example = g.transpose(1, 2).bmm(&a.to_kind(Kind::Double));
+            let rotated = block.g_vecs.tr().matmul(&per_example).matmul(&block.a_vecs);
+            let squares = rotated
+                .square()
+                .sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+            accumulate(&mut self.sums[b], &squares);
         }
     }
 
     pub fn finish(self) -> Result<Vec<Tensor>, InfluenceError> {
-        if self.tokens == 0 {
+        if self.examples == 0 {
             return Err(InfluenceError::Fit(
-                "no tokens to fit the EK-FAC eigenvalues on".into(),
+                "no examples to fit the EK-FAC eigenvalues on".into(),
             ));
         }
-        let n = self.tokens as f64;
+        let n = self.examples as f64;
         self.sums
             .into_iter()
             .zip(&self.factors.blocks)

@@ -64,13 +64,29 @@ pub enum Stacking {
     Separate,
 }
 
+/// Which definition of the factors the fit follows. Both score I(z) = v^T H^-1 grad L(z) with v
+/// the mean over reference documents of the gradient of each one's mean loss; they differ in
+/// how A, G and the EK-FAC eigenvalues are taken (README, *Influence*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Convention {
+    /// g_t from each token's own loss; A and G averaged over the predicted tokens; EK-FAC
+    /// eigenvalues averaged over windows, each window's gradient that of its summed token loss.
+    Quad,
+    /// Kronfluence 1.0.1: g_t from the gradient of each example's (window's) mean loss; A and G
+    /// averaged over every input position (padding masked); EK-FAC eigenvalues averaged over
+    /// examples.
+    Kronfluence,
+}
+
 /// What H^-1 is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preconditioner {
     /// (A (x) G + delta I)^-1 per block.
     Kfac,
-    /// K-FAC's eigenbasis with the corrected eigenvalues E[(Q_G^T g a^T Q_A)^2].
+    /// K-FAC's eigenbasis with the corrected eigenvalues E_n[(Q_G^T G_n Q_A)^2], G_n the weight
+    /// gradient of example (window) n.
     Ekfac,
     /// No preconditioning: I(z) = v . grad L(z).
     Identity,
@@ -109,6 +125,9 @@ pub struct InfluenceConfig {
     pub damping: Option<f64>,
     #[serde(default = "default_fisher")]
     pub fisher: Fisher,
+    /// How A, G and the EK-FAC eigenvalues are defined: quad's or Kronfluence 1.0.1's.
+    #[serde(default = "default_convention")]
+    pub convention: Convention,
     #[serde(default = "default_stacked")]
     pub qkv: Stacking,
     #[serde(default = "default_separate")]
@@ -163,6 +182,9 @@ fn default_damping_factor() -> f64 {
 }
 fn default_fisher() -> Fisher {
     Fisher::True
+}
+fn default_convention() -> Convention {
+    Convention::Quad
 }
 fn default_stacked() -> Stacking {
     Stacking::Stacked

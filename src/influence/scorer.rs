@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use super::factors::{BlockLayout, CovarianceAccumulator, Damping, EkfacAccumulator, KfacFactors};
 use super::score::{bilinear_scores, gradient_sq_norm, token_gradient, NormMethod};
 use super::sketch::KroneckerSketch;
-use super::{Fisher, InfluenceError, Preconditioner, Stacking};
+use super::{Convention, Fisher, InfluenceError, Preconditioner, Stacking};
 use crate::model::{BlockKind, CausalLm, TrackedLinear};
 
 pub fn parse_kind(dtype: &str) -> Result<Kind, String> {
@@ -89,7 +89,7 @@ pub fn block_layouts(
     blocks
 }
 
-/// Token windows of a set of documents, grouped into batches of whole documents.
+/// Token windows of a set of documents.
 #[derive(Debug, Clone)]
 pub struct Windows {
     /// Token ids of each window.
@@ -121,36 +121,9 @@ impl Windows {
         w
     }
 
-    /// Batches of at most `batch` windows that never split a document (a document with more
-    /// windows than `batch` is a batch of its own).
-    pub fn batches(&self, batch: usize) -> Vec<std::ops::Range<usize>> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < self.rows.len() {
-            let mut end = start;
-            while end < self.rows.len() {
-                let doc = self.row_doc[end];
-                let doc_end = end
-                    + self.row_doc[end..]
-                        .iter()
-                        .take_while(|&&d| d == doc)
-                        .count();
-                if end > start && doc_end - start > batch {
-                    break;
-                }
-                end = doc_end;
-                if end - start >= batch {
-                    break;
-                }
-            }
-            out.push(start..end);
-            start = end;
-        }
-        out
-    }
-
     /// Consecutive ranges of at most `batch` windows, cutting documents where they fall: what
-    /// scoring runs through the model, so memory is bounded whatever a document's length.
+    /// fitting and scoring run through the model, so memory is bounded whatever a document's
+    /// length.
     pub fn chunks(&self, batch: usize) -> Vec<std::ops::Range<usize>> {
         let batch = batch.max(1);
         (0..self.rows.len())
@@ -245,6 +218,7 @@ pub fn capture(
 #[derive(Debug, Clone)]
 pub struct FitSettings {
     pub fisher: Fisher,
+    pub convention: Convention,
     pub qkv: Stacking,
     pub gate_up: Stacking,
     pub ekfac: bool,
@@ -253,7 +227,7 @@ pub struct FitSettings {
     pub seed: u64,
 }
 
-/// The tokens of a capture that carry a prediction, flattened: (a [N, d_in], g [N, d_out]).
+/// The tokens of a capture at the positions `mask` marks, flattened: (a [N, d_in], g [N, d_out]).
 fn masked_tokens(captures: &[(Tensor, Tensor)], mask: &Tensor) -> Vec<(Tensor, Tensor)> {
     let idx = mask.flatten(0, 1).nonzero().squeeze_dim(1);
     captures
@@ -267,43 +241,79 @@ fn masked_tokens(captures: &[(Tensor, Tensor)], mask: &Tensor) -> Vec<(Tensor, T
         .collect()
 }
 
-/// Fits A and G (and the EK-FAC eigenvalues) over every predicted token of `docs`.
+/// The loss weight of each window of a fitting batch: 1 per predicted token (quad: g_t is the
+/// gradient of the token's own loss, a window's gradient that of its summed loss), or 1 over the
+/// window's predictions (Kronfluence: the gradient of the example's mean loss).
+fn fit_weights(rows: &[Vec<i64>], convention: Convention) -> Vec<f64> {
+    rows.iter()
+        .map(|row| match convention {
+            Convention::Quad => 1.0,
+            Convention::Kronfluence => 1.0 / (row.len() - 1) as f64,
+        })
+        .collect()
+}
+
+/// [B, T] true at every input position of `rows` (right-padded to T): what Kronfluence
+/// averages A and G over (the attention mask), a window's last token included.
+fn input_positions(rows: &[Vec<i64>], device: Device) -> Tensor {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mask: Vec<bool> = rows
+        .iter()
+        .flat_map(|row| (0..len).map(move |t| t < row.len()))
+        .collect();
+    Tensor::from_slice(&mask)
+        .reshape([rows.len() as i64, len as i64])
+        .to_device(device)
+}
+
+/// What a fitting pass calls per batch: the captures and the mask of the counted positions.
+type BatchVisitor<'v> = dyn FnMut(&[(Tensor, Tensor)], &Tensor) -> Result<(), InfluenceError> + 'v;
+
+/// One pass over the fitting windows, batch by batch: `visit` gets each batch's captures
+/// ([B, T, d] per tracked linear) and the mask of the positions A and G average over. Every
+/// pass re-seeds, so the EK-FAC pass sees the labels the covariances were fitted on.
+fn fit_pass(
+    model: &CausalLm,
+    windows: &Windows,
+    settings: &FitSettings,
+    visit: &mut BatchVisitor<'_>,
+) -> Result<(), InfluenceError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ 0xf15e_u64);
+    let chunks = windows.chunks(settings.batch);
+    for (i, range) in chunks.iter().enumerate() {
+        let rows = &windows.rows[range.clone()];
+        let targets = match settings.fisher {
+            Fisher::True => Targets::Sampled(&mut rng),
+            Fisher::Empirical => Targets::Data,
+        };
+        let weights = fit_weights(rows, settings.convention);
+        let (captures, predicted) = capture(model, rows, &weights, targets)?;
+        let counted = match settings.convention {
+            Convention::Quad => predicted,
+            Convention::Kronfluence => input_positions(rows, model.device()),
+        };
+        tch::no_grad(|| visit(&captures, &counted))?;
+        tracing::debug!(batch = i + 1, of = chunks.len(), "factor pass");
+    }
+    Ok(())
+}
+
+/// Fits A and G (and the EK-FAC eigenvalues) on the windows of `docs`, as the settings'
+/// convention defines them.
 pub fn fit_factors(
     model: &CausalLm,
     docs: &[Vec<i64>],
     settings: &FitSettings,
 ) -> Result<KfacFactors, InfluenceError> {
     let windows = Windows::new(docs, settings.window);
-    let batches = windows.batches(settings.batch);
-    // Each pass re-seeds, so the EK-FAC pass sees the labels the covariances were fitted on.
-    let pass = |visit: &mut dyn FnMut(&[(Tensor, Tensor)]) -> Result<(), InfluenceError>| {
-        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ 0xf15e_u64);
-        for (i, range) in batches.iter().enumerate() {
-            let rows = &windows.rows[range.clone()];
-            let targets = match settings.fisher {
-                Fisher::True => Targets::Sampled(&mut rng),
-                Fisher::Empirical => Targets::Data,
-            };
-            let (captures, mask) = capture(model, rows, &vec![1.0; rows.len()], targets)?;
-            tch::no_grad(|| visit(&masked_tokens(&captures, &mask)))?;
-            tracing::debug!(batch = i + 1, of = batches.len(), "factor pass");
-        }
-        Ok::<(), InfluenceError>(())
-    };
-    let mut layouts = None;
-    let mut acc: Option<CovarianceAccumulator> = None;
-    pass(&mut |tokens| {
-        if acc.is_none() {
-            let l = layouts_for(model, settings)?;
-            acc = Some(CovarianceAccumulator::new(&l));
-            layouts = Some(l);
-        }
-        if let Some(acc) = acc.as_mut() {
-            acc.add(tokens);
-        }
+    if windows.rows.is_empty() {
+        return Err(InfluenceError::Fit("no document has two tokens".into()));
+    }
+    let mut acc = CovarianceAccumulator::new(&layouts_for(model, settings)?);
+    fit_pass(model, &windows, settings, &mut |captures, counted| {
+        acc.add(&masked_tokens(captures, counted));
         Ok(())
     })?;
-    let acc = acc.ok_or_else(|| InfluenceError::Fit("no document has two tokens".into()))?;
     let mut factors = acc.finish()?;
     tracing::info!(
         tokens = factors.tokens,
@@ -312,13 +322,13 @@ pub fn fit_factors(
     );
     if settings.ekfac {
         let mut ek = EkfacAccumulator::new(&factors);
-        pass(&mut |tokens| {
-            ek.add(tokens);
+        fit_pass(model, &windows, settings, &mut |captures, _| {
+            ek.add_examples(captures);
             Ok(())
         })?;
         let eigenvalues = ek.finish()?;
         factors.set_ekfac(eigenvalues);
-        tracing::info!("EK-FAC eigenvalues fitted");
+        tracing::info!(examples = windows.rows.len(), "EK-FAC eigenvalues fitted");
     }
     Ok(factors)
 }

@@ -205,11 +205,13 @@ pub fn factor_cache_key(
     seed: u64,
 ) -> serde_json::Value {
     serde_json::json!({
-        "version": 2,
+        // 3: EK-FAC eigenvalues from per-example gradients, fitting batches cut documents.
+        "version": 3,
         "model": model_hash,
         "dtype": cfg.dtype,
         "device": device_kind(device),
         "fisher": cfg.fisher,
+        "convention": cfg.convention,
         "qkv": cfg.qkv,
         "gate_up": cfg.gate_up,
         "ekfac": cfg.preconditioner == Preconditioner::Ekfac,
@@ -259,6 +261,7 @@ pub fn build_scorer(
         };
         let settings = FitSettings {
             fisher: cfg.fisher,
+            convention: cfg.convention,
             qkv: cfg.qkv,
             gate_up: cfg.gate_up,
             ekfac: cfg.preconditioner == Preconditioner::Ekfac,
