@@ -51,8 +51,9 @@ fn tiny_config(vocab: i64, tied: bool) -> LlamaConfig {
 }
 
 fn random_ids(vocab: i64, b: i64, t: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
-    Tensor::randint(vocab, [b, t], (Kind::Int64, Device::Cpu))
+    quad::model::seeded_draw(seed as u64, || {
+        Tensor::randint(vocab, [b, t], (Kind::Int64, Device::Cpu))
+    })
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

@@ -467,9 +467,11 @@ fn read_config(dir: &Path) -> Result<(BertConfig, Activation)> {
 /// gets 64 MiB; MiniLM's weights are 91 MB).
 pub fn write_random_checkpoint(template: &Path, out: &Path, seed: u64) -> Result<()> {
     let (cfg, act) = read_config(template)?;
-    tch::manual_seed(seed as i64);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _model = Bert::new(vs.root(), &cfg, act);
+    let vs = crate::model::seeded_draw(seed, || {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = Bert::new(vs.root(), &cfg, act);
+        vs
+    });
     std::fs::create_dir_all(out.join("1_Pooling"))
         .with_context(|| format!("cannot create {}", out.display()))?;
     let weights = out.join("model.safetensors");

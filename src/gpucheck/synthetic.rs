@@ -137,10 +137,13 @@ pub(crate) fn clustered_unit_rows(
     device: Device,
 ) -> Result<Vec<f32>, GpuCheckError> {
     let _guard = tch::no_grad_guard();
-    tch::manual_seed(seed as i64);
-    let dirs = Tensor::randn([centres as i64, dim as i64], (Kind::Float, device));
-    let which = Tensor::randint(centres as i64, [n as i64], (Kind::Int64, device));
-    let noise = Tensor::randn([n as i64, dim as i64], (Kind::Float, device));
+    let (dirs, which, noise) = crate::model::seeded_draw(seed, || {
+        (
+            Tensor::randn([centres as i64, dim as i64], (Kind::Float, device)),
+            Tensor::randint(centres as i64, [n as i64], (Kind::Int64, device)),
+            Tensor::randn([n as i64, dim as i64], (Kind::Float, device)),
+        )
+    });
     let rows = dirs.index_select(0, &which) / (dim as f64).sqrt() + noise * 0.05;
     let norms = rows.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     let unit = (rows / norms).to_device(Device::Cpu).contiguous();

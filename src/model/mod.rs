@@ -17,6 +17,22 @@ pub use crate::error::ModelError;
 pub use config::LlamaConfig;
 pub use llama::{BlockKind, Llama, TrackedLinear};
 
+/// Held while a draw from libtorch's one global generator runs, from `manual_seed` to its last
+/// random number: threads that seed it (tests run in parallel, workers build models) would
+/// otherwise interleave and take each other's numbers, and a seed would not fix the result.
+static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` with libtorch's global generator seeded with `seed` and no other seeded draw
+/// in between: the same seed gives the same numbers whatever other threads do.
+pub fn seeded_draw<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
+    // A draw that panicked left nothing to protect: the next one seeds afresh.
+    let _held = TORCH_GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    draw()
+}
+
 /// This process's index among the job's processes on its machine (`quad run -n`), which
 /// picks its GPU for `device = "auto"`; 0 for a job of one process.
 static LOCAL_PROCESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -95,9 +111,11 @@ impl CausalLm {
         kind: Kind,
         seed: u64,
     ) -> CausalLm {
-        tch::manual_seed(seed as i64);
-        let mut vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), cfg);
+        let (mut vs, model) = seeded_draw(seed, || {
+            let vs = nn::VarStore::new(device);
+            let model = Llama::new(&vs.root(), cfg);
+            (vs, model)
+        });
         vs.set_kind(kind);
         CausalLm {
             config: cfg.clone(),
