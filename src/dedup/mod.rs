@@ -13,7 +13,7 @@
 //!   checked against `threshold` with a 1-byte-a-hash sketch (b-bit MinHash, Li and König
 //!   2010), which is what the store keeps of a document.
 use serde::{Deserialize, Serialize};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Exact and near-duplicate removal (`[dedup]`).
@@ -121,20 +121,23 @@ pub struct Fingerprint {
 }
 
 /// The text as it is compared: NFKC, lower case, whitespace runs as one space, trimmed.
+pub fn normalise(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    normalise_words(text, &mut out, |_| ());
+    out
+}
+
+/// `normalise` into `out` (cleared first), calling `word` with each word of the result as it
+/// is written, so that near dedup hashes the words without a second pass over the text.
 ///
 /// Computed a piece at a time between ASCII whitespace, which is a normalisation boundary
 /// (a starter that composes with nothing, so nothing reorders or composes across it): the
-/// ASCII pieces, most of web text, are copied as they are and skip the NFKC machinery, which
-/// costs more than all the rest of a fingerprint. The result is that of the whole text
-/// normalised.
-pub fn normalise(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    fn push_word(out: &mut String, word: &str) {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(word);
-    }
+/// ASCII pieces, most of web text, are copied and lowercased as they are and skip the NFKC
+/// machinery, and so are the other pieces that NFKC's quick check says it leaves unchanged
+/// (curly quotes, dashes, accented letters already composed). The result is that of the
+/// whole text normalised.
+pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(&str)) {
+    out.clear();
     let bytes = text.as_bytes();
     let mut at = 0;
     while at < bytes.len() {
@@ -152,18 +155,57 @@ pub fn normalise(text: &str) -> String {
         // character boundaries.
         let piece = &text[start..at];
         if ascii {
-            push_word(&mut out, piece);
+            let from = begin_word(out);
+            out.push_str(piece);
+            out[from..].make_ascii_lowercase();
+            word(&out[from..]);
+        } else if is_nfkc_quick(piece.chars()) == IsNormalized::Yes && !piece.contains('Σ') {
+            // Lower case a character at a time, as `str::to_lowercase` does but for the
+            // final sigma, whose context rule the slow path keeps.
+            lowercase_words(piece.chars(), out, &mut word);
         } else {
-            // NFKC may make whitespace (a no-break space becomes a space): split again.
             let folded = piece.nfkc().collect::<String>().to_lowercase();
-            folded
-                .split_whitespace()
-                .for_each(|word| push_word(&mut out, word));
+            // NFKC may make whitespace (a no-break space becomes a space): split again.
+            for w in folded.split_whitespace() {
+                let from = begin_word(out);
+                out.push_str(w);
+                word(&out[from..]);
+            }
         }
     }
-    // The ASCII pieces' capitals, in one pass; Unicode lowercasing left none in the others.
-    out.make_ascii_lowercase();
-    out
+}
+
+/// Separates the next word from the last one; where the next word starts in `out`.
+fn begin_word(out: &mut String) -> usize {
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    out.len()
+}
+
+/// Writes `chars` lowercased into `out`, its words (split at Unicode whitespace) separated by
+/// one space, calling `word` with each.
+fn lowercase_words(
+    chars: impl Iterator<Item = char>,
+    out: &mut String,
+    word: &mut impl FnMut(&str),
+) {
+    let mut from: Option<usize> = None;
+    for c in chars {
+        if c.is_whitespace() {
+            if let Some(f) = from.take() {
+                word(&out[f..]);
+            }
+            continue;
+        }
+        if from.is_none() {
+            from = Some(begin_word(out));
+        }
+        out.extend(c.to_lowercase());
+    }
+    if let Some(f) = from {
+        word(&out[f..]);
+    }
 }
 
 /// Unicode whitespace among the ASCII bytes (`is_ascii_whitespace` leaves out the vertical tab).
@@ -312,9 +354,17 @@ impl MinHasher {
         let words: Vec<u64> = normalised
             .as_bytes()
             .split(|&b| b == b' ')
-            .map(xxh3_64)
+            .map(word_hash)
             .collect();
-        let shingles = shingle_hashes(&words, self.ngram.min(words.len()).max(1));
+        self.signature_of_words(&words)
+    }
+
+    /// `signature` from the hashes (`word_hash`) of the normalised text's words.
+    pub fn signature_of_words(&self, words: &[u64]) -> Vec<u32> {
+        // The empty text is one empty word, as `signature` splits it.
+        let empty = [word_hash(b"")];
+        let words = if words.is_empty() { &empty[..] } else { words };
+        let shingles = shingle_hashes(words, self.ngram.min(words.len()).max(1));
         let mut minima = vec![u32::MAX; self.multipliers.len()];
         (self.minima)(&mut minima, &self.multipliers, &self.offsets, &shingles);
         minima.truncate(self.hashes);
@@ -335,20 +385,34 @@ impl MinHasher {
             .collect()
     }
 
-    /// A document's fingerprint under `config` (near parts only when near dedup is on).
+    /// A document's fingerprint under `config` (near parts only when near dedup is on): one
+    /// pass normalises the text and hashes its words.
     pub fn fingerprint(&self, config: &DedupConfig, text: &str) -> Fingerprint {
-        let normalised = normalise(text);
+        let mut normalised = String::with_capacity(text.len());
+        let mut words = Vec::new();
+        if config.near {
+            normalise_words(text, &mut normalised, |w| {
+                words.push(word_hash(w.as_bytes()))
+            });
+        } else {
+            normalise_words(text, &mut normalised, |_| ());
+        }
         let mut fingerprint = Fingerprint {
             text: text_hash(&normalised),
             ..Default::default()
         };
         if config.near {
-            let signature = self.signature(&normalised);
+            let signature = self.signature_of_words(&words);
             fingerprint.bands = self.band_keys(&signature);
             fingerprint.sketch = sketch(&signature);
         }
         fingerprint
     }
+}
+
+/// A normalised word's hash, what shingles are made of.
+pub fn word_hash(word: &[u8]) -> u64 {
+    xxh3_64(word)
 }
 
 /// The low byte of each minimum (b-bit MinHash with b = 8).

@@ -17,9 +17,38 @@ fn normalisation_a_piece_at_a_time_equals_the_whole_text_normalised() {
         "\u{3a3}\u{39f}\u{3a3} \u{39f}\u{394}\u{39f}\u{3a3} final sigma: \u{391}\u{3a3}. x\u{3a3}y",
         "\u{fb01}ne \u{ff21}\u{ff22} \u{2460} \u{1100}\u{1161}\u{11a8} jamo, \u{2028}line\u{85}next",
         "\u{130}stanbul \u{1e9e} \u{df} \u{212b}ngstr\u{f6}m",
+        // Pieces NFKC leaves as they are (lowercased a character at a time), one with a
+        // whitespace character that has no decomposition inside it.
+        "\u{201c}Quoted\u{201d} \u{2014} \u{dc}N\u{ef}C\u{d6}D\u{c9} ogham\u{1680}Space\u{2029}para",
+        "\u{1f600}Emoji\u{2764} \u{4e2d}\u{6587} \u{41f}\u{420}\u{418}\u{412}\u{415}\u{422}",
     ];
     for text in texts {
         assert_eq!(normalise(text), whole(text), "{text:?}");
+    }
+}
+
+#[test]
+fn fingerprints_equal_normalising_then_hashing_the_words() {
+    // The fingerprint hashes words while it normalises; the definition normalises, then
+    // splits the result and hashes each word.
+    let config = DedupConfig::default();
+    let hasher = MinHasher::new(&config);
+    let long = words(0..40, "W\u{e9}").join("\u{a0}");
+    for text in [
+        "",
+        "   ",
+        "one",
+        "Two Words",
+        "\u{201c}Quoted\u{201d} \u{dc}N\u{ef}C\u{d6}D\u{c9} ogham\u{1680}Space \u{fb01}ne \u{ff21}\u{ff22}",
+        "\u{3a3}\u{39f}\u{3a3} final sigma x\u{3a3}y and no\u{a0}break",
+        long.as_str(),
+    ] {
+        let normalised = normalise(text);
+        let signature = signature_by_definition(&config, &normalised);
+        let fingerprint = hasher.fingerprint(&config, text);
+        assert_eq!(fingerprint.text, text_hash(&normalised), "{text:?}");
+        assert_eq!(fingerprint.bands, hasher.band_keys(&signature), "{text:?}");
+        assert_eq!(fingerprint.sketch, sketch(&signature), "{text:?}");
     }
 }
 
