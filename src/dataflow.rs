@@ -161,15 +161,6 @@ fn failed_handle(shared: &Arc<Shared>) -> Failed {
 pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let start = Instant::now();
     let place = ProcessPlace::of(options);
-    if place.count > 1 && spec.select.strategy != Strategy::Random {
-        anyhow::bail!(
-            "select.strategy {:?} on {} processes: the Quad loop does not run across processes \
-             yet (its membership reads members that other processes' stores hold); run it on \
-             one process with -w workers",
-            spec.select.strategy,
-            place.count
-        );
-    }
     // Every process must run the spec as written; each then runs its own paths.
     let identity = Identity::new(place.index, place.count, &spec.selection_fingerprint());
     let spec = spec.for_process(place.index, place.count);
@@ -304,6 +295,18 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         tracing::warn!(glob = %spec.source.shards, "no shard matches source.shards");
     }
     let plan = store.register_shards(&found)?;
+    if place.count > 1 && spec.select.strategy != Strategy::Random && plan.len() < found.len() {
+        // Each process's store holds the cluster aggregates of its own epochs, and the bandit
+        // restarts from process 0's alone: the Quad loop across processes runs from a fresh
+        // start only (README, "Several processes and machines").
+        anyhow::bail!(
+            "select.strategy {:?} on {} processes: this process's store has committed shards, \
+             and the Quad loop does not resume across processes yet; start the job afresh \
+             (`quad run --reset`) or run it on one process with -w workers",
+            spec.select.strategy,
+            place.count
+        );
+    }
     let clustering = if spec.cluster.enabled {
         Some(
             spec.embed
@@ -474,7 +477,8 @@ fn run_worker(
             } else {
                 None
             };
-            build_loop(changes, bandit, loop_context(shared, watch), &loop_probe);
+            let ctx = loop_context(shared, watch, shared.place.first_local(index));
+            build_loop(changes, bandit, ctx, &loop_probe);
         }
     });
 

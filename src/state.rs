@@ -26,7 +26,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "7";
+pub const STORE_LAYOUT: &str = "8";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -60,6 +60,11 @@ const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// the costs.
 const RUN: TableDefinition<&str, &str> = TableDefinition::new("run");
 const BANDIT_KEY: &str = "bandit";
+/// The outcome of the last decided round (JSON `bandit::RoundOutcome`), replayed to the
+/// clusters' owners after a restart.
+const LAST_OUTCOME_KEY: &str = "last_outcome";
+/// `applied_round/<worker>`: the last round whose part that worker carried out in this store.
+const APPLIED_ROUND_PREFIX: &str = "applied_round/";
 /// Selected tokens by the rows' `source` column, summed over closed output files.
 const SELECTED_MIX_KEY: &str = "selected_tokens_by_source";
 /// Per cluster: bincode of `ClusterInfo` (centroid, size, tokens).
@@ -1001,17 +1006,16 @@ impl StateStore {
 
 /// The Quad loop's records (additions for the bandit; tables are created on first write).
 impl StateStore {
-    /// Records round `record.round` in one transaction: its record, the bandit state after it
-    /// (O(k)), and what the round changed: its sampled members leave the draw order (and the
-    /// clusters' unsampled counts), their flags are set, and the selected rows join the
-    /// pending output. Nothing of the rest of the pool is read or written.
-    pub fn commit_round(
+    /// Records the bandit's decision of round `record.round` (on the bandit's worker): its
+    /// record, the bandit state after it (O(k)), and the round's outcome, from which the
+    /// clusters' owners carry out their parts again after a restart (`last_outcome`). Nothing of
+    /// the pool is read or written: the owners' stores hold the members.
+    pub fn commit_decision(
         &self,
         record: &crate::bandit::record::RoundRecord,
         bandit: &crate::bandit::Bandit,
         outcome: &crate::bandit::RoundOutcome,
     ) -> Result<(), StateError> {
-        let seed = bandit.seed();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut rounds = txn.open_table(ROUNDS).map_err(|e| self.err(e))?;
@@ -1020,49 +1024,135 @@ impl StateStore {
                 .insert(record.round, json.as_str())
                 .map_err(|e| self.err(e))?;
             let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
-            let json = serde_json::to_string(bandit).map_err(|e| self.err(e))?;
-            run.insert(BANDIT_KEY, json.as_str())
-                .map_err(|e| self.err(e))?;
-            let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
-            for (m, _) in &outcome.scored {
-                *flags
-                    .entry((m.cluster, m.loc.shard, m.loc.row))
-                    .or_default() |= member_flags::SCORED;
-            }
-            for (m, _) in &outcome.selected {
-                *flags
-                    .entry((m.cluster, m.loc.shard, m.loc.row))
-                    .or_default() |= member_flags::SELECTED;
-            }
-            let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
-            for (m, reason) in &outcome.unscorable {
-                *flags
-                    .entry((m.cluster, m.loc.shard, m.loc.row))
-                    .or_default() |= member_flags::UNSCORABLE;
-                let reject = Reject {
-                    row: m.loc.row,
-                    column: "quad_influence".into(),
-                    reason: reason.clone(),
-                    matched: None,
-                };
-                let json = serde_json::to_string(&reject).map_err(|e| self.err(e))?;
-                rejects
-                    .insert((m.loc.shard, m.loc.row), json.as_str())
-                    .map_err(|e| self.err(e))?;
-            }
-            let left = self.mark_sampled(&txn, seed, record.round, outcome, &flags)?;
-            self.decrement_fresh(&txn, &left)?;
-            let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
-            for (m, influence) in &outcome.selected {
-                pending
-                    .insert(
-                        (m.cluster, record.round, m.loc.shard, m.loc.row),
-                        (m.loc.row_group, m.tokens, influence.unwrap_or(f64::NAN)),
-                    )
-                    .map_err(|e| self.err(e))?;
+            for (key, json) in [
+                (BANDIT_KEY, serde_json::to_string(bandit)),
+                (LAST_OUTCOME_KEY, serde_json::to_string(outcome)),
+            ] {
+                let json = json.map_err(|e| self.err(e))?;
+                run.insert(key, json.as_str()).map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The outcome of the last decided round (`commit_decision`), if any.
+    pub fn last_outcome(&self) -> Result<Option<crate::bandit::RoundOutcome>, StateError> {
+        self.run_value(LAST_OUTCOME_KEY)
+    }
+
+    /// Carries out a decided round's part of the members this store holds, in one transaction,
+    /// once (worker `worker` answers for the store): the sampled members leave the draw order
+    /// (and their clusters' unsampled counts), their flags are set, unscorable members are
+    /// rejected, and the selected rows join the pending output. `every_member_here`: the store
+    /// holds every member of the job (one process), so a member it lacks is an error; otherwise
+    /// the members of other stores are left to them. Returns the part carried out, or None,
+    /// writing nothing, when this store had carried out the round already (a round replayed
+    /// after a restart).
+    pub fn apply_round_part(
+        &self,
+        worker: u64,
+        seed: u64,
+        part: &crate::bandit::RoundPart,
+        every_member_here: bool,
+    ) -> Result<Option<crate::bandit::RoundPart>, StateError> {
+        let key = format!("{APPLIED_ROUND_PREFIX}{worker}");
+        if let Some(done) = self.run_value::<u64>(&key)? {
+            if done >= part.round {
+                return Ok(None);
+            }
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let part = if every_member_here {
+            part.clone()
+        } else {
+            self.held_part(&txn, seed, part)?
+        };
+        self.write_part(&txn, seed, &part)?;
+        {
+            let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
+            run.insert(key.as_str(), part.round.to_string().as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(Some(part))
+    }
+
+    /// The part of `part` whose members this store holds (unsampled or sampled before).
+    fn held_part(
+        &self,
+        txn: &redb::WriteTransaction,
+        seed: u64,
+        part: &crate::bandit::RoundPart,
+    ) -> Result<crate::bandit::RoundPart, StateError> {
+        let unsampled = UNSAMPLED.open(txn).map_err(|e| self.err(e))?;
+        let sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
+        let mut held = HashSet::new();
+        for m in part.sampled() {
+            let (epoch, row) = (
+                self.narrow("epoch", m.loc.shard)?,
+                self.narrow("row", m.loc.row)?,
+            );
+            let sample_key = crate::bandit::draw::sample_key(seed, &m.loc);
+            let here = unsampled
+                .get(&layout::unsampled_key(m.cluster, sample_key, epoch, row))
+                .map_err(|e| self.err(e))?
+                .is_some()
+                || sampled
+                    .get(&layout::sampled_key(m.cluster, epoch, row))
+                    .map_err(|e| self.err(e))?
+                    .is_some();
+            if here {
+                held.insert(m);
+            }
+        }
+        Ok(part.clone().only(|m| held.contains(m)))
+    }
+
+    fn write_part(
+        &self,
+        txn: &redb::WriteTransaction,
+        seed: u64,
+        part: &crate::bandit::RoundPart,
+    ) -> Result<(), StateError> {
+        let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
+        for (m, _) in &part.scored {
+            *flags
+                .entry((m.cluster, m.loc.shard, m.loc.row))
+                .or_default() |= member_flags::SCORED;
+        }
+        for (m, _) in &part.selected {
+            *flags
+                .entry((m.cluster, m.loc.shard, m.loc.row))
+                .or_default() |= member_flags::SELECTED;
+        }
+        let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
+        for (m, reason) in &part.unscorable {
+            *flags
+                .entry((m.cluster, m.loc.shard, m.loc.row))
+                .or_default() |= member_flags::UNSCORABLE;
+            let reject = Reject {
+                row: m.loc.row,
+                column: "quad_influence".into(),
+                reason: reason.clone(),
+                matched: None,
+            };
+            let json = serde_json::to_string(&reject).map_err(|e| self.err(e))?;
+            rejects
+                .insert((m.loc.shard, m.loc.row), json.as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        let left = self.mark_sampled(txn, seed, part, &flags)?;
+        self.decrement_fresh(txn, &left)?;
+        let mut pending = txn.open_table(PENDING).map_err(|e| self.err(e))?;
+        for (m, influence) in &part.selected {
+            pending
+                .insert(
+                    (m.cluster, part.round, m.loc.shard, m.loc.row),
+                    (m.loc.row_group, m.tokens, influence.unwrap_or(f64::NAN)),
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn decrement_fresh(
@@ -1096,14 +1186,14 @@ impl StateStore {
         &self,
         txn: &redb::WriteTransaction,
         seed: u64,
-        round: u64,
-        outcome: &crate::bandit::RoundOutcome,
+        part: &crate::bandit::RoundPart,
         flags: &BTreeMap<(u32, u64, u64), u8>,
     ) -> Result<BTreeMap<u32, u64>, StateError> {
         let mut unsampled = UNSAMPLED.open(txn).map_err(|e| self.err(e))?;
         let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut left: BTreeMap<u32, u64> = BTreeMap::new();
-        for m in outcome.sampled() {
+        let round = part.round;
+        for m in part.sampled() {
             let (epoch, row) = (
                 self.narrow("epoch", m.loc.shard)?,
                 self.narrow("row", m.loc.row)?,
@@ -1145,14 +1235,33 @@ impl StateStore {
         Ok(left)
     }
 
-    /// Draws round `round`'s pull of `request.cluster`: the unsampled members that follow the
-    /// round's seeded start in the draw order (wrapping), O(n) entries read.
+    /// Draws round `round`'s pull of `request.cluster` from this store alone: the unsampled
+    /// members that follow the round's seeded start in the draw order (wrapping), O(n) entries
+    /// read.
     pub fn draw(
         &self,
         seed: u64,
         round: u64,
         request: &crate::bandit::PullRequest,
     ) -> Result<crate::bandit::Pull, StateError> {
+        let drawn = self.draw_candidates(seed, round, request)?;
+        Ok(crate::bandit::draw::into_pull(
+            request,
+            drawn.into_iter().map(|c| c.member).collect(),
+        ))
+    }
+
+    /// This store's part of a draw: its first `sample + block` unsampled members of the cluster
+    /// in the round's draw order, each with its place in that order. A job on several processes
+    /// keeps each cluster's members in several stores; the first of all their candidates, in
+    /// that order, are the draw (`bandit::draw::merge_candidates`).
+    pub fn draw_candidates(
+        &self,
+        seed: u64,
+        round: u64,
+        request: &crate::bandit::PullRequest,
+    ) -> Result<Vec<crate::bandit::draw::DrawCandidate>, StateError> {
+        use crate::bandit::draw::DrawCandidate;
         use crate::bandit::{DocLoc, MemberRef};
         let c = request.cluster;
         let start = crate::bandit::draw::start_key(seed, round, c);
@@ -1178,45 +1287,53 @@ impl StateStore {
                 .first_in(low, high, want - drawn.len())
                 .map_err(|e| self.err(e))?;
             for (k, v) in entries {
-                let (cluster, _, shard, row) = layout::parse_unsampled_key(&k);
+                let (cluster, sample_key, shard, row) = layout::parse_unsampled_key(&k);
                 let (row_group, tokens) = layout::parse_member_value(&v);
-                drawn.push(MemberRef {
-                    cluster,
-                    loc: DocLoc {
-                        shard: u64::from(shard),
-                        row_group,
-                        row: u64::from(row),
+                drawn.push(DrawCandidate {
+                    wrapped: i == 1,
+                    sample_key,
+                    member: MemberRef {
+                        cluster,
+                        loc: DocLoc {
+                            shard: u64::from(shard),
+                            row_group,
+                            row: u64::from(row),
+                        },
+                        tokens: u64::from(tokens),
                     },
-                    tokens: u64::from(tokens),
                 });
             }
         }
-        Ok(crate::bandit::draw::into_pull(request, drawn))
+        Ok(drawn)
     }
 
     /// Selected rows not yet in a closed output file, of the clusters `owned` accepts, in
     /// (cluster, round, epoch, row) order.
-    pub fn pending_rows(&self, owned: impl Fn(u32) -> bool) -> Result<Vec<PendingRow>, StateError> {
+    pub fn pending_rows(
+        &self,
+        owned: impl Fn(&crate::bandit::MemberRef) -> bool,
+    ) -> Result<Vec<PendingRow>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(PENDING).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = entry.map_err(|e| self.err(e))?;
             let (cluster, round, epoch, row) = k.value();
-            if !owned(cluster) {
+            let (row_group, tokens, influence) = v.value();
+            let member = crate::bandit::MemberRef {
+                cluster,
+                loc: crate::bandit::DocLoc {
+                    shard: epoch,
+                    row_group,
+                    row,
+                },
+                tokens,
+            };
+            if !owned(&member) {
                 continue;
             }
-            let (row_group, tokens, influence) = v.value();
             out.push(PendingRow {
-                member: crate::bandit::MemberRef {
-                    cluster,
-                    loc: crate::bandit::DocLoc {
-                        shard: epoch,
-                        row_group,
-                        row,
-                    },
-                    tokens,
-                },
+                member,
                 round,
                 influence: (!influence.is_nan()).then_some(influence),
             });
@@ -1532,8 +1649,11 @@ mod tests {
         )
         .unwrap();
         store
-            .commit_round(&Default::default(), &bandit, &outcome)
+            .commit_decision(&Default::default(), &bandit, &outcome)
             .unwrap();
+        let part = outcome.part(|_| true);
+        assert!(store.apply_round_part(0, 9, &part, true).unwrap().is_some());
+        assert!(store.apply_round_part(0, 9, &part, true).unwrap().is_none());
         let after = store.members(3).unwrap();
         assert_eq!(after.len(), 50, "every member is in one of the two tables");
         let flags_of = |loc: DocLoc| after.iter().find(|m| m.loc() == loc).unwrap().flags;

@@ -1,6 +1,7 @@
 //! A job on several processes (timely's cluster mode, on 127.0.0.1 with free ports): the same
-//! selected rows as on one process, whatever the processes and workers; processes that run
-//! different jobs, or cannot reach a peer, stop with an error that names it.
+//! selected rows as on one process, whatever the processes and workers, for the random strategy
+//! and for the Quad loop; processes that run different jobs, or cannot reach a peer, stop with
+//! an error that names it.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -92,16 +93,17 @@ fn selected_rows(sink: &Path) -> Vec<Vec<String>> {
 fn random_selection(dir: &Path, processes: usize, workers: usize) -> Vec<Vec<String>> {
     let name = format!("n{processes}w{workers}");
     let job = write_job(dir, &name, &slice_glob(), 11, "");
-    selection(dir, &name, &job, processes, workers)
+    selection(dir, &name, &job, (processes, workers), true)
 }
 
-/// The rows `job` (writing `dir/name`) selects with `processes` processes of `workers` workers.
+/// The rows `job` (writing `dir/name`) selects with `processes` processes of `workers` workers;
+/// `each_writes`: every process must have written a file.
 fn selection(
     dir: &Path,
     name: &str,
     job: &Path,
-    processes: usize,
-    workers: usize,
+    (processes, workers): (usize, usize),
+    each_writes: bool,
 ) -> Vec<Vec<String>> {
     if processes == 1 {
         let out = run(job, workers);
@@ -120,7 +122,7 @@ fn selection(
         // Each process wrote its own folder, and the summaries add up to the output.
         let rows = selected_rows(&dir.join(name));
         assert_eq!(selected, rows.len() as u64);
-        for i in 0..processes {
+        for i in (0..processes).filter(|_| each_writes) {
             assert!(
                 !output_files(&dir.join(name).join(format!("p{i}"))).is_empty(),
                 "process {i} wrote no file"
@@ -130,13 +132,13 @@ fn selection(
     selected_rows(&dir.join(name))
 }
 
-#[test]
-fn processes_and_workers_select_the_same_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let one = random_selection(dir.path(), 1, 1);
-    assert!(one.len() > 300, "{} rows", one.len());
-    for (processes, workers) in [(1, 2), (2, 1), (2, 2)] {
-        let other = random_selection(dir.path(), processes, workers);
+/// Checks that every layout of processes and workers selects the rows of 1 x 1 (at least
+/// `min_rows` of them).
+fn same_rows_for_every_layout(min_rows: usize, select: impl Fn(usize, usize) -> Vec<Vec<String>>) {
+    let one = select(1, 1);
+    assert!(one.len() > min_rows, "{} rows", one.len());
+    for (processes, workers) in [(2, 1), (1, 2), (2, 2)] {
+        let other = select(processes, workers);
         assert_eq!(
             other.len(),
             one.len(),
@@ -147,6 +149,12 @@ fn processes_and_workers_select_the_same_rows() {
             "{processes} processes x {workers} workers selected other rows than 1 x 1"
         );
     }
+}
+
+#[test]
+fn processes_and_workers_select_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    same_rows_for_every_layout(300, |p, w| random_selection(dir.path(), p, w));
 }
 
 /// Every member (cluster, epoch, row) in the stores of a job's processes (one or several).
@@ -181,7 +189,13 @@ fn clustering_across_processes_assigns_the_same_clusters() {
     for (processes, workers) in [(1, 1), (2, 2)] {
         let name = format!("clusters-n{processes}w{workers}");
         let job = write_job(dir.path(), &name, &planted_glob(), 9, select);
-        selections.push(selection(dir.path(), &name, &job, processes, workers));
+        selections.push(selection(
+            dir.path(),
+            &name,
+            &job,
+            (processes, workers),
+            true,
+        ));
         memberships.push(members(&dir.path().join(&name), processes));
     }
     // Each process's store holds the members of the shards it read; together, every document
@@ -294,17 +308,100 @@ fn a_job_keeps_its_layout_of_processes() {
     assert_eq!(selected_rows(&dir.path().join("layout")), rows);
 }
 
+/// The Quad loop's rows with `processes` processes of `workers` workers: the bandit over the
+/// planted slice's clusters, scored by a tiny random Llama.
+fn quad_selection(dir: &Path, processes: usize, workers: usize) -> Vec<Vec<String>> {
+    let name = format!("loop-n{processes}w{workers}");
+    let bandit = "budget = { ratio = 0.1 }";
+    let job = loop_job_over(
+        dir,
+        &name,
+        21,
+        &planted_glob(),
+        "strategy = \"quad\"",
+        bandit,
+    );
+    // A small reservoir: the clusters are fitted in the first shard, and every later shard's
+    // members are committed, and held, by the process that read it.
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("reservoir = 600", "reservoir = 200")).unwrap();
+    selection(dir, &name, &job, (processes, workers), false)
+}
+
+/// How many members each process's store holds, and how many of them rounds sampled.
+fn sampled_members(sink: &Path, processes: usize) -> Vec<(usize, usize)> {
+    (0..processes)
+        .map(|i| {
+            let path = sink.join(format!("p{i}/_state/quad.redb"));
+            let store = quad::state::StateStore::open_existing(&path).unwrap();
+            let (mut held, mut sampled) = (0, 0);
+            for cluster in store.clusters().unwrap() {
+                for m in store.members(cluster.cluster).unwrap() {
+                    held += 1;
+                    sampled += usize::from(m.flags != 0);
+                }
+            }
+            (held, sampled)
+        })
+        .collect()
+}
+
 #[test]
-fn the_quad_loop_is_refused_across_processes() {
+fn the_quad_loop_selects_the_same_rows_across_processes_and_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let select = "strategy = \"quad\"\n[embed]\ncolumn = \"embedding\"\ndim = 16\n[cluster]\n\
-                  enabled = true\nk = 8";
-    let job = write_job(dir.path(), "loop", &planted_glob(), 9, select);
-    let (hosts, _) = hostfile(dir.path(), 2);
-    let out = spawn_process(&job, &hosts, 2, 0, 1, 30)
-        .wait_with_output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("Quad loop"), "{}", stderr(&out));
-    assert!(!dir.path().join("loop").exists());
+    // Two processes hold the members of the shards each committed: every draw merges both
+    // stores' candidates, and each process carries out and writes its store's part of a round.
+    same_rows_for_every_layout(50, |p, w| quad_selection(dir.path(), p, w));
+    // Each process's store has the round parts of its shards' members, and the bandit's
+    // decisions are in process 0's.
+    let rounds = |path: PathBuf| {
+        quad::state::StateStore::open_existing(&path)
+            .unwrap()
+            .round_records()
+            .unwrap()
+    };
+    // Both stores hold members that rounds sampled: the draws and the rounds' parts span both.
+    let stores = sampled_members(&dir.path().join("loop-n2w2"), 2);
+    assert!(
+        stores
+            .iter()
+            .all(|&(held, sampled)| held > 0 && sampled > 0),
+        "{stores:?}"
+    );
+    let single = rounds(dir.path().join("loop-n1w1/_state/quad.redb"));
+    assert!(single.len() >= 3, "{} rounds", single.len());
+    assert_eq!(
+        rounds(dir.path().join("loop-n2w2/p0/_state/quad.redb")),
+        single
+    );
+    assert!(rounds(dir.path().join("loop-n2w2/p1/_state/quad.redb")).is_empty());
+}
+
+#[test]
+fn the_quad_loop_does_not_resume_across_processes_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = loop_job_over(
+        dir.path(),
+        "again",
+        21,
+        &planted_glob(),
+        "strategy = \"quad\"",
+        "budget = { ratio = 0.05 }",
+    );
+    let outs = run_processes(&[&job, &job], dir.path(), 1);
+    for out in &outs {
+        assert!(out.status.success(), "{}", stderr(out));
+    }
+    let rows = selected_rows(&dir.path().join("again"));
+    let outs = run_processes(&[&job, &job], dir.path(), 1);
+    for out in &outs {
+        assert!(!out.status.success());
+    }
+    assert!(
+        outs.iter()
+            .any(|out| stderr(out).contains("does not resume across processes")),
+        "{}",
+        stderr(&outs[0])
+    );
+    assert_eq!(selected_rows(&dir.path().join("again")), rows);
 }

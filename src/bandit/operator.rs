@@ -29,14 +29,20 @@ use timely::progress::frontier::MutableAntichain;
 use timely::{Container, ContainerBuilder};
 
 use super::record::RoundRecord;
-use super::{Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundCounts, RoundOutcome};
+use super::{
+    Bandit, ClusterChange, MemberRef, Pull, PullRequest, RoundCounts, RoundOutcome, RoundPart,
+};
 use crate::error::{Fail, Failed};
 
 /// What the bandit operator needs of the job.
 pub struct BanditContext {
-    /// Commits a round in one store transaction: its record, the bandit state after it and
-    /// what it changed.
-    pub commit_round: CommitRound,
+    /// Commits a round's decision in the bandit's store: its record, the bandit state after it
+    /// and its outcome (the clusters' owners carry out what it changed in theirs).
+    pub commit_decision: CommitDecision,
+    /// The outcome of the last round decided before this run, sent again to the clusters'
+    /// owners before anything is planned: an owner killed after the decision and before its
+    /// own commit carries out its part now (the others have, and skip it).
+    pub replay: Option<RoundOutcome>,
     /// Called on worker 0 after each committed round (progress, summary).
     pub on_round: Arc<dyn Fn(&RoundOutcome) + Send + Sync>,
     /// Long-lived mode: plan whenever there is budget, and wait for new shards when done.
@@ -49,28 +55,33 @@ pub struct BanditContext {
     pub failed: Failed,
 }
 
-/// Commits a round: its record, the bandit after it, its outcome.
-pub type CommitRound =
+/// Commits a round's decision: its record, the bandit after it, its outcome.
+pub type CommitDecision =
     Arc<dyn Fn(&RoundRecord, &Bandit, &RoundOutcome) -> Result<()> + Send + Sync>;
 
-/// What the bandit sends: requests to the membership of a cluster's owner, a tick to the
-/// scorer, and, after a round's commit, its selected rows to their owners' round sinks.
+/// What the bandit sends: requests to the membership of a cluster's owner, a tick to every
+/// worker's membership (for the scorer), and, after a round's decision, each worker's part of
+/// it to that worker's round sink.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BanditMsg {
+    /// A pull request, to every worker (`to`): each process's first worker draws its store's
+    /// candidates, the cluster's owner merges them.
     Pull {
         round: u64,
         request: PullRequest,
-    },
-    /// To worker 0's scorer, so the round goes on even when nothing is scored.
-    Tick {
-        round: u64,
-    },
-    /// A committed round, to every worker's round sink (`to`), with its selected members of
-    /// the clusters that worker owns, each marked when it was taken unscored (block, explore).
-    Committed {
-        round: u64,
         to: u64,
-        selected: Vec<(MemberRef, bool)>,
+    },
+    /// To every worker's membership (`to`), which passes it to worker 0's scorer: the round
+    /// goes on even when nothing is scored, and the first tick of a run carries each store's
+    /// sample of the pool for fitting the scorer.
+    Tick { round: u64, to: u64 },
+    /// A decided round, to every worker's round sink (`to`), with what it changed of the
+    /// clusters that worker owns. `replay`: sent again after a restart; its changes of the
+    /// aggregates are in the bandit already.
+    Committed {
+        to: u64,
+        part: RoundPart,
+        replay: bool,
     },
 }
 
@@ -96,9 +107,9 @@ pub enum Feedback {
 /// Where a bandit message goes.
 pub fn route(msg: &BanditMsg, peers: u64) -> u64 {
     match msg {
-        BanditMsg::Pull { request, .. } => u64::from(request.cluster) % peers,
-        BanditMsg::Tick { .. } => 0,
-        BanditMsg::Committed { to, .. } => *to,
+        BanditMsg::Pull { to, .. }
+        | BanditMsg::Tick { to, .. }
+        | BanditMsg::Committed { to, .. } => *to % peers,
     }
 }
 
@@ -113,6 +124,8 @@ struct BanditSide {
     /// (time, round, counts) of an observed round whose changes of the aggregates are
     /// awaited through `time`, with the counts the bandit expects them to make.
     returning: Option<(u64, u64, RoundCounts)>,
+    /// The last round decided before this run, to send again first.
+    replay: Option<RoundOutcome>,
     peers: usize,
 }
 
@@ -138,6 +151,7 @@ pub fn bandit_operator<'scope>(
                 cap: Some(capability),
                 in_flight: None,
                 returning: None,
+                replay: ctx.replay.clone(),
                 peers: peers as usize,
             });
             let mut stash: BTreeMap<u64, (Scored, Vec<ClusterChange>)> = BTreeMap::new();
@@ -174,6 +188,15 @@ pub fn bandit_operator<'scope>(
                 let Some(cap) = side.cap.clone() else {
                     return;
                 };
+                if let Some(outcome) = side.replay.take() {
+                    // Nothing of the round comes back: the stores that carry it out now change
+                    // no aggregate the bandit has not counted.
+                    let counts = side.bandit.round_counts();
+                    let through = *cap.time() + 1;
+                    side.hand_over(cap, &outcome, true, counts, through, output);
+                    activator.activate();
+                    return;
+                }
                 if let Some((time, round)) = side.in_flight {
                     if feedback_frontier.less_equal(&(time + 1)) {
                         return; // scores of the round in flight still to come
@@ -187,21 +210,9 @@ pub fn bandit_operator<'scope>(
                         return;
                     }
                     match side.observe(round, scored) {
-                        Ok((selected, counts)) => {
-                            let mut session = output.session(&cap);
-                            for (to, selected) in selected.into_iter().enumerate() {
-                                session.give(BanditMsg::Committed {
-                                    round,
-                                    to: to as u64,
-                                    selected,
-                                });
-                            }
-                            drop(session);
+                        Ok((outcome, counts)) => {
                             // The selected rows' changes come back at time + 2.
-                            side.returning = Some((time + 2, round, counts));
-                            let mut next = cap;
-                            next.downgrade(&(time + 2));
-                            side.cap = Some(next);
+                            side.hand_over(cap, &outcome, false, counts, time + 2, output);
                             activator.activate();
                             return;
                         }
@@ -253,10 +264,12 @@ pub fn bandit_operator<'scope>(
                 }
                 let time = *cap.time();
                 let mut session = output.session(&cap);
-                for request in requests {
-                    session.give(BanditMsg::Pull { round, request });
+                for to in 0..peers {
+                    for &request in &requests {
+                        session.give(BanditMsg::Pull { round, request, to });
+                    }
+                    session.give(BanditMsg::Tick { round, to });
                 }
-                session.give(BanditMsg::Tick { round });
                 drop(session);
                 side.in_flight = Some((time, round));
                 let mut next = cap;
@@ -268,16 +281,34 @@ pub fn bandit_operator<'scope>(
 }
 
 impl BanditSide {
-    /// Observes round `round` and commits it; returns its selected members per worker (by
-    /// cluster owner), for the round sinks, and the counts after the round. The bandit's own
-    /// counts go back to where they were before the round: the round's changes come back
-    /// through the loop's aggregates (`take_back`).
-    #[allow(clippy::type_complexity)]
-    fn observe(
+    /// Sends a decided round to every round sink at `cap`'s time, and waits for its changes of
+    /// the aggregates through `through` (`take_back` checks them against `counts`) before
+    /// planning again, from there.
+    fn hand_over(
         &mut self,
-        round: u64,
-        scored: Scored,
-    ) -> Result<(Vec<Vec<(MemberRef, bool)>>, RoundCounts)> {
+        cap: Capability<u64>,
+        outcome: &RoundOutcome,
+        replay: bool,
+        counts: RoundCounts,
+        through: u64,
+        output: &mut OutputBuilderSession<'_, u64, CapacityContainerBuilder<Vec<BanditMsg>>>,
+    ) {
+        let mut session = output.session(&cap);
+        for msg in committed(outcome, self.peers, replay) {
+            session.give(msg);
+        }
+        drop(session);
+        self.returning = Some((through, outcome.round, counts));
+        let mut next = cap;
+        next.downgrade(&through);
+        self.cap = Some(next);
+    }
+
+    /// Observes round `round` and commits its decision; returns its outcome, for the round
+    /// sinks, and the counts after the round. The bandit's own counts go back to where they
+    /// were before the round: the round's changes come back through the loop's aggregates
+    /// (`take_back`).
+    fn observe(&mut self, round: u64, scored: Scored) -> Result<(RoundOutcome, RoundCounts)> {
         let before = self.bandit.round_counts();
         let plan = self.bandit.plan_round(round);
         let mut by_cluster: BTreeMap<u32, Pull> =
@@ -306,17 +337,12 @@ impl BanditSide {
             );
         }
         let record = RoundRecord::new(&pulls, &outcome);
-        (self.ctx.commit_round)(&record, &self.bandit, &outcome)
+        (self.ctx.commit_decision)(&record, &self.bandit, &outcome)
             .with_context(|| format!("committing round {round}"))?;
         (self.ctx.on_round)(&outcome);
         let after = self.bandit.round_counts();
         self.bandit.restore_round_counts(&before);
-        let peers = self.peers.max(1);
-        let mut selected = vec![Vec::new(); peers];
-        for (m, influence) in &outcome.selected {
-            selected[m.cluster as usize % peers].push((*m, influence.is_none()));
-        }
-        Ok((selected, after))
+        Ok((outcome, after))
     }
 
     /// Applies the changes of the aggregates that round `round` made (from the feedback edge,
@@ -342,6 +368,19 @@ impl BanditSide {
         );
         Ok(())
     }
+}
+
+/// A decided round's message to each worker's round sink: each process's first worker carries
+/// out the part of the members its store holds (a member's store is the one of the epoch that
+/// assigned it, which the bandit does not know).
+fn committed(outcome: &RoundOutcome, peers: usize, replay: bool) -> Vec<BanditMsg> {
+    (0..peers.max(1) as u64)
+        .map(|to| BanditMsg::Committed {
+            to,
+            part: outcome.part(|_| true),
+            replay,
+        })
+        .collect()
 }
 
 /// `binary_frontier` for an operator that sends only at times of the capability it holds, never

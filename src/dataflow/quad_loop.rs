@@ -2,21 +2,28 @@
 //! timestamps, and the scores come back to the bandit through a feedback edge.
 //!
 //!   cluster changes (from the ingest sink) ─▶ bandit (worker 0, O(k) state)
-//!                                               │ pull requests (cluster, n, round)
+//!                                               │ pull requests (cluster, n, round), to all
 //!                                               ▼
-//!               membership (worker cluster % peers): seeded draw from the store, fetch texts
+//!     candidates (each process's first worker: its store's first members in the draw order)
+//!                                               │
+//!     draw (worker cluster % peers): the first of all candidates, texts fetched by location
 //!                                               │
 //!               score (worker 0: the process's influence model) ─▶ feedback (+1) ─▶ bandit
-//!   bandit ─▶ selected rows ─▶ round sink (worker cluster % peers): files of min_file_rows
+//!   bandit ─▶ decided round ─▶ round sink (each process's first worker): its store's part
+//!                              carried out, selected rows into files of min_file_rows
 //!
-//! Round r is planned at time t: the bandit sends one request per pulled cluster to the
-//! cluster's owner, which draws the sample from the store (a function of the seed, the round
-//! and the cluster's unsampled members, whatever the number of workers), fetches the texts and
-//! sends them to the scorer. The scorer scores in a fixed order (so batches, and hence
-//! floating-point results, do not depend on the worker count) and sends the pulls and scores
-//! into the feedback edge, where they arrive at t+1. The bandit observes them, commits the
-//! round (what it changed only) in one store transaction, sends the selected rows to their
-//! owners' round sinks, and plans round r+1 at t+1.
+//! Round r is planned at time t: the bandit sends each pull request to every worker; the first
+//! worker of each process sends its store's candidates (each store holds the members of the
+//! shards its process read) to the cluster's owner, which takes the first of them all in the
+//! draw order (a function of the seed, the round and the cluster's unsampled members, whatever
+//! the number of workers and processes), fetches the texts and sends them to the scorer. The
+//! scorer scores in a fixed order (so batches, and hence floating-point results, do not depend
+//! on the worker count) and sends the pulls and scores into the feedback edge, where they
+//! arrive at t+1. The bandit observes them, commits the round's decision in its store, sends
+//! it to every process (whose first worker carries out the part that concerns the members its
+//! store holds, once, and writes their selected rows), and plans round r+1 at
+//! t+2, once those changes are back. After a restart the bandit sends the last decision again
+//! before anything else: a worker that had not carried out its part does so then.
 //!
 //! The bandit plans only once ingest has committed everything it was given (a run over a
 //! fixed set of shards: deterministic), or at any time in watch mode, where new shards' cluster

@@ -10,7 +10,7 @@ use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
 use crate::cost::Costs;
 use crate::influence::operator::{DocScorer, ScoreContext, ScorerFactory, TalliedScorer};
-use crate::influence::setup::stored_fit_pool;
+use crate::influence::setup::fit_pool_of;
 use crate::membership::operator::MembershipContext;
 use crate::membership::ShardPaths;
 use crate::sink::round_sink::RoundSinkContext;
@@ -18,26 +18,32 @@ use crate::sink::round_sink::RoundSinkContext;
 use super::quad_loop::LoopContext;
 
 /// The Quad loop's contexts on this worker: one for each stage's operator, the membership and
-/// the round sink sharing one lookup of shard paths.
-pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool) -> LoopContext {
+/// the round sink sharing one lookup of shard paths. `holds_store`: this is the process's first
+/// worker, which answers for the process's store in the draws.
+pub(super) fn loop_context(shared: &Arc<Shared>, watch: bool, holds_store: bool) -> LoopContext {
     let shards = Arc::new(ShardPaths::new(shared.store.clone()));
     LoopContext {
         bandit: bandit_context(shared, watch),
-        membership: membership_context(shared, shards.clone()),
+        membership: membership_context(shared, shards.clone(), holds_store),
         score: score_context(shared),
-        round_sink: round_sink_context(shared, shards),
+        round_sink: round_sink_context(shared, shards, holds_store),
     }
 }
 
-/// The bandit operator's context: round commits to the store, and the callback for progress and
-/// summary.
+/// The bandit operator's context: round decisions committed to the store, the last one to
+/// replay, and the callback for progress and summary.
 fn bandit_context(shared: &Arc<Shared>, watch: bool) -> BanditContext {
     let store = shared.store.clone();
     let round_shared = shared.clone();
+    let replay = shared.store.last_outcome().unwrap_or_else(|e| {
+        shared.fail(e.into());
+        None
+    });
     BanditContext {
-        commit_round: Arc::new(move |record, bandit, outcome| {
-            Ok(store.commit_round(record, bandit, outcome)?)
+        commit_decision: Arc::new(move |record, bandit, outcome| {
+            Ok(store.commit_decision(record, bandit, outcome)?)
         }),
+        replay,
         on_round: Arc::new(move |outcome: &RoundOutcome| round_committed(&round_shared, outcome)),
         watch,
         stop: &STOP,
@@ -71,27 +77,29 @@ fn round_committed(shared: &Shared, outcome: &RoundOutcome) {
 }
 
 /// The membership operator's context; `shards` is the loop's one lookup of shard paths.
-fn membership_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> MembershipContext {
+fn membership_context(
+    shared: &Arc<Shared>,
+    shards: Arc<ShardPaths>,
+    holds_store: bool,
+) -> MembershipContext {
     MembershipContext {
         store: shared.store.clone(),
         seed: shared.spec.seed,
         source: shared.spec.source.clone(),
         shards,
+        fit_pool_docs: shared.spec.influence.fit_pool_docs,
+        holds_store,
         fail: fail_handle(shared),
     }
 }
 
 /// The score operator's context: the scorer factory (worker 0 builds the model once, at the
-/// first round that scores).
+/// first round that scores, fitted on the pool's sample that every store sent).
 fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     let scorer_shared = shared.clone();
-    let scorer: ScorerFactory = Arc::new(move || {
+    let scorer: ScorerFactory = Arc::new(move |sample| {
         let spec = &scorer_shared.spec;
-        let pool = stored_fit_pool(
-            &scorer_shared.store,
-            &spec.source,
-            spec.influence.fit_pool_docs,
-        )?;
+        let pool = fit_pool_of(&scorer_shared.store, &spec.source, sample);
         let scorer =
             crate::influence::setup::build_scorer(&spec.influence, &spec.source, pool, spec.seed)?;
         Ok(Box::new(TalliedScorer::new(
@@ -102,13 +110,18 @@ fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     });
     ScoreContext {
         scorer,
+        fit_pool_docs: shared.spec.influence.fit_pool_docs,
         fail: fail_handle(shared),
     }
 }
 
 /// The round sink's context on this worker: the store, the loop's shard paths, and the
 /// callback for the summary.
-fn round_sink_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> RoundSinkContext {
+fn round_sink_context(
+    shared: &Arc<Shared>,
+    shards: Arc<ShardPaths>,
+    holds_store: bool,
+) -> RoundSinkContext {
     let spec = &shared.spec;
     let file_shared = shared.clone();
     let on_file = Arc::new(move |_name: &str, _rows: usize| {
@@ -120,6 +133,9 @@ fn round_sink_context(shared: &Arc<Shared>, shards: Arc<ShardPaths>) -> RoundSin
     });
     RoundSinkContext {
         store: shared.store.clone(),
+        seed: spec.seed,
+        holds_store,
+        every_member_here: shared.place.count == 1,
         source: spec.source.clone(),
         sink: spec.sink.clone(),
         shards,

@@ -1,7 +1,7 @@
 //! The influence stage in the Quad loop, the score operator: each round's drawn samples scored
 //! on worker 0 (the process's influence model) in a fixed order, the scores sent into the
 //! feedback edge; and what scoring cost.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -13,7 +13,7 @@ use timely::dataflow::StreamVec;
 
 use super::InfluenceScorer;
 use crate::bandit::operator::Scored;
-use crate::bandit::{MemberRef, Pull};
+use crate::bandit::{DocLoc, MemberRef, Pull};
 use crate::error::Fail;
 use crate::membership::operator::Fetched;
 use crate::progress::Durations;
@@ -24,12 +24,16 @@ pub trait DocScorer {
     fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>>;
 }
 
-/// Builds the scorer on the worker that scores (models are not shared across threads).
-pub type ScorerFactory = Arc<dyn Fn() -> Result<Box<dyn DocScorer>> + Send + Sync>;
+/// Builds the scorer on the worker that scores (models are not shared across threads), fitted
+/// on the pool's documents at the given locations (the first of the pool's sample by priority).
+pub type ScorerFactory =
+    Arc<dyn Fn(Vec<(u64, DocLoc)>) -> Result<Box<dyn DocScorer>> + Send + Sync>;
 
 /// What the score operator needs of the job.
 pub struct ScoreContext {
     pub scorer: ScorerFactory,
+    /// `influence.fit_pool_docs`: how many of the pool's sample the scorer is fitted on.
+    pub fit_pool_docs: usize,
     pub fail: Fail,
 }
 
@@ -44,6 +48,9 @@ pub fn score_operator<'scope>(
         "Score",
         move |_capability, _info| {
             let mut scorer: Option<Box<dyn DocScorer>> = None;
+            // The pool's sample for fitting, merged from every store's (each process keeps the
+            // sample of the shards it read): the first `fit_pool_docs` by priority over all.
+            let mut fit_sample: BTreeSet<(u64, DocLoc)> = BTreeSet::new();
             let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DrawnTexts>)> = BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
@@ -55,8 +62,16 @@ pub fn score_operator<'scope>(
                         .or_insert_with(|| (cap.clone(), Vec::new()));
                     for container in data {
                         for msg in container.drain(..) {
-                            if let Fetched::Drawn { pull, texts, .. } = msg {
-                                entry.1.push((pull, texts));
+                            match msg {
+                                Fetched::Drawn { pull, texts, .. } => entry.1.push((pull, texts)),
+                                Fetched::Tick {
+                                    fit_sample: part, ..
+                                } => {
+                                    fit_sample.extend(part);
+                                    while fit_sample.len() > ctx.fit_pool_docs {
+                                        fit_sample.pop_last();
+                                    }
+                                }
                             }
                         }
                     }
@@ -67,7 +82,7 @@ pub fn score_operator<'scope>(
                     }
                     let (cap, mut drawn) = stash.remove(&time).expect("first key");
                     drawn.sort_by_key(|(pull, _)| pull.cluster);
-                    match score_round(&ctx, &mut scorer, &drawn) {
+                    match score_round(&ctx, &mut scorer, &fit_sample, &drawn) {
                         Ok((scores, unscorable)) => output.session(&cap).give(Scored {
                             pulls: drawn.into_iter().map(|(pull, _)| pull).collect(),
                             scores,
@@ -90,6 +105,7 @@ type DrawnTexts = (Pull, Vec<Result<String, String>>);
 fn score_round(
     ctx: &ScoreContext,
     scorer: &mut Option<Box<dyn DocScorer>>,
+    fit_sample: &BTreeSet<(u64, DocLoc)>,
     drawn: &[DrawnTexts],
 ) -> Result<(Vec<(MemberRef, f64)>, Vec<(MemberRef, String)>)> {
     let mut docs: Vec<(MemberRef, &Result<String, String>)> = drawn
@@ -112,7 +128,8 @@ fn score_round(
         return Ok((scores, unscorable));
     }
     if scorer.is_none() {
-        *scorer = Some((ctx.scorer)().context("loading the influence scorer")?);
+        let sample = fit_sample.iter().copied().collect();
+        *scorer = Some((ctx.scorer)(sample).context("loading the influence scorer")?);
     }
     let scorer = scorer.as_mut().expect("just set");
     let texts: Vec<&str> = readable.iter().map(|(_, t)| *t).collect();

@@ -132,7 +132,16 @@ pub fn stored_fit_pool(
     source: &SourceConfig,
     n: usize,
 ) -> anyhow::Result<FitPool<'static>> {
-    let sample = store.fit_sample(n)?;
+    Ok(fit_pool_of(store, source, store.fit_sample(n)?))
+}
+
+/// The fitting pool of the documents at `sample`'s locations (a store's `fit_sample`, or the
+/// first of several stores' together), read from their shards (whose paths `store` knows).
+pub fn fit_pool_of(
+    store: &Arc<StateStore>,
+    source: &SourceConfig,
+    sample: Vec<(u64, DocLoc)>,
+) -> FitPool<'static> {
     let mut identity = xxhash_rust::xxh3::Xxh3::new();
     for (priority, loc) in &sample {
         for word in [*priority, loc.shard, u64::from(loc.row_group), loc.row] {
@@ -140,13 +149,13 @@ pub fn stored_fit_pool(
         }
     }
     let (store, source) = (store.clone(), source.clone());
-    Ok(FitPool::Stored {
+    FitPool::Stored {
         identity: format!("{:016x}", identity.digest()),
         texts: Box::new(move || {
             let locations: Vec<DocLoc> = sample.iter().map(|(_, loc)| *loc).collect();
             Ok::<_, InfluenceError>(readable_texts(&ShardPaths::new(store), &source, &locations))
         }),
-    })
+    }
 }
 
 /// The texts at `locations` that can still be read, in their order, read shard by shard: a

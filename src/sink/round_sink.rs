@@ -25,6 +25,13 @@ use crate::state::{PendingRow, StateStore};
 /// What the round sink needs of the job.
 pub struct RoundSinkContext {
     pub store: Arc<StateStore>,
+    /// The job's seed: it fixes each member's place in the draw order.
+    pub seed: u64,
+    /// Whether this worker answers for the process's store (its first worker): it carries out
+    /// the rounds' parts there and writes the process's files; the others have nothing to do.
+    pub holds_store: bool,
+    /// Whether the process's store holds every member of the job (one process).
+    pub every_member_here: bool,
     pub source: SourceConfig,
     pub sink: SinkConfig,
     /// The loop's lookup of shard paths (shared with the membership operator).
@@ -41,13 +48,15 @@ pub struct RoundSinkContext {
 /// Called with a committed output file's name and rows.
 pub type OnFile = Arc<dyn Fn(&str, usize) + Send + Sync>;
 
-/// Writes the selected rows of the clusters this worker owns into output files of at least
+/// On the first worker of each process: carries out each decided round's part of the members
+/// the process's store holds, and writes their selected rows into output files of at least
 /// `sink.min_file_rows` rows: rounds accumulate until a file is full, the rest goes into a last
 /// file when the loop ends. A file is committed when closed, together with the pending rows it
 /// took (kept in the store until then, so a killed job loses none and repeats none).
 ///
 /// Sends each selected member's change of its cluster's aggregates (selected, with its tokens;
-/// out of the unsampled members when it was taken unscored) when its round's rows arrive.
+/// out of the unsampled members when it was taken unscored) when its round's part arrives; a
+/// round replayed after a restart changes none (the bandit counted them before).
 pub fn round_sink_operator<'scope>(
     messages: StreamVec<'scope, u64, BanditMsg>,
     ctx: RoundSinkContext,
@@ -58,8 +67,13 @@ pub fn round_sink_operator<'scope>(
         Exchange::new(move |m: &BanditMsg| route(m, peers)),
         "RoundSink",
         move |_capability, _info| {
-            let owned = move |cluster: u32| u64::from(cluster) % peers == index;
-            let mut pending = match ctx.store.pending_rows(owned) {
+            let owned = |_: &MemberRef| true;
+            let rows = if ctx.holds_store {
+                ctx.store.pending_rows(owned)
+            } else {
+                Ok(Vec::new())
+            };
+            let mut pending = match rows {
                 Ok(rows) => rows.len(),
                 Err(e) => {
                     (ctx.fail)(e.into());
@@ -79,15 +93,34 @@ pub fn round_sink_operator<'scope>(
                     let mut session = output.session(&cap);
                     for container in data {
                         for msg in container.drain(..) {
-                            if let BanditMsg::Committed {
-                                round, selected, ..
-                            } = msg
-                            {
-                                for (m, unscored) in &selected {
-                                    let delta = ClusterDelta::selected(m.tokens, *unscored);
+                            let BanditMsg::Committed { part, replay, .. } = msg else {
+                                continue;
+                            };
+                            if !ctx.holds_store {
+                                continue;
+                            }
+                            let here = ctx.every_member_here;
+                            let part =
+                                match ctx.store.apply_round_part(index, ctx.seed, &part, here) {
+                                    Ok(Some(part)) => {
+                                        entry.push((part.round, part.selected.len()));
+                                        part
+                                    }
+                                    Ok(None) => part,
+                                    Err(e) => {
+                                        (ctx.fail)(anyhow::Error::from(e).context(format!(
+                                            "carrying out round {} in the store",
+                                            part.round
+                                        )));
+                                        continue;
+                                    }
+                                };
+                            if !replay {
+                                for (m, influence) in &part.selected {
+                                    let unscored = influence.is_none();
+                                    let delta = ClusterDelta::selected(m.tokens, unscored);
                                     session.give((m.cluster, time, delta));
                                 }
-                                entry.push((round, selected.len()));
                             }
                         }
                     }
@@ -125,11 +158,11 @@ pub fn round_sink_operator<'scope>(
     )
 }
 
-/// Writes the pending rows of the owned clusters (of rounds up to `through`, or all) as one
+/// Writes the pending rows this worker holds (of rounds up to `through`, or all) as one
 /// file and commits it. Returns the rows written.
 fn close_file(
     ctx: &RoundSinkContext,
-    owned: impl Fn(u32) -> bool,
+    owned: impl Fn(&MemberRef) -> bool,
     index: u64,
     through: Option<u64>,
 ) -> Result<usize> {

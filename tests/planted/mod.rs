@@ -176,6 +176,9 @@ pub fn store_round(
         .collect();
     let out = b.observe(round, &pulls, &scores).unwrap();
     let record = quad::report::RoundRecord::new(&pulls, &out);
-    store.commit_round(&record, b, &out).unwrap();
+    store.commit_decision(&record, b, &out).unwrap();
+    store
+        .apply_round_part(0, b.seed(), &out.part(|_| true), true)
+        .unwrap();
     (pulls, out)
 }
