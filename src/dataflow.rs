@@ -40,7 +40,7 @@ use crate::progress::{Durations, Progress, Summary};
 use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
-use crate::source::operator::{read_local, EpochDocs, LocalShards};
+use crate::source::operator::{read_local, EpochDocs, LocalShards, TextFeatures};
 use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
@@ -102,6 +102,8 @@ struct Shared {
     clustering: Option<usize>,
     /// The precomputed embedding column the reader reads, if the spec names one.
     embedding: Option<EmbeddingColumn>,
+    /// The `dsir` strategy's weights (fitted once per job, kept in the store).
+    dsir: Option<crate::dsir::DsirWeights>,
     order: Arc<CommitOrder>,
     /// Encoder FLOPs and documents embedded in this run.
     embed_cost: Arc<Mutex<(f64, u64)>>,
@@ -161,7 +163,7 @@ fn failed_handle(shared: &Arc<Shared>) -> Failed {
 pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let start = Instant::now();
     let place = ProcessPlace::of(options);
-    if place.count > 1 && spec.select.strategy != Strategy::Random {
+    if place.count > 1 && spec.select.strategy.runs_bandit() {
         anyhow::bail!(
             "select.strategy {:?} on {} processes: the Quad loop does not run across processes \
              yet (its membership reads members that other processes' stores hold); run it on \
@@ -320,6 +322,11 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         }),
         _ => None,
     };
+    let dsir = if spec.select.strategy == Strategy::Dsir {
+        Some(ingest::dsir_weights(spec, &store, &found)?)
+    } else {
+        None
+    };
     let order = Arc::new(CommitOrder::default());
     order.add(plan.iter().map(|p| p.epoch).filter(|&e| place.owns(e)));
     let metrics = Arc::new(crate::metrics::Metrics::new(&spec.name, place.index)?);
@@ -350,6 +357,7 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         hooks: Hooks::from_env(),
         clustering,
         embedding,
+        dsir,
         order,
         embed_cost: Arc::new(Mutex::new((0.0, 0))),
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
@@ -393,7 +401,7 @@ fn finish_job(started: Started, start: Instant) -> Result<Summary> {
     if shared.clustering.is_some() {
         summary.clusters = Some(shared.store.clusters()?.len() as u64);
     }
-    if spec.select.strategy != Strategy::Random {
+    if spec.select.strategy.runs_bandit() {
         let costs = record_costs(&shared)?;
         summary.scored_fraction = Some(costs.pool_fraction_scored());
         summary.flops = Some(costs.total_flops());
@@ -439,7 +447,7 @@ fn run_worker(
     watch: bool,
 ) {
     let index = worker.index();
-    let quad_loop = shared.spec.select.strategy != Strategy::Random;
+    let quad_loop = shared.spec.select.strategy.runs_bandit();
     let local: LocalShards = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
@@ -522,7 +530,10 @@ fn feed_shards(
                     planned.epoch,
                     &planned.path,
                     &shared.spec.source,
-                    &shared.spec.dedup,
+                    TextFeatures {
+                        dedup: &shared.spec.dedup,
+                        dsir: shared.dsir.as_ref(),
+                    },
                     &shared.counter,
                     shared.embedding.as_ref(),
                     local,

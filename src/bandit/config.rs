@@ -9,8 +9,8 @@
 //! this project's choices for the demo scale, to be tuned per job (`quad tune tau|gamma`).
 use serde::{Deserialize, Serialize};
 
-/// The selection strategy (`select.strategy`): `random` decides at ingest, the others run the
-/// bandit.
+/// The selection strategy (`select.strategy`): `random` and `dsir` decide at
+/// ingest, the others run the Quad loop (`Strategy::runs_bandit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -24,6 +24,27 @@ pub enum Strategy {
     Explore,
     /// Every document scored; the best by influence taken until the budget.
     TopkInfluence,
+    /// Importance resampling on hashed n-gram features (Xie et al. 2023): per shard, the top
+    /// `select.ratio` of documents by log importance weight plus seeded Gumbel noise.
+    Dsir,
+}
+
+impl Strategy {
+    /// Whether the strategy selects in the Quad loop (rounds over clusters after ingest, with
+    /// the `[bandit]` budget), not at ingest.
+    pub fn runs_bandit(self) -> bool {
+        match self {
+            Strategy::Random | Strategy::Dsir => false,
+            Strategy::Quad | Strategy::Exploit | Strategy::Explore | Strategy::TopkInfluence => {
+                true
+            }
+        }
+    }
+
+    /// Whether the strategy needs clusters (`[cluster] enabled`).
+    pub fn needs_clusters(self) -> bool {
+        self.runs_bandit()
+    }
 }
 
 /// The unit of the rewards the bandit credits.

@@ -211,7 +211,7 @@ pub struct Bandit {
 
 impl Bandit {
     pub fn new(seed: u64, strategy: Strategy, config: BanditConfig) -> Result<Bandit, BanditError> {
-        if strategy == Strategy::Random {
+        if !strategy.runs_bandit() {
             return Err(BanditError::NotABandit(strategy));
         }
         config.validate().map_err(BanditError::Config)?;
@@ -490,7 +490,7 @@ impl Bandit {
                     ..self.request(ci, true, None)
                 })
                 .collect(),
-            Strategy::Random => Vec::new(),
+            Strategy::Random | Strategy::Dsir => Vec::new(),
         }
     }
 

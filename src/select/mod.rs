@@ -38,6 +38,10 @@ pub struct SelectConfig {
     /// Stop selecting once this many tokens are selected (documents in shard order).
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// `dsir`: the weights are fitted against this many pool documents, the first in shard
+    /// order.
+    #[serde(default = "default_dsir_pool_docs")]
+    pub dsir_pool_docs: usize,
 }
 
 impl Default for SelectConfig {
@@ -46,6 +50,7 @@ impl Default for SelectConfig {
             strategy: default_strategy(),
             ratio: default_ratio(),
             max_tokens: None,
+            dsir_pool_docs: default_dsir_pool_docs(),
         }
     }
 }
@@ -58,7 +63,19 @@ impl SelectConfig {
                 self.ratio
             ));
         }
+        if self.dsir_pool_docs == 0 {
+            return Err("select.dsir_pool_docs must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The settings of the strategy that decide its selection, for the selection fingerprint
+    /// (none for the strategies that have no settings of their own).
+    pub fn strategy_settings(&self) -> Option<serde_json::Value> {
+        match self.strategy {
+            Strategy::Dsir => Some(serde_json::json!({ "dsir_pool_docs": self.dsir_pool_docs })),
+            _ => None,
+        }
     }
 }
 
@@ -68,10 +85,58 @@ fn default_strategy() -> Strategy {
 fn default_ratio() -> f64 {
     0.1
 }
+/// DSIR's pool sample: enough documents for 10,000 buckets of unigram and bigram counts.
+fn default_dsir_pool_docs() -> usize {
+    20_000
+}
 
 /// A document's uniform draw in [0, 1), fixed by the seed and its id.
 pub fn priority(seed: u64, id: &str) -> f64 {
     (xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Salt of the `dsir` Gumbel draws, so they are independent of `priority`'s.
+const GUMBEL_SALT: u64 = 0x6d62_656c_6764_7372;
+
+/// A standard Gumbel draw fixed by the seed and an id. Gumbel top-k: the k documents with the
+/// largest log weight + Gumbel draw are a sample of k without replacement with probabilities
+/// in proportion to the weights (DSIR's resampling).
+pub fn gumbel(seed: u64, id: &str) -> f64 {
+    let u = priority(seed ^ GUMBEL_SALT, id).max(f64::MIN_POSITIVE);
+    -(-u.ln()).ln()
+}
+
+/// A document `dsir` may select: (row, id, tokens, log importance weight).
+type DsirCandidate<'a> = (u64, &'a str, u32, f64);
+
+/// `dsir`'s selection of one epoch: the top `ratio` of its candidates by log weight plus a
+/// seeded Gumbel draw (ties by id), then in row order while `max_tokens` allows. Returns the
+/// rows, ascending.
+fn dsir_select(
+    seed: u64,
+    ratio: f64,
+    candidates: &[DsirCandidate<'_>],
+    budget: Option<u64>,
+    used_tokens: &mut u64,
+) -> Vec<u64> {
+    let k = (ratio * candidates.len() as f64).round() as usize;
+    let mut keyed: Vec<(f64, &DsirCandidate<'_>)> = candidates
+        .iter()
+        .map(|c| (c.3 + gumbel(seed, c.1), c))
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1 .1.cmp(b.1 .1)));
+    let mut kept: Vec<&DsirCandidate<'_>> = keyed.into_iter().take(k).map(|(_, c)| c).collect();
+    kept.sort_by_key(|c| c.0);
+    let mut rows = Vec::with_capacity(kept.len());
+    for &(row, _, tokens, _) in kept {
+        let tokens = u64::from(tokens);
+        if budget.is_some_and(|b| *used_tokens + tokens > b) {
+            continue;
+        }
+        *used_tokens += tokens;
+        rows.push(row);
+    }
+    rows
 }
 
 /// What a duplicate repeats of an earlier document.
@@ -212,6 +277,7 @@ impl Admitter {
         let mut found = self.store.first_seen_keys(&lookup)?.into_iter();
         let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
         let mut texts = self.texts.begin(epoch, docs)?;
+        let mut dsir: Vec<DsirCandidate<'_>> = Vec::new();
         for ((doc, &key), &maybe) in docs.iter().zip(&keys).zip(&maybe_seen) {
             let here = (epoch, doc.row);
             let committed = if maybe { found.next().flatten() } else { None };
@@ -252,9 +318,17 @@ impl Admitter {
             if let Some(filter) = self.filter.as_mut() {
                 filter.insert(key);
             }
-            // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
-            if self.config.strategy != Strategy::Random {
-                continue;
+            // `dsir` selects once the epoch's candidates are known; `semdedup` where clusters
+            // are assigned; the bandit strategies in the Quad loop, after ingest. Admit only
+            // dedups for them.
+            match self.config.strategy {
+                Strategy::Random => {}
+                Strategy::Dsir => {
+                    let weight = doc.dsir_log_weight.unwrap_or(0.0);
+                    dsir.push((doc.row, &doc.id, doc.tokens, weight));
+                    continue;
+                }
+                _ => continue,
             }
             if priority(self.seed, &doc.id) >= self.config.ratio {
                 continue;
@@ -267,6 +341,15 @@ impl Admitter {
             }
             self.used_tokens += tokens;
             verdicts.selected.push(doc.row);
+        }
+        if !dsir.is_empty() {
+            verdicts.selected = dsir_select(
+                self.seed,
+                self.config.ratio,
+                &dsir,
+                self.config.max_tokens,
+                &mut self.used_tokens,
+            );
         }
         self.recent.insert(epoch, accepted);
         verdicts.dedup = self.texts.end(texts);
@@ -285,6 +368,7 @@ mod tests {
             id: id.into(),
             tokens,
             fingerprint: None,
+            dsir_log_weight: None,
         }
     }
 
@@ -296,6 +380,7 @@ mod tests {
             strategy: Strategy::Random,
             ratio,
             max_tokens,
+            ..Default::default()
         };
         (
             dir,
@@ -312,6 +397,34 @@ mod tests {
         assert!((below as f64 / n as f64 - 0.25).abs() < 0.02, "{below}");
         assert_ne!(priority(1, "a"), priority(2, "a"));
         assert_eq!(priority(1, "a"), priority(1, "a"));
+    }
+
+    #[test]
+    fn dsir_takes_the_top_ratio_by_weight_and_noise_then_the_budget_in_row_order() {
+        let candidates: Vec<DsirCandidate<'_>> = vec![
+            (0, "a", 10, -50.0),
+            (1, "b", 10, 50.0),
+            (2, "c", 10, 40.0),
+            (3, "d", 10, -40.0),
+            (4, "e", 10, 45.0),
+        ];
+        let mut used = 0;
+        let rows = dsir_select(1, 0.6, &candidates, None, &mut used);
+        assert_eq!(rows, vec![1, 2, 4], "the heavy three, whatever the noise");
+        assert_eq!(used, 30);
+        let mut used = 5;
+        let rows = dsir_select(1, 0.6, &candidates, Some(25), &mut used);
+        assert_eq!(rows, vec![1, 2], "the budget in row order");
+        // Equal weights: the Gumbel draws decide, seeded.
+        let ids: Vec<String> = (0..100).map(|i| format!("doc-{i}")).collect();
+        let equal: Vec<DsirCandidate<'_>> = (0..100u64)
+            .map(|i| (i, ids[i as usize].as_str(), 1, 0.0))
+            .collect();
+        let (mut u1, mut u2) = (0, 0);
+        let first = dsir_select(1, 0.5, &equal, None, &mut u1);
+        assert_eq!(first, dsir_select(1, 0.5, &equal, None, &mut u2));
+        assert_ne!(first, dsir_select(2, 0.5, &equal, None, &mut u2));
+        assert_eq!(first.len(), 50);
     }
 
     #[test]
@@ -365,6 +478,7 @@ mod tests {
                 strategy: Strategy::Random,
                 ratio: 1.0,
                 max_tokens: None,
+                ..Default::default()
             };
             let mut admit =
                 Admitter::new(7, config, DedupConfig::default(), store, filter_bytes).unwrap();

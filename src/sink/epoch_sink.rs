@@ -343,7 +343,7 @@ fn commit_epoch(
             };
             let mut rejects = data.rejects.clone();
             rejects.extend(duplicate_rejects(ctx, &shard_name, &verdicts.duplicates));
-            if ctx.strategy != Strategy::Random {
+            if ctx.strategy.runs_bandit() {
                 fit_sample =
                     fit_sample_candidates(ctx.seed, data, &duplicate_rows, ctx.fit_pool_docs);
             }
