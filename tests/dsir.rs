@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::RecordBatch;
+use common::texts::string_batch;
 use common::*;
 use rand::{Rng, SeedableRng};
 
@@ -40,17 +39,8 @@ fn text(rng: &mut rand_chacha::ChaCha8Rng, vocabulary: &[&str]) -> String {
 }
 
 fn batch(ids: Vec<String>, texts: Vec<String>, kinds: Vec<&str>) -> RecordBatch {
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("text", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-    ]);
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(ids)),
-        Arc::new(StringArray::from(texts)),
-        Arc::new(StringArray::from(kinds)),
-    ];
-    RecordBatch::try_new(Arc::new(schema), columns).unwrap()
+    let kinds = kinds.into_iter().map(String::from).collect();
+    string_batch(vec![("id", ids), ("text", texts), ("kind", kinds)])
 }
 
 /// Pool shard `index` (200 documents, each sport or kitchen by a seeded coin) into `dir`.

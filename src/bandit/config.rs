@@ -27,6 +27,9 @@ pub enum Strategy {
     /// Importance resampling on hashed n-gram features (Xie et al. 2023): per shard, the top
     /// `select.ratio` of documents by log importance weight plus seeded Gumbel noise.
     Dsir,
+    /// Every document's mean next-token loss under the influence model; the lowest (or those
+    /// in `select.perplexity_band`) taken until the budget, through the Quad loop.
+    Perplexity,
 }
 
 impl Strategy {
@@ -35,10 +38,18 @@ impl Strategy {
     pub fn runs_bandit(self) -> bool {
         match self {
             Strategy::Random | Strategy::Dsir => false,
-            Strategy::Quad | Strategy::Exploit | Strategy::Explore | Strategy::TopkInfluence => {
-                true
-            }
+            Strategy::Quad
+            | Strategy::Exploit
+            | Strategy::Explore
+            | Strategy::TopkInfluence
+            | Strategy::Perplexity => true,
         }
+    }
+
+    /// Whether the loop scores every member and then takes the best until the budget
+    /// (`topk-influence` by influence, `perplexity` by loss), rather than pulling arms.
+    pub fn scores_everything(self) -> bool {
+        matches!(self, Strategy::TopkInfluence | Strategy::Perplexity)
     }
 
     /// Whether the strategy needs clusters (`[cluster] enabled`).

@@ -42,6 +42,11 @@ pub struct SelectConfig {
     /// order.
     #[serde(default = "default_dsir_pool_docs")]
     pub dsir_pool_docs: usize,
+    /// `perplexity`: keep the documents whose loss lies between these quantiles of the scored
+    /// pool's losses, e.g. [0.1, 0.9], in a seeded random order; absent: the lowest losses
+    /// first.
+    #[serde(default)]
+    pub perplexity_band: Option<[f64; 2]>,
 }
 
 impl Default for SelectConfig {
@@ -51,6 +56,7 @@ impl Default for SelectConfig {
             ratio: default_ratio(),
             max_tokens: None,
             dsir_pool_docs: default_dsir_pool_docs(),
+            perplexity_band: None,
         }
     }
 }
@@ -66,6 +72,13 @@ impl SelectConfig {
         if self.dsir_pool_docs == 0 {
             return Err("select.dsir_pool_docs must be at least 1".into());
         }
+        if let Some([lo, hi]) = self.perplexity_band {
+            if !(0.0 <= lo && lo < hi && hi <= 1.0) {
+                return Err(format!(
+                    "select.perplexity_band must be two quantiles 0 <= lo < hi <= 1, got [{lo}, {hi}]"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -74,6 +87,9 @@ impl SelectConfig {
     pub fn strategy_settings(&self) -> Option<serde_json::Value> {
         match self.strategy {
             Strategy::Dsir => Some(serde_json::json!({ "dsir_pool_docs": self.dsir_pool_docs })),
+            Strategy::Perplexity => {
+                Some(serde_json::json!({ "perplexity_band": self.perplexity_band }))
+            }
             _ => None,
         }
     }
