@@ -9,7 +9,7 @@
 //! this project's choices for the demo scale, to be tuned per job (`quad tune tau|gamma`).
 use serde::{Deserialize, Serialize};
 
-/// The selection strategy (`select.strategy`): `random` and `dsir` decide at
+/// The selection strategy (`select.strategy`): `random`, `dsir` and `semdedup` decide at
 /// ingest, the others run the Quad loop (`Strategy::runs_bandit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -30,6 +30,9 @@ pub enum Strategy {
     /// Every document's mean next-token loss under the influence model; the lowest (or those
     /// in `select.perplexity_band`) taken until the budget, through the Quad loop.
     Perplexity,
+    /// Near-copies in embedding space dropped (Abbas et al. 2023; `cluster::semdedup`), then
+    /// seeded uniform sampling among the rest, as `random`.
+    Semdedup,
 }
 
 impl Strategy {
@@ -37,7 +40,7 @@ impl Strategy {
     /// the `[bandit]` budget), not at ingest.
     pub fn runs_bandit(self) -> bool {
         match self {
-            Strategy::Random | Strategy::Dsir => false,
+            Strategy::Random | Strategy::Dsir | Strategy::Semdedup => false,
             Strategy::Quad
             | Strategy::Exploit
             | Strategy::Explore
@@ -54,7 +57,7 @@ impl Strategy {
 
     /// Whether the strategy needs clusters (`[cluster] enabled`).
     pub fn needs_clusters(self) -> bool {
-        self.runs_bandit()
+        self.runs_bandit() || self == Strategy::Semdedup
     }
 }
 

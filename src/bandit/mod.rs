@@ -529,7 +529,7 @@ impl Bandit {
                     ..self.request(ci, true, None)
                 })
                 .collect(),
-            Strategy::Random | Strategy::Dsir => Vec::new(),
+            Strategy::Random | Strategy::Dsir | Strategy::Semdedup => Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::cluster::operator::AssignContext;
+use crate::cluster::semdedup::SemDedupSettings;
 use crate::config::JobSpec;
 use crate::dsir::DsirWeights;
 use crate::embed::operator::EmbedContext;
@@ -86,6 +87,14 @@ pub(super) fn assign_context(shared: &Arc<Shared>, fit_epoch: Option<u64>) -> As
         seed: spec.seed,
         dim: shared.clustering.unwrap_or(0),
         fit_epoch,
+        semdedup: (spec.select.strategy == crate::config::Strategy::Semdedup).then_some(
+            SemDedupSettings {
+                seed: spec.seed,
+                epsilon: spec.select.semdedup_epsilon,
+                ratio: spec.select.ratio,
+                max_tokens: spec.select.max_tokens,
+            },
+        ),
         fail: fail_handle(shared),
     }
 }

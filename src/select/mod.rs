@@ -47,6 +47,10 @@ pub struct SelectConfig {
     /// first.
     #[serde(default)]
     pub perplexity_band: Option<[f64; 2]>,
+    /// `semdedup`: a document whose cosine similarity to an earlier kept one is at least
+    /// 1 - epsilon is a semantic duplicate.
+    #[serde(default = "default_semdedup_epsilon")]
+    pub semdedup_epsilon: f64,
 }
 
 impl Default for SelectConfig {
@@ -57,6 +61,7 @@ impl Default for SelectConfig {
             max_tokens: None,
             dsir_pool_docs: default_dsir_pool_docs(),
             perplexity_band: None,
+            semdedup_epsilon: default_semdedup_epsilon(),
         }
     }
 }
@@ -67,6 +72,12 @@ impl SelectConfig {
             return Err(format!(
                 "select.ratio must be in (0, 1], got {}",
                 self.ratio
+            ));
+        }
+        if !(self.semdedup_epsilon > 0.0 && self.semdedup_epsilon < 1.0) {
+            return Err(format!(
+                "select.semdedup_epsilon must be in (0, 1), got {}",
+                self.semdedup_epsilon
             ));
         }
         if self.dsir_pool_docs == 0 {
@@ -90,6 +101,9 @@ impl SelectConfig {
             Strategy::Perplexity => {
                 Some(serde_json::json!({ "perplexity_band": self.perplexity_band }))
             }
+            Strategy::Semdedup => {
+                Some(serde_json::json!({ "semdedup_epsilon": self.semdedup_epsilon }))
+            }
             _ => None,
         }
     }
@@ -105,10 +119,57 @@ fn default_ratio() -> f64 {
 fn default_dsir_pool_docs() -> usize {
     20_000
 }
+/// SemDeDup's paper dedups web data at epsilon 0.05 to 0.3; 0.05 (cosine at least 0.95) takes
+/// near-copies, not merely documents on the same topic.
+fn default_semdedup_epsilon() -> f64 {
+    0.05
+}
 
 /// A document's uniform draw in [0, 1), fixed by the seed and its id.
 pub fn priority(seed: u64, id: &str) -> f64 {
     (xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The tokens selected at ingest so far, in shard order, for `select.max_tokens`: committed
+/// epochs' selected tokens (read once from the store) count once decisions pass them.
+#[derive(Debug, Default)]
+pub struct SpentTokens {
+    /// Selected tokens of epochs committed before this run and not yet passed.
+    committed: BTreeMap<u64, u64>,
+    used: u64,
+}
+
+impl SpentTokens {
+    pub fn load(store: &StateStore) -> Result<SpentTokens, StateError> {
+        let committed = store
+            .epochs()?
+            .into_iter()
+            .map(|(epoch, record)| (epoch, record.selected_tokens))
+            .collect();
+        Ok(SpentTokens { committed, used: 0 })
+    }
+
+    /// Counts the committed epochs before `epoch` (epochs are decided in increasing order).
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        let passed: Vec<u64> = self.committed.range(..epoch).map(|(&e, _)| e).collect();
+        for e in passed {
+            self.used += self.committed.remove(&e).unwrap_or(0);
+        }
+    }
+
+    /// Spends `tokens` when they fit `budget` (none: always).
+    pub fn spend(&mut self, tokens: u64, budget: Option<u64>) -> bool {
+        if budget.is_some_and(|b| self.used + tokens > b) {
+            return false;
+        }
+        self.used += tokens;
+        true
+    }
+
+    /// `random`'s rule for a document: its seeded priority below `ratio`, then the budget.
+    pub fn take(&mut self, seed: u64, ratio: f64, budget: Option<u64>, doc: &DocMeta) -> bool {
+        priority(seed, &doc.id) < ratio && self.spend(u64::from(doc.tokens), budget)
+    }
 }
 
 /// Salt of the `dsir` Gumbel draws, so they are independent of `priority`'s.
@@ -133,7 +194,7 @@ fn dsir_select(
     ratio: f64,
     candidates: &[DsirCandidate<'_>],
     budget: Option<u64>,
-    used_tokens: &mut u64,
+    spent: &mut SpentTokens,
 ) -> Vec<u64> {
     let k = (ratio * candidates.len() as f64).round() as usize;
     let mut keyed: Vec<(f64, &DsirCandidate<'_>)> = candidates
@@ -145,12 +206,9 @@ fn dsir_select(
     kept.sort_by_key(|c| c.0);
     let mut rows = Vec::with_capacity(kept.len());
     for &(row, _, tokens, _) in kept {
-        let tokens = u64::from(tokens);
-        if budget.is_some_and(|b| *used_tokens + tokens > b) {
-            continue;
+        if spent.spend(u64::from(tokens), budget) {
+            rows.push(row);
         }
-        *used_tokens += tokens;
-        rows.push(row);
     }
     rows
 }
@@ -165,6 +223,9 @@ pub enum DuplicateKind {
     Text,
     /// Most of its word n-grams (`near-duplicate`).
     Near,
+    /// Its meaning: the embeddings' cosine is at least 1 - `select.semdedup_epsilon`
+    /// (`semantic-duplicate`, the `semdedup` strategy).
+    Semantic,
 }
 
 impl DuplicateKind {
@@ -174,6 +235,7 @@ impl DuplicateKind {
             DuplicateKind::Id => "duplicate-id",
             DuplicateKind::Text => "duplicate-text",
             DuplicateKind::Near => "near-duplicate",
+            DuplicateKind::Semantic => "semantic-duplicate",
         }
     }
 }
@@ -192,7 +254,7 @@ pub struct Duplicate {
     /// The first occurrence's id when it was in flight (text kinds); the epoch sink reads the
     /// others back from their shards.
     pub first_id: Option<String>,
-    /// The estimated Jaccard similarity of a near duplicate.
+    /// The estimated Jaccard similarity of a near duplicate, the cosine of a semantic one.
     pub similarity: Option<f64>,
 }
 
@@ -205,6 +267,9 @@ pub struct Verdicts {
     pub duplicates: Vec<Duplicate>,
     /// What text dedup adds to the store with this epoch.
     pub dedup: DedupCommit,
+    /// `semdedup`'s semantic duplicates (decided in the assign stage; the sink adds them).
+    #[serde(default)]
+    pub semantic: Vec<Duplicate>,
 }
 
 pub struct Admitter {
@@ -215,9 +280,8 @@ pub struct Admitter {
     /// an epoch is committed its ids are in the store and leave memory, so this holds at most
     /// the epochs in flight, whatever the length of the run.
     recent: BTreeMap<u64, HashMap<u128, u64>>,
-    /// Selected tokens of epochs committed before this run and not yet passed.
-    committed: BTreeMap<u64, u64>,
-    used_tokens: u64,
+    /// Tokens selected so far, for `select.max_tokens`.
+    spent: SpentTokens,
     /// Every id accepted so far (committed or in flight) is in it; None: no filter.
     filter: Option<DedupFilter>,
     /// Exact and near-duplicate texts (`[dedup]`).
@@ -234,11 +298,7 @@ impl Admitter {
         store: Arc<StateStore>,
         filter_bytes: usize,
     ) -> Result<Admitter, StateError> {
-        let committed = store
-            .epochs()?
-            .into_iter()
-            .map(|(epoch, record)| (epoch, record.selected_tokens))
-            .collect();
+        let spent = SpentTokens::load(&store)?;
         let filter = if filter_bytes == 0 {
             None
         } else {
@@ -253,8 +313,7 @@ impl Admitter {
             config,
             store,
             recent: BTreeMap::new(),
-            committed,
-            used_tokens: 0,
+            spent,
             filter,
         })
     }
@@ -262,10 +321,7 @@ impl Admitter {
     /// Decides one epoch. Epochs must come in increasing order.
     pub fn admit(&mut self, epoch: u64, docs: &mut [DocMeta]) -> Result<Verdicts, StateError> {
         // The budget already spent includes committed epochs before this one.
-        let passed: Vec<u64> = self.committed.range(..epoch).map(|(&e, _)| e).collect();
-        for e in passed {
-            self.used_tokens += self.committed.remove(&e).unwrap_or(0);
-        }
+        self.spent.begin_epoch(epoch);
         docs.sort_by_key(|d| d.row);
         let mut verdicts = Verdicts {
             epoch,
@@ -346,17 +402,10 @@ impl Admitter {
                 }
                 _ => continue,
             }
-            if priority(self.seed, &doc.id) >= self.config.ratio {
-                continue;
+            let (ratio, budget) = (self.config.ratio, self.config.max_tokens);
+            if self.spent.take(self.seed, ratio, budget, doc) {
+                verdicts.selected.push(doc.row);
             }
-            let tokens = u64::from(doc.tokens);
-            if let Some(budget) = self.config.max_tokens {
-                if self.used_tokens + tokens > budget {
-                    continue;
-                }
-            }
-            self.used_tokens += tokens;
-            verdicts.selected.push(doc.row);
         }
         if !dsir.is_empty() {
             verdicts.selected = dsir_select(
@@ -364,7 +413,7 @@ impl Admitter {
                 self.config.ratio,
                 &dsir,
                 self.config.max_tokens,
-                &mut self.used_tokens,
+                &mut self.spent,
             );
         }
         self.recent.insert(epoch, accepted);
@@ -424,11 +473,14 @@ mod tests {
             (3, "d", 10, -40.0),
             (4, "e", 10, 45.0),
         ];
-        let mut used = 0;
+        let mut used = SpentTokens::default();
         let rows = dsir_select(1, 0.6, &candidates, None, &mut used);
         assert_eq!(rows, vec![1, 2, 4], "the heavy three, whatever the noise");
-        assert_eq!(used, 30);
-        let mut used = 5;
+        assert_eq!(used.used, 30);
+        let mut used = SpentTokens {
+            used: 5,
+            ..Default::default()
+        };
         let rows = dsir_select(1, 0.6, &candidates, Some(25), &mut used);
         assert_eq!(rows, vec![1, 2], "the budget in row order");
         // Equal weights: the Gumbel draws decide, seeded.
@@ -436,7 +488,7 @@ mod tests {
         let equal: Vec<DsirCandidate<'_>> = (0..100u64)
             .map(|i| (i, ids[i as usize].as_str(), 1, 0.0))
             .collect();
-        let (mut u1, mut u2) = (0, 0);
+        let (mut u1, mut u2) = (SpentTokens::default(), SpentTokens::default());
         let first = dsir_select(1, 0.5, &equal, None, &mut u1);
         assert_eq!(first, dsir_select(1, 0.5, &equal, None, &mut u2));
         assert_ne!(first, dsir_select(2, 0.5, &equal, None, &mut u2));
