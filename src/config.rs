@@ -127,9 +127,9 @@ impl JobSpec {
         self.select.validate()?;
         self.dedup.validate()?;
         self.bandit.validate()?;
-        if self.select.strategy != Strategy::Random && !self.cluster.enabled {
+        if self.select.strategy.needs_clusters() && !self.cluster.enabled {
             return Err(format!(
-                "select.strategy {:?} samples clusters: it needs [cluster] enabled = true",
+                "select.strategy {:?} works on clusters: it needs [cluster] enabled = true",
                 self.select.strategy
             ));
         }
@@ -215,8 +215,16 @@ impl JobSpec {
                 "max_tokens": self.embed.max_tokens,
             });
         }
+        // A strategy's own settings (none for most, so their stores stay valid).
+        if let Some(settings) = self.select.strategy_settings() {
+            fingerprint["strategy_settings"] = settings;
+        }
+        // DSIR's weights come from the reference set.
+        if self.select.strategy == Strategy::Dsir {
+            fingerprint["reference"] = serde_json::json!(self.influence.reference);
+        }
         // The bandit's settings decide the selection only when a bandit strategy runs.
-        if self.select.strategy != Strategy::Random {
+        if self.select.strategy.runs_bandit() {
             if let Some(map) = fingerprint.as_object_mut() {
                 map.insert("bandit".into(), serde_json::json!(self.bandit));
                 // The influence model and its settings decide the scores.

@@ -40,7 +40,7 @@ use crate::progress::{Durations, Progress, Summary};
 use crate::select::operator::admit_operator;
 use crate::sink;
 use crate::sink::epoch_sink::{epoch_sink_operator, CommitOrder};
-use crate::source::operator::{read_local, EpochDocs, LocalShards};
+use crate::source::operator::{read_local, EpochDocs, LocalShards, TextFeatures};
 use crate::source::{self, EmbeddingColumn};
 use crate::state::{PlannedShard, StateStore};
 use crate::tokens::TokenCounter;
@@ -102,6 +102,8 @@ struct Shared {
     clustering: Option<usize>,
     /// The precomputed embedding column the reader reads, if the spec names one.
     embedding: Option<EmbeddingColumn>,
+    /// The `dsir` strategy's weights (fitted once per job, kept in the store).
+    dsir: Option<crate::dsir::DsirWeights>,
     order: Arc<CommitOrder>,
     /// Encoder FLOPs and documents embedded in this run.
     embed_cost: Arc<Mutex<(f64, u64)>>,
@@ -295,7 +297,7 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         tracing::warn!(glob = %spec.source.shards, "no shard matches source.shards");
     }
     let plan = store.register_shards(&found)?;
-    if place.count > 1 && spec.select.strategy != Strategy::Random && plan.len() < found.len() {
+    if place.count > 1 && spec.select.strategy.runs_bandit() && plan.len() < found.len() {
         // Each process's store holds the cluster aggregates of its own epochs, and the bandit
         // restarts from process 0's alone: the Quad loop across processes runs from a fresh
         // start only (README, "Several processes and machines").
@@ -322,6 +324,11 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
             dim,
         }),
         _ => None,
+    };
+    let dsir = if spec.select.strategy == Strategy::Dsir {
+        Some(ingest::dsir_weights(spec, &store, &found)?)
+    } else {
+        None
     };
     let order = Arc::new(CommitOrder::default());
     order.add(plan.iter().map(|p| p.epoch).filter(|&e| place.owns(e)));
@@ -353,6 +360,7 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         hooks: Hooks::from_env(),
         clustering,
         embedding,
+        dsir,
         order,
         embed_cost: Arc::new(Mutex::new((0.0, 0))),
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
@@ -396,7 +404,7 @@ fn finish_job(started: Started, start: Instant) -> Result<Summary> {
     if shared.clustering.is_some() {
         summary.clusters = Some(shared.store.clusters()?.len() as u64);
     }
-    if spec.select.strategy != Strategy::Random {
+    if spec.select.strategy.runs_bandit() {
         let costs = record_costs(&shared)?;
         summary.scored_fraction = Some(costs.pool_fraction_scored());
         summary.flops = Some(costs.total_flops());
@@ -442,7 +450,7 @@ fn run_worker(
     watch: bool,
 ) {
     let index = worker.index();
-    let quad_loop = shared.spec.select.strategy != Strategy::Random;
+    let quad_loop = shared.spec.select.strategy.runs_bandit();
     let local: LocalShards = Rc::new(RefCell::new(HashMap::new()));
     let mut input = InputHandleVec::<u64, EpochDocs>::new();
     let probe = ProbeHandle::new();
@@ -526,7 +534,10 @@ fn feed_shards(
                     planned.epoch,
                     &planned.path,
                     &shared.spec.source,
-                    &shared.spec.dedup,
+                    TextFeatures {
+                        dedup: &shared.spec.dedup,
+                        dsir: shared.dsir.as_ref(),
+                    },
                     &shared.counter,
                     shared.embedding.as_ref(),
                     local,

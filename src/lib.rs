@@ -3,8 +3,8 @@
 //!
 //! One module a stage, each with its settings, its logic and its timely operator
 //! (`<stage>::operator`, or the stage's named operator files): `source` reads shards, `select`
-//! dedups and decides `random` (the admit operator), `embed` embeds, `cluster` fits and assigns
-//! clusters (`cluster::assign`), `membership` draws a cluster's members and fetches their texts,
+//! dedups and decides `random` and `dsir` (the admit operator; `dsir` holds DSIR's weights),
+//! `embed` embeds, `cluster` fits and assigns clusters (`cluster::assign`), `membership` draws a cluster's members and fetches their texts,
 //! `bandit` chooses clusters, `influence` scores, `sink` writes the output (`sink::epoch_sink`
 //! for ingest, `sink::round_sink` for the rounds), `state` holds the transactional job state.
 //! `eval` judges selections by training small models on them (`quad eval`).
@@ -23,6 +23,7 @@ pub mod dataflow;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod doctor;
+pub mod dsir;
 pub mod embed;
 pub mod error;
 pub mod eval;

@@ -30,6 +30,8 @@ pub struct Summary {
     pub duplicate_texts: u64,
     /// Rows rejected as near duplicates (`[dedup] near`).
     pub near_duplicates: u64,
+    /// Rows rejected as semantic duplicates (`semdedup`).
+    pub semantic_duplicates: u64,
     pub selected: u64,
     pub tokens: u64,
     pub selected_tokens: u64,
@@ -100,6 +102,7 @@ impl Summary {
         self.duplicates += record.duplicates;
         self.duplicate_texts += record.duplicate_texts;
         self.near_duplicates += record.near_duplicates;
+        self.semantic_duplicates += record.semantic_duplicates;
         self.selected += record.selected;
         self.tokens += record.tokens;
         self.selected_tokens += record.selected_tokens;
@@ -151,6 +154,13 @@ impl fmt::Display for Summary {
             self.duplicate_texts,
             self.near_duplicates
         )?;
+        if self.semantic_duplicates > 0 {
+            writeln!(
+                f,
+                "  semdedup   {} semantic duplicates rejected",
+                self.semantic_duplicates
+            )?;
+        }
         let pct = |a: u64, b: u64| {
             if b == 0 {
                 0.0

@@ -43,6 +43,8 @@ pub struct IngestCounts {
     pub duplicate_ids: u64,
     pub duplicate_texts: u64,
     pub near_duplicates: u64,
+    #[serde(default)]
+    pub semantic_duplicates: u64,
 }
 
 impl IngestCounts {
@@ -57,6 +59,7 @@ impl IngestCounts {
             duplicate_ids: sum(|r| r.duplicates),
             duplicate_texts: sum(|r| r.duplicate_texts),
             near_duplicates: sum(|r| r.near_duplicates),
+            semantic_duplicates: sum(|r| r.semantic_duplicates),
         })
     }
 }
@@ -414,7 +417,8 @@ impl Page {
          <tr><th>tau</th><td>{tau}</td></tr><tr><th>rows read</th><td>{rows}</td></tr>\
          <tr><th>documents kept</th><td>{documents}</td></tr><tr><th>rows rejected (bad)</th><td>{rejected}</td></tr>\
          <tr><th>duplicate ids</th><td>{ids}</td></tr><tr><th>duplicate texts</th><td>{texts}</td></tr>\
-         <tr><th>near duplicates</th><td>{near}</td></tr></table>\n",
+         <tr><th>near duplicates</th><td>{near}</td></tr>\
+         <tr><th>semantic duplicates</th><td>{semantic}</td></tr></table>\n",
         name = escape(&run.name),
         strategy = escape(&run.strategy),
         rounds = run.rounds.len(),
@@ -425,6 +429,7 @@ impl Page {
         ids = run.ingest.duplicate_ids,
         texts = run.ingest.duplicate_texts,
         near = run.ingest.near_duplicates,
+        semantic = run.ingest.semantic_duplicates,
     );
         for (heading, svg) in figures {
             let _ = write!(

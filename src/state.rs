@@ -54,6 +54,13 @@ const BANDS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("bands");
 /// Near dedup: the sketch (`dedup::sketch`) of each kept document that the band index points
 /// to, by location. Keyed in epoch order, so a commit appends.
 const SKETCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sketches");
+/// `semdedup`'s band index: a sign-projection band key of a kept document's embedding
+/// (`cluster::semdedup`) -> the location of the first kept document with it. Leveled, as `IDS`.
+const SEMANTIC_BANDS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("semantic_bands");
+/// `semdedup`: the quantised embedding of each kept document the band index points to, by
+/// location. Keyed in epoch order, so a commit appends.
+const SEMANTIC_VECTORS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("semantic_vectors");
 /// The Quad loop: one record per bandit round (JSON `report::RoundRecord`).
 const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// Values of the run as a whole (JSON): the bandit state after the last round, the pool's mix,
@@ -294,6 +301,18 @@ pub struct ClusterCommit {
     pub state: Vec<u8>,
     /// The job's seed: it fixes each member's place in the draw order.
     pub seed: u64,
+    /// What `semdedup` adds to its index with this epoch.
+    #[serde(default)]
+    pub semantic: SemanticCommit,
+}
+
+/// What the `semdedup` strategy adds to the store with an epoch (`cluster::semdedup`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SemanticCommit {
+    /// (band key, row) of band keys new to the index.
+    pub bands: Vec<(u64, u64)>,
+    /// (row, quantised vector) of the documents `bands` points to.
+    pub vectors: Vec<(u64, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +352,9 @@ pub struct EpochRecord {
     /// Rows rejected for a text an earlier document has (`duplicate-text`).
     #[serde(default)]
     pub duplicate_texts: u64,
+    /// Rows rejected as semantic duplicates (`semantic-duplicate`, the `semdedup` strategy).
+    #[serde(default)]
+    pub semantic_duplicates: u64,
     /// Rows rejected as near duplicates of an earlier kept document (`near-duplicate`).
     #[serde(default)]
     pub near_duplicates: u64,
@@ -468,6 +490,7 @@ impl StateStore {
             txn.open_table(PENDING).map_err(|e| store.err(e))?;
             txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
             txn.open_table(SKETCHES).map_err(|e| store.err(e))?;
+            txn.open_table(SEMANTIC_VECTORS).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -664,8 +687,21 @@ impl StateStore {
             }
             if let Some(clusters) = &commit.clusters {
                 self.write_clusters(&txn, clusters)?;
+                let semantic = &clusters.semantic;
+                self.write_index(
+                    &txn,
+                    commit.epoch,
+                    &[(&SEMANTIC_BANDS, &semantic.bands)],
+                    (SEMANTIC_VECTORS, &semantic.vectors),
+                )?;
             }
-            self.write_dedup(&txn, commit.epoch, &commit.dedup)?;
+            let dedup = &commit.dedup;
+            self.write_index(
+                &txn,
+                commit.epoch,
+                &[(&TEXTS, &dedup.texts), (&BANDS, &dedup.bands)],
+                (SKETCHES, &dedup.sketches),
+            )?;
             let mut sample = txn.open_table(FIT_SAMPLE).map_err(|e| self.err(e))?;
             for &(priority, row, row_group) in &commit.fit_sample {
                 sample
@@ -679,14 +715,18 @@ impl StateStore {
         txn.commit().map_err(|e| self.err(e))
     }
 
-    fn write_dedup(
+    /// An epoch's additions to a dedup index: (key, row) of keys new to each leveled table
+    /// (the first kept document with them), and (row, bytes) of what they point to.
+    #[allow(clippy::type_complexity)]
+    fn write_index(
         &self,
         txn: &redb::WriteTransaction,
         epoch: u64,
-        commit: &DedupCommit,
+        firsts: &[(&runs::LeveledTable<8, 8>, &Vec<(u64, u64)>)],
+        (blob_table, blobs): (TableDefinition<(u64, u64), &[u8]>, &Vec<(u64, Vec<u8>)>),
     ) -> Result<(), StateError> {
         let epoch32 = self.narrow("epoch", epoch)?;
-        for (table, entries) in [(&TEXTS, &commit.texts), (&BANDS, &commit.bands)] {
+        for &(table, entries) in firsts {
             let mut keyed = Vec::with_capacity(entries.len());
             for &(key, row) in entries {
                 let row = self.narrow("row", row)?;
@@ -697,10 +737,10 @@ impl StateStore {
             keyed.dedup_by_key(|(key, _)| *key);
             table.insert_sorted(txn, &keyed).map_err(|e| self.err(e))?;
         }
-        let mut sketches = txn.open_table(SKETCHES).map_err(|e| self.err(e))?;
-        for (row, sketch) in &commit.sketches {
-            sketches
-                .insert((epoch, *row), sketch.as_slice())
+        let mut table = txn.open_table(blob_table).map_err(|e| self.err(e))?;
+        for (row, bytes) in blobs {
+            table
+                .insert((epoch, *row), bytes.as_slice())
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
@@ -890,6 +930,14 @@ impl StateStore {
         self.first_locations(&BANDS, keys)
     }
 
+    /// The location (epoch, row) of the first kept document with each `semdedup` band key.
+    pub fn first_semantic_bands(
+        &self,
+        keys: &[u64],
+    ) -> Result<Vec<Option<(u64, u64)>>, StateError> {
+        self.first_locations(&SEMANTIC_BANDS, keys)
+    }
+
     fn first_locations(
         &self,
         table: &runs::LeveledTable<8, 8>,
@@ -912,11 +960,28 @@ impl StateStore {
 
     /// The stored sketches of kept documents, by location (None where there is none).
     pub fn sketches(&self, locations: &[(u64, u64)]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        self.blobs(SKETCHES, locations)
+    }
+
+    /// The stored quantised vectors of `semdedup`'s kept documents, by location (None where
+    /// there is none).
+    pub fn semantic_vectors(
+        &self,
+        locations: &[(u64, u64)],
+    ) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        self.blobs(SEMANTIC_VECTORS, locations)
+    }
+
+    fn blobs(
+        &self,
+        definition: TableDefinition<(u64, u64), &[u8]>,
+        locations: &[(u64, u64)],
+    ) -> Result<Vec<Option<Vec<u8>>>, StateError> {
         if locations.is_empty() {
             return Ok(Vec::new());
         }
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(SKETCHES).map_err(|e| self.err(e))?;
+        let table = txn.open_table(definition).map_err(|e| self.err(e))?;
         locations
             .iter()
             .map(|&location| {
@@ -1613,6 +1678,7 @@ mod tests {
             }],
             state: vec![],
             seed: 9,
+            semantic: Default::default(),
         });
         store.commit_epoch(&commit).unwrap();
         assert_eq!(store.members(3).unwrap(), members);
@@ -1707,6 +1773,7 @@ mod tests {
                     .collect(),
                 state: vec![],
                 seed: 1,
+                semantic: Default::default(),
             });
             store.commit_epoch(&commit).unwrap();
         }

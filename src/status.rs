@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{JobSpec, Strategy};
+use crate::config::JobSpec;
 use crate::progress::Summary;
 use crate::state::StateStore;
 
@@ -71,7 +71,7 @@ fn unix_now() -> u64 {
 fn budget_tokens(spec: &JobSpec, pool_tokens: u64) -> Option<u64> {
     use crate::bandit::Budget;
     match spec.select.strategy {
-        Strategy::Random => spec.select.max_tokens,
+        s if !s.runs_bandit() => spec.select.max_tokens,
         _ => Some(match spec.bandit.budget {
             Budget::Tokens(t) => t,
             Budget::Ratio(r) => (r * pool_tokens as f64).floor() as u64,
@@ -103,7 +103,7 @@ fn read_store(spec: &JobSpec, store: &StateStore) -> Result<(Summary, StoreExtra
     if spec.cluster.enabled {
         extras.clusters = Some(store.clusters()?.len() as u64);
     }
-    if spec.select.strategy != Strategy::Random {
+    if spec.select.strategy.runs_bandit() {
         let bandit = store.bandit()?;
         extras.rounds = Some(bandit.as_ref().map_or(0, |b| b.next_round()));
         if let Some(bandit) = bandit {

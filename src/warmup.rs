@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::influence::InfluenceError;
@@ -504,27 +504,8 @@ pub fn mean_loss(lm: &CausalLm, docs: &[Vec<i64>], window: usize, batch: usize) 
         .collect();
     let (mut sum, mut count) = (0.0f64, 0i64);
     for group in windows.chunks(batch.max(1)) {
-        let t = group.iter().map(|w| w.len()).max().unwrap_or(0) as i64;
-        let b = group.len() as i64;
-        let mut ids = vec![0i64; (b * t) as usize];
-        let mut targets = vec![-100i64; (b * (t - 1)) as usize];
-        for (i, w) in group.iter().enumerate() {
-            let row = i * t as usize;
-            ids[row..row + w.len()].copy_from_slice(w);
-            let trow = i * (t as usize - 1);
-            targets[trow..trow + w.len() - 1].copy_from_slice(&w[1..]);
-            count += w.len() as i64 - 1;
-        }
-        let ids = Tensor::from_slice(&ids).view([b, t]);
-        let logits = lm.logits(&ids).narrow(1, 0, t - 1);
-        let vocab = logits.size()[2];
-        let targets = Tensor::from_slice(&targets).to_device(logits.device());
-        let loss = logits
-            .reshape([-1, vocab])
-            .to_kind(Kind::Float)
-            .log_softmax(-1, Kind::Float)
-            .nll_loss_nd::<Tensor>(&targets, None, Reduction::Sum, -100);
-        sum += loss.double_value(&[]);
+        sum += lm.window_nll_sums(group).iter().sum::<f64>();
+        count += group.iter().map(|w| w.len() as i64 - 1).sum::<i64>();
     }
     if count == 0 {
         0.0

@@ -16,71 +16,12 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
+use common::texts::{garbage, news};
 use common::{quad, repo, write_shard};
-
-const SUBJECTS: [&str; 8] = [
-    "The government",
-    "The prime minister",
-    "Officials",
-    "The central bank",
-    "Police",
-    "The company",
-    "Voters",
-    "The city council",
-];
-const VERBS: [&str; 6] = [
-    "announced",
-    "said",
-    "reported",
-    "confirmed",
-    "denied",
-    "warned of",
-];
-const OBJECTS: [&str; 8] = [
-    "new measures on Tuesday",
-    "a rise in interest rates",
-    "plans for the election next month",
-    "an investigation into the incident",
-    "higher taxes on fuel",
-    "talks with union leaders",
-    "a drop in unemployment",
-    "the results of the inquiry",
-];
-
-/// A news-like document: 4 to 8 template sentences.
-fn news(rng: &mut ChaCha8Rng) -> String {
-    let n = rng.random_range(4..9);
-    (0..n)
-        .map(|_| {
-            format!(
-                "{} {} {}.",
-                SUBJECTS[rng.random_range(0..SUBJECTS.len())],
-                VERBS[rng.random_range(0..VERBS.len())],
-                OBJECTS[rng.random_range(0..OBJECTS.len())]
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Garbage: 30 to 60 random "words" of letters, digits and symbols.
-fn garbage(rng: &mut ChaCha8Rng) -> String {
-    const CHARS: &[u8] = b"qxzjkvwy0123456789#%&*@~^";
-    let n = rng.random_range(30..61);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(2..7);
-            (0..len)
-                .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-                .collect::<String>()
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// Writes `texts` as Parquet with a text column (and an id column when `with_id`).
 fn write_texts(path: &Path, texts: &[String], with_id: bool) {

@@ -216,13 +216,7 @@ reference = "{corpus}/reference.parquet"
 [warmup]
 out = "{out}/proxy"
 tokenizer = "{tok}"
-hidden = 32
-layers = 1
-heads = 2
-kv_heads = 1
-intermediate = 64
-seq_len = 32
-batch = 4
+{tiny}batch = 4
 steps = 30
 lr = 1e-2
 sample_docs = 150
@@ -235,6 +229,7 @@ log_every = 10
             corpus = corpus.display(),
             out = dir.display(),
             tok = gguf().display(),
+            tiny = common::texts::TINY_PROXY,
         ),
     )
     .unwrap();

@@ -9,8 +9,8 @@
 //! this project's choices for the demo scale, to be tuned per job (`quad tune tau|gamma`).
 use serde::{Deserialize, Serialize};
 
-/// The selection strategy (`select.strategy`): `random` decides at ingest, the others run the
-/// bandit.
+/// The selection strategy (`select.strategy`): `random`, `dsir` and `semdedup` decide at
+/// ingest, the others run the Quad loop (`Strategy::runs_bandit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -24,6 +24,41 @@ pub enum Strategy {
     Explore,
     /// Every document scored; the best by influence taken until the budget.
     TopkInfluence,
+    /// Importance resampling on hashed n-gram features (Xie et al. 2023): per shard, the top
+    /// `select.ratio` of documents by log importance weight plus seeded Gumbel noise.
+    Dsir,
+    /// Every document's mean next-token loss under the influence model; the lowest (or those
+    /// in `select.perplexity_band`) taken until the budget, through the Quad loop.
+    Perplexity,
+    /// Near-copies in embedding space dropped (Abbas et al. 2023; `cluster::semdedup`), then
+    /// seeded uniform sampling among the rest, as `random`.
+    Semdedup,
+}
+
+impl Strategy {
+    /// Whether the strategy selects in the Quad loop (rounds over clusters after ingest, with
+    /// the `[bandit]` budget), not at ingest.
+    pub fn runs_bandit(self) -> bool {
+        match self {
+            Strategy::Random | Strategy::Dsir | Strategy::Semdedup => false,
+            Strategy::Quad
+            | Strategy::Exploit
+            | Strategy::Explore
+            | Strategy::TopkInfluence
+            | Strategy::Perplexity => true,
+        }
+    }
+
+    /// Whether the loop scores every member and then takes the best until the budget
+    /// (`topk-influence` by influence, `perplexity` by loss), rather than pulling arms.
+    pub fn scores_everything(self) -> bool {
+        matches!(self, Strategy::TopkInfluence | Strategy::Perplexity)
+    }
+
+    /// Whether the strategy needs clusters (`[cluster] enabled`).
+    pub fn needs_clusters(self) -> bool {
+        self.runs_bandit() || self == Strategy::Semdedup
+    }
 }
 
 /// The unit of the rewards the bandit credits.

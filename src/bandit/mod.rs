@@ -40,6 +40,34 @@ pub struct DocLoc {
     pub row: u64,
 }
 
+/// The members whose score lies between the `band` quantiles of the scores counted from the
+/// best (`perplexity`: the score is the negated loss, so these are loss quantiles), in a
+/// seeded order fixed by their location. `sorted` is best first.
+fn within_band(
+    sorted: Vec<(MemberRef, f64)>,
+    [lo, hi]: [f64; 2],
+    seed: u64,
+) -> Vec<(MemberRef, f64)> {
+    let n = sorted.len();
+    if n == 0 {
+        return sorted;
+    }
+    // Best first is lowest loss first: loss quantile q is the member at place q (n - 1).
+    let at = |q: f64| sorted[(q * (n - 1) as f64).round() as usize].1;
+    let (low_score, high_score) = (at(hi), at(lo));
+    let mut kept: Vec<(MemberRef, f64)> = sorted
+        .into_iter()
+        .filter(|(_, v)| (low_score..=high_score).contains(v))
+        .collect();
+    let key = |m: &MemberRef| {
+        crate::hash::mix(
+            crate::hash::mix(seed ^ 0x6261_6e64 ^ m.loc.shard) ^ m.loc.row.rotate_left(32),
+        )
+    };
+    kept.sort_by_key(|(m, _)| (key(m), *m));
+    kept
+}
+
 /// A member the bandit asks for (to score, or to take).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MemberRef {
@@ -251,11 +279,14 @@ pub struct Bandit {
     candidates: Vec<(MemberRef, f64)>,
     /// The scores seen, for standardised rewards and `tau_quantile` (bounded).
     scale: ScoreScale,
+    /// `perplexity`: the band of loss quantiles kept (`select.perplexity_band`).
+    #[serde(default)]
+    band: Option<[f64; 2]>,
 }
 
 impl Bandit {
     pub fn new(seed: u64, strategy: Strategy, config: BanditConfig) -> Result<Bandit, BanditError> {
-        if strategy == Strategy::Random {
+        if !strategy.runs_bandit() {
             return Err(BanditError::NotABandit(strategy));
         }
         config.validate().map_err(BanditError::Config)?;
@@ -272,6 +303,7 @@ impl Bandit {
             pool_tokens: 0,
             candidates: Vec::new(),
             scale: ScoreScale::default(),
+            band: None,
         })
     }
 
@@ -450,6 +482,13 @@ impl Bandit {
         Ok(())
     }
 
+    /// `perplexity` with `select.perplexity_band`: keeps the members whose loss lies between
+    /// these quantiles of the scored pool's losses.
+    pub fn with_band(mut self, band: Option<[f64; 2]>) -> Bandit {
+        self.band = band;
+        self
+    }
+
     fn alpha(&self) -> f64 {
         match self.strategy {
             Strategy::Exploit => 0.0,
@@ -526,7 +565,7 @@ impl Bandit {
                     .map(|ci| self.request(ci, false, None))
                     .collect()
             }
-            Strategy::TopkInfluence => open
+            Strategy::TopkInfluence | Strategy::Perplexity => open
                 .into_iter()
                 .take(r)
                 .map(|ci| PullRequest {
@@ -534,7 +573,7 @@ impl Bandit {
                     ..self.request(ci, true, None)
                 })
                 .collect(),
-            Strategy::Random => Vec::new(),
+            Strategy::Random | Strategy::Dsir | Strategy::Semdedup => Vec::new(),
         }
     }
 
@@ -694,7 +733,7 @@ impl Bandit {
                         .push((*m, format!("influence is not finite ({v})")));
                 }
             }
-            if self.strategy == Strategy::TopkInfluence {
+            if self.strategy.scores_everything() {
                 self.candidates.extend(finite);
                 continue;
             }
@@ -718,7 +757,7 @@ impl Bandit {
                 }
             }
         }
-        if self.strategy == Strategy::TopkInfluence && self.clusters.iter().all(|c| c.fresh == 0) {
+        if self.strategy.scores_everything() && self.clusters.iter().all(|c| c.fresh == 0) {
             self.take_best(&mut outcome);
         }
         self.next_round += 1;
@@ -727,10 +766,14 @@ impl Bandit {
         Ok(outcome)
     }
 
-    /// `topk-influence`, once everything is scored: the best by influence until the budget.
+    /// `topk-influence` and `perplexity`, once everything is scored: the best by score until
+    /// the budget; with a band (`perplexity`), the members within it in a seeded order.
     fn take_best(&mut self, outcome: &mut RoundOutcome) {
         let mut all = std::mem::take(&mut self.candidates);
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(band) = self.band {
+            all = within_band(all, band, self.seed);
+        }
         for (m, v) in all {
             let Some(ci) = self.cluster_index(m.cluster) else {
                 continue;

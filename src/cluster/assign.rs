@@ -266,6 +266,7 @@ mod tests {
                     id: format!("{axis}-{i}"),
                     tokens: 10,
                     fingerprint: None,
+                    dsir_log_weight: None,
                 }
             })
             .collect();

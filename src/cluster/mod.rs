@@ -19,6 +19,7 @@ mod kmeans;
 mod knee;
 pub mod operator;
 mod reservoir;
+pub mod semdedup;
 mod stream;
 
 pub use config::{ClusterConfig, TuneKConfig};

@@ -10,6 +10,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use super::assign::Assigner;
+use super::semdedup::{SemDedup, SemDedupSettings, SemanticVerdicts};
 use super::ClusterConfig;
 use crate::embed::operator::EmbeddedEpoch;
 use crate::error::Fail;
@@ -27,6 +28,8 @@ pub struct AssignContext {
     /// The epoch whose end forces the initial fit when fewer documents than the fit window
     /// came (the last shard of a run that is not long-lived).
     pub fit_epoch: Option<u64>,
+    /// The `semdedup` strategy's settings (None for other strategies).
+    pub semdedup: Option<SemDedupSettings>,
     pub fail: Fail,
 }
 
@@ -35,6 +38,8 @@ pub struct AssignContext {
 pub struct EpochClusters {
     pub epoch: u64,
     pub commit: ClusterCommit,
+    /// `semdedup`'s decisions of the epoch.
+    pub semantic: Option<SemanticVerdicts>,
 }
 
 /// Assigns documents to clusters on worker 0, epoch by epoch in order, once admit has decided
@@ -61,6 +66,18 @@ pub fn assign_operator<'scope>(
                     (ctx.fail)(e);
                     None
                 }
+            };
+            let mut semdedup = match ctx
+                .semdedup
+                .clone()
+                .map(|s| SemDedup::new(s, dim, ctx.store.clone()))
+            {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    (ctx.fail)(e.into());
+                    None
+                }
+                None => None,
             };
             let mut decided: BTreeMap<u64, (Capability<u64>, Verdicts)> = BTreeMap::new();
             let mut vectors: BTreeMap<u64, EmbeddedEpoch> = BTreeMap::new();
@@ -118,6 +135,17 @@ pub fn assign_operator<'scope>(
                             kept.extend_from_slice(vector);
                         }
                     }
+                    let semantic = match semdedup
+                        .as_mut()
+                        .map(|s| s.decide_epoch(epoch, &docs, &kept))
+                    {
+                        Some(Ok(decided)) => Some(decided),
+                        Some(Err(e)) => {
+                            (ctx.fail)(e.into());
+                            continue;
+                        }
+                        None => None,
+                    };
                     let result = assigner.assign_epoch(
                         epoch,
                         &docs,
@@ -129,7 +157,15 @@ pub fn assign_operator<'scope>(
                     match result {
                         Ok(mut commit) => {
                             commit.seed = ctx.seed;
-                            output.session(&cap).give(EpochClusters { epoch, commit })
+                            let semantic = semantic.map(|(verdicts, added)| {
+                                commit.semantic = added;
+                                verdicts
+                            });
+                            output.session(&cap).give(EpochClusters {
+                                epoch,
+                                commit,
+                                semantic,
+                            })
                         }
                         Err(e) => (ctx.fail)(
                             anyhow::Error::from(e).context(format!("clustering epoch {epoch}")),

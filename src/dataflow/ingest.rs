@@ -1,12 +1,59 @@
 //! The ingest operators' contexts: what each stage's operator takes of the job.
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::cluster::operator::AssignContext;
+use crate::cluster::semdedup::SemDedupSettings;
+use crate::config::JobSpec;
+use crate::dsir::DsirWeights;
 use crate::embed::operator::EmbedContext;
+use crate::influence::setup::read_documents;
 use crate::select::operator::AdmitContext;
 use crate::sink::epoch_sink::EpochSinkContext;
-use crate::state::EpochCommit;
+use crate::state::{EpochCommit, StateStore};
+
+/// The `dsir` strategy's weights: the ones the store kept, or fitted from the reference set
+/// against the first `select.dsir_pool_docs` documents of `shards` (in path order) and kept.
+pub(super) fn dsir_weights(
+    spec: &JobSpec,
+    store: &StateStore,
+    shards: &[PathBuf],
+) -> anyhow::Result<DsirWeights> {
+    if let Some(stored) = store.run_value::<serde_json::Value>(crate::dsir::STORE_KEY)? {
+        tracing::info!("DSIR weights from the state store");
+        return DsirWeights::from_stored(stored).map_err(anyhow::Error::msg);
+    }
+    let reference = read_documents(&spec.influence.reference, &spec.source)?;
+    anyhow::ensure!(
+        !reference.is_empty(),
+        "select.strategy dsir: the reference set {} has no documents",
+        spec.influence.reference.display()
+    );
+    let wanted = spec.select.dsir_pool_docs;
+    let mut pool: Vec<String> = Vec::new();
+    for shard in shards {
+        if pool.len() >= wanted {
+            break;
+        }
+        // A shard the job would quarantine is left out of the fit, not fatal.
+        match read_documents(shard, &spec.source) {
+            Ok(docs) => pool.extend(docs.into_iter().map(|(_, t)| t).take(wanted - pool.len())),
+            Err(e) => tracing::warn!(error = %e, "DSIR pool: shard skipped"),
+        }
+    }
+    let weights = DsirWeights::fit(
+        reference.iter().map(|(_, t)| t.as_str()),
+        pool.iter().map(String::as_str),
+    );
+    store.put_run_value(crate::dsir::STORE_KEY, &weights.to_stored())?;
+    tracing::info!(
+        reference = reference.len(),
+        pool = pool.len(),
+        "DSIR weights fitted and stored"
+    );
+    Ok(weights)
+}
 
 pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
     let spec = &shared.spec;
@@ -40,6 +87,14 @@ pub(super) fn assign_context(shared: &Arc<Shared>, fit_epoch: Option<u64>) -> As
         seed: spec.seed,
         dim: shared.clustering.unwrap_or(0),
         fit_epoch,
+        semdedup: (spec.select.strategy == crate::config::Strategy::Semdedup).then_some(
+            SemDedupSettings {
+                seed: spec.seed,
+                epsilon: spec.select.semdedup_epsilon,
+                ratio: spec.select.ratio,
+                max_tokens: spec.select.max_tokens,
+            },
+        ),
         fail: fail_handle(shared),
     }
 }

@@ -8,7 +8,9 @@ use anyhow::Result;
 use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::bandit::operator::BanditContext;
 use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
+use crate::config::Strategy;
 use crate::cost::Costs;
+use crate::influence::loss::LossScorer;
 use crate::influence::operator::{DocScorer, ScoreContext, ScorerFactory, TalliedScorer};
 use crate::influence::setup::fit_pool_of;
 use crate::membership::operator::MembershipContext;
@@ -99,6 +101,13 @@ fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move |sample| {
         let spec = &scorer_shared.spec;
+        if spec.select.strategy == Strategy::Perplexity {
+            let scorer = LossScorer::load(&spec.influence)?;
+            return Ok(
+                Box::new(scorer.with_tally(scorer_shared.score_tally.clone()))
+                    as Box<dyn DocScorer>,
+            );
+        }
         let pool = fit_pool_of(&scorer_shared.store, &spec.source, sample);
         let scorer =
             crate::influence::setup::build_scorer(&spec.influence, &spec.source, pool, spec.seed)?;
@@ -152,7 +161,8 @@ pub(super) fn load_bandit(shared: &Shared) -> Result<Bandit> {
     let spec = &shared.spec;
     let mut bandit = match shared.store.bandit()? {
         Some(b) => b,
-        None => Bandit::new(spec.seed, spec.select.strategy, spec.bandit.clone())?,
+        None => Bandit::new(spec.seed, spec.select.strategy, spec.bandit.clone())?
+            .with_band(spec.select.perplexity_band),
     };
     let clusters: Vec<ClusterChange> = shared
         .store

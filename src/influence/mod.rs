@@ -11,6 +11,7 @@
 //! Quad loop: each round's samples scored on worker 0, the scores fed back to the bandit.
 pub mod cache;
 pub mod factors;
+pub mod loss;
 pub mod operator;
 pub mod score;
 pub mod scorer;

