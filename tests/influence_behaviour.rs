@@ -176,8 +176,8 @@ factor_cache = "{out}/factors"
         assert!(news > *m, "news {news:e} must beat {domain} ({m:e})");
     }
     // The README quotes the margin (MARGIN); scoring is deterministic on one CPU (to 1%:
-    // threads may sum in another order), and CPUs of other vendors round otherwise in
-    // libtorch's kernels (Intel Xeon 5,393, AMD EPYC 5,508: 2.1% apart), so it is reproduced to
+    // threads may sum in another order), and CPUs with other vector units round otherwise in
+    // libtorch's kernels (AVX-512 5,393, AVX2 5,508: 2.1% apart), so it is reproduced to
     // within 5%, not just its sign.
     let margin = news - other_mean;
     assert!(
