@@ -1310,10 +1310,7 @@ impl StateStore {
         request: &crate::bandit::PullRequest,
     ) -> Result<crate::bandit::Pull, StateError> {
         let drawn = self.draw_candidates(seed, round, request)?;
-        Ok(crate::bandit::draw::into_pull(
-            request,
-            drawn.into_iter().map(|c| c.member).collect(),
-        ))
+        Ok(crate::bandit::draw::merge_candidates(request, drawn))
     }
 
     /// This store's part of a draw: its first `sample + block` unsampled members of the cluster
@@ -1717,7 +1714,7 @@ mod tests {
         store
             .commit_decision(&Default::default(), &bandit, &outcome)
             .unwrap();
-        let part = outcome.part(|_| true);
+        let part = outcome.part();
         assert!(store.apply_round_part(0, 9, &part, true).unwrap().is_some());
         assert!(store.apply_round_part(0, 9, &part, true).unwrap().is_none());
         let after = store.members(3).unwrap();

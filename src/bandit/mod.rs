@@ -158,16 +158,15 @@ impl RoundOutcome {
         members_left(&self.scored, &self.unscorable, &self.selected)
     }
 
-    /// What the round changed of the members `owned` accepts: the part that the worker holding
-    /// them (the owner of their shard) carries out in its store.
-    pub fn part(&self, owned: impl Fn(&MemberRef) -> bool) -> RoundPart {
+    /// What the round changed of the pool's members, for the stores that hold them (each
+    /// carries out the part of its own members, `RoundPart::only`).
+    pub fn part(&self) -> RoundPart {
         RoundPart {
             round: self.round,
             selected: self.selected.clone(),
             scored: self.scored.clone(),
             unscorable: self.unscorable.clone(),
         }
-        .only(owned)
     }
 }
 

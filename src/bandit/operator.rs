@@ -377,7 +377,7 @@ fn committed(outcome: &RoundOutcome, peers: usize, replay: bool) -> Vec<BanditMs
     (0..peers.max(1) as u64)
         .map(|to| BanditMsg::Committed {
             to,
-            part: outcome.part(|_| true),
+            part: outcome.part(),
             replay,
         })
         .collect()

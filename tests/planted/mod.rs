@@ -179,7 +179,7 @@ pub fn store_round(
     let record = quad::report::RoundRecord::new(&pulls, &out);
     store.commit_decision(&record, b, &out).unwrap();
     store
-        .apply_round_part(0, b.seed(), &out.part(|_| true), true)
+        .apply_round_part(0, b.seed(), &out.part(), true)
         .unwrap();
     (pulls, out)
 }
