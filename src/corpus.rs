@@ -22,7 +22,8 @@ use crate::sink::{write_durably, SinkConfig};
 pub struct CorpusConfig {
     #[serde(default = "default_assets")]
     pub assets: PathBuf,
-    /// Output folder: shards/, reference.parquet, eval.parquet, manifest.json.
+    /// Output folder: shards/, reference.parquet, eval.parquet (and its split
+    /// eval-<reference_domain>.parquet, eval-other.parquet), manifest.json.
     pub out: PathBuf,
     #[serde(default = "default_corpus_shards")]
     pub shards: usize,
@@ -531,6 +532,26 @@ pub fn build_demo(config: &CorpusConfig, seed: u64) -> Result<CorpusReport> {
         &[to_batch(&eval)?],
         &sink,
     )?;
+    // The held-out split by domain, for `quad eval`: a selection aimed at the reference domain
+    // should lower the loss on its own domain without raising it much on the others.
+    let (eval_reference, eval_other): (Vec<Document>, Vec<Document>) = eval
+        .into_iter()
+        .partition(|d| d.source == config.reference_domain);
+    for (name, docs) in [
+        (
+            format!("eval-{}.parquet", config.reference_domain),
+            eval_reference,
+        ),
+        ("eval-other.parquet".to_string(), eval_other),
+    ] {
+        write_durably(
+            &config.out,
+            &name,
+            demo_schema(),
+            &[to_batch(&docs)?],
+            &sink,
+        )?;
+    }
     std::fs::write(
         config.out.join("manifest.json"),
         serde_json::to_string_pretty(&report)?,

@@ -100,6 +100,17 @@ fn the_demo_corpus_is_real_mixed_and_deterministic() {
         "held-out documents are not in the pool"
     );
     assert!(eval.len() > 500);
+    // The split by domain for `quad eval` holds exactly eval.parquet's documents.
+    let eval_reference = ids_and_sources(&dir.path().join("a/eval-python-docs.parquet"));
+    let eval_other = ids_and_sources(&dir.path().join("a/eval-other.parquet"));
+    assert!(eval_reference.iter().all(|(_, s)| s == "python-docs"));
+    assert!(eval_other.iter().all(|(_, s)| s != "python-docs"));
+    assert!(!eval_reference.is_empty() && !eval_other.is_empty());
+    let mut split: Vec<_> = eval_reference.into_iter().chain(eval_other).collect();
+    let mut whole = eval.clone();
+    split.sort();
+    whole.sort();
+    assert_eq!(split, whole);
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 
 use arrow::array::RecordBatch;
+use common::processes::{run_processes, selected_rows};
 use common::texts::string_batch;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -164,4 +165,29 @@ fn a_resumed_job_with_new_shards_keeps_its_weights() {
     let out = run(&fresh, 1);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_ne!(stored_weights(&dir.path().join("fresh")), before);
+}
+
+#[test]
+fn dsir_selects_the_same_rows_on_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_reference(&dir.path().join("reference.parquet"));
+    let pool = pool(dir.path(), 4);
+    let one = job(dir.path(), "one", &pool, "dsir");
+    let out = run(&one, 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Each process reads only the shards it owns, but fits the weights on the pool's first
+    // documents in shard order as one process does.
+    let two = job(dir.path(), "two", &pool, "dsir");
+    for (i, out) in run_processes(&[&two, &two], dir.path(), 1)
+        .iter()
+        .enumerate()
+    {
+        assert!(out.status.success(), "process {i}: {}", stderr(out));
+    }
+    let (one, two) = (
+        selected_rows(&dir.path().join("one")),
+        selected_rows(&dir.path().join("two")),
+    );
+    assert_eq!(one.len(), 400);
+    assert!(one == two, "1 and 2 processes select the same rows");
 }

@@ -139,6 +139,9 @@ fn perplexity_keeps_fluent_text_and_drops_garbage() {
         assert!(out.status.success(), "{}", stderr(&out));
         let s = summary(&out);
         assert_eq!(s["scored"], 240, "every document is scored: {s}");
+        // The forward passes are counted (the pool's embeddings come from a column, so every
+        // FLOP counted is scoring).
+        assert!(s["flops"].as_f64().unwrap_or(0.0) > 0.0, "{s}");
         picks.push(selected(&dir.path().join("lowest")));
         std::fs::remove_dir_all(dir.path().join("lowest")).unwrap();
     }

@@ -9,6 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use common::processes::{run_processes, selected_rows};
 use common::texts::string_batch;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -181,4 +182,58 @@ fn semdedup_drops_near_copies_and_keeps_distinct_documents() {
     let kept = 160 + copies.len() - rejected[0].len();
     let share = selections[0].len() as f64 / kept as f64;
     assert!((0.35..0.65).contains(&share), "{share}");
+}
+
+/// Every rejected row (reason, matched id) in the stores of the processes of a job.
+fn rejects_of_processes(sink: &Path, processes: usize) -> Vec<(String, Option<String>)> {
+    let mut rows: Vec<(String, Option<String>)> = (0..processes)
+        .flat_map(|i| {
+            let store = quad::state::StateStore::open_existing(
+                &sink.join(format!("p{i}")).join("_state/quad.redb"),
+            )
+            .unwrap();
+            store
+                .rejects()
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| (r.reason, r.matched))
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn semdedup_selects_the_same_rows_on_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (glob, copies) = write_pool(dir.path());
+    let out = run(&job(dir.path(), "one", &glob), 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut one_rejects: Vec<(String, Option<String>)> =
+        quad::state::StateStore::open_existing(&dir.path().join("one/_state/quad.redb"))
+            .unwrap()
+            .rejects()
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| (r.reason, r.matched))
+            .collect();
+    one_rejects.sort();
+    // A copy and its original are in shards of different processes: the index must be the
+    // job's, not each process's.
+    let two = job(dir.path(), "two", &glob);
+    for (i, out) in run_processes(&[&two, &two], dir.path(), 1)
+        .iter()
+        .enumerate()
+    {
+        assert!(out.status.success(), "process {i}: {}", stderr(out));
+    }
+    assert!(one_rejects.len() as f64 >= 0.9 * copies.len() as f64);
+    assert_eq!(
+        rejects_of_processes(&dir.path().join("two"), 2),
+        one_rejects
+    );
+    assert!(
+        selected_rows(&dir.path().join("one")) == selected_rows(&dir.path().join("two")),
+        "1 and 2 processes select the same rows"
+    );
 }

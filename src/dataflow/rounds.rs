@@ -214,6 +214,11 @@ pub(super) fn run_costs(shared: &Shared, count_factors: bool) -> Costs {
             .windows
             .iter()
             .flat_map(|(&len, &count)| std::iter::repeat_n(len, count as usize));
+        if tally.forward_only {
+            // `perplexity`: one forward pass a window, no factors.
+            run.score_flops = windows.map(|t| shape.forward_flops(t)).sum();
+            return run;
+        }
         run.score_flops =
             crate::cost::score_flops(shape, blocks, windows, spec.influence.normalise);
         // The factors are fitted once per model and data (then cached): counted at most

@@ -51,8 +51,14 @@ impl LossScorer {
         }
     }
 
-    /// Counts the scored documents and tokens in `tally` (the job's costs).
+    /// Counts the scored documents, tokens and windows in `tally` (the job's costs: forward
+    /// passes only).
     pub fn with_tally(mut self, tally: Arc<Mutex<ScoreTally>>) -> LossScorer {
+        {
+            let mut t = tally.lock().expect("score tally");
+            t.shape = Some(crate::cost::TransformerShape::llama(&self.model.config));
+            t.forward_only = true;
+        }
         self.tally = Some(tally);
         self
     }
@@ -83,8 +89,9 @@ impl LossScorer {
         }
         if let Some(tally) = &self.tally {
             let mut tally = tally.lock().expect("score tally");
-            tally.docs += docs.len() as u64;
-            tally.tokens += docs.iter().map(|d| d.len() as u64).sum::<u64>();
+            for ids in &docs {
+                tally.count_document(ids.len() as u64, self.window as u64);
+            }
         }
         Ok(sums
             .into_iter()

@@ -172,6 +172,24 @@ pub struct ScoreTally {
     pub seconds: Durations,
     /// All calls together.
     pub busy_seconds: f64,
+    /// The scorer runs the model forward only (`perplexity`: no gradients, no factors).
+    pub forward_only: bool,
+}
+
+impl ScoreTally {
+    /// One scored document of `tokens` tokens, cut into windows of `window` tokens.
+    pub fn count_document(&mut self, tokens: u64, window: u64) {
+        let window = window.max(1);
+        self.docs += 1;
+        self.tokens += tokens;
+        let full = tokens / window;
+        if full > 0 {
+            *self.windows.entry(window).or_default() += full;
+        }
+        if tokens % window > 0 {
+            *self.windows.entry(tokens % window).or_default() += 1;
+        }
+    }
 }
 
 /// The influence scorer as the loop's `DocScorer`, counting what it scores.
@@ -205,17 +223,8 @@ impl DocScorer for TalliedScorer {
         let seconds = started.elapsed().as_secs_f64();
         tally.seconds.push(seconds);
         tally.busy_seconds += seconds;
-        let window = self.window.max(1);
         for s in &scores {
-            tally.docs += 1;
-            tally.tokens += s.tokens;
-            let full = s.tokens / window;
-            if full > 0 {
-                *tally.windows.entry(window).or_default() += full;
-            }
-            if s.tokens % window > 0 {
-                *tally.windows.entry(s.tokens % window).or_default() += 1;
-            }
+            tally.count_document(s.tokens, self.window);
         }
         Ok(scores
             .into_iter()
