@@ -186,7 +186,7 @@ impl ScoreTally {
         if full > 0 {
             *self.windows.entry(window).or_default() += full;
         }
-        if tokens % window > 0 {
+        if !tokens.is_multiple_of(window) {
             *self.windows.entry(tokens % window).or_default() += 1;
         }
     }
