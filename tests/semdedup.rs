@@ -126,16 +126,7 @@ fn semdedup_drops_near_copies_and_keeps_distinct_documents() {
             .collect();
         ids.sort();
         selections.push(ids);
-        let store = quad::state::StateStore::open_existing(
-            &dir.path().join(&name).join("_state/quad.redb"),
-        )
-        .unwrap();
-        let rows: Vec<(String, Option<String>)> = store
-            .rejects()
-            .unwrap()
-            .into_iter()
-            .map(|(_, reject)| (reject.reason, reject.matched))
-            .collect();
+        let rows = rejects_in(&dir.path().join(&name).join("_state/quad.redb"));
         assert_eq!(
             s["semantic_duplicates"].as_u64().unwrap() as usize,
             rows.len(),
@@ -184,23 +175,15 @@ fn semdedup_drops_near_copies_and_keeps_distinct_documents() {
     assert!((0.35..0.65).contains(&share), "{share}");
 }
 
-/// Every rejected row (reason, matched id) in the stores of the processes of a job.
-fn rejects_of_processes(sink: &Path, processes: usize) -> Vec<(String, Option<String>)> {
-    let mut rows: Vec<(String, Option<String>)> = (0..processes)
-        .flat_map(|i| {
-            let store = quad::state::StateStore::open_existing(
-                &sink.join(format!("p{i}")).join("_state/quad.redb"),
-            )
-            .unwrap();
-            store
-                .rejects()
-                .unwrap()
-                .into_iter()
-                .map(|(_, r)| (r.reason, r.matched))
-        })
-        .collect();
-    rows.sort();
-    rows
+/// Every rejected row (reason, matched id) of the store at `path`, in the store's order.
+fn rejects_in(path: &Path) -> Vec<(String, Option<String>)> {
+    quad::state::StateStore::open_existing(path)
+        .unwrap()
+        .rejects()
+        .unwrap()
+        .into_iter()
+        .map(|(_, reject)| (reject.reason, reject.matched))
+        .collect()
 }
 
 #[test]
@@ -209,14 +192,7 @@ fn semdedup_selects_the_same_rows_on_two_processes() {
     let (glob, copies) = write_pool(dir.path());
     let out = run(&job(dir.path(), "one", &glob), 1);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut one_rejects: Vec<(String, Option<String>)> =
-        quad::state::StateStore::open_existing(&dir.path().join("one/_state/quad.redb"))
-            .unwrap()
-            .rejects()
-            .unwrap()
-            .into_iter()
-            .map(|(_, r)| (r.reason, r.matched))
-            .collect();
+    let mut one_rejects = rejects_in(&dir.path().join("one/_state/quad.redb"));
     one_rejects.sort();
     // A copy and its original are in shards of different processes: the index must be the
     // job's, not each process's.
@@ -228,10 +204,11 @@ fn semdedup_selects_the_same_rows_on_two_processes() {
         assert!(out.status.success(), "process {i}: {}", stderr(out));
     }
     assert!(one_rejects.len() as f64 >= 0.9 * copies.len() as f64);
-    assert_eq!(
-        rejects_of_processes(&dir.path().join("two"), 2),
-        one_rejects
-    );
+    let mut two_rejects: Vec<_> = (0..2)
+        .flat_map(|i| rejects_in(&dir.path().join(format!("two/p{i}/_state/quad.redb"))))
+        .collect();
+    two_rejects.sort();
+    assert_eq!(two_rejects, one_rejects);
     assert!(
         selected_rows(&dir.path().join("one")) == selected_rows(&dir.path().join("two")),
         "1 and 2 processes select the same rows"
