@@ -297,15 +297,19 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         tracing::warn!(glob = %spec.source.shards, "no shard matches source.shards");
     }
     let plan = store.register_shards(&found)?;
-    if place.count > 1 && spec.select.strategy.runs_bandit() && plan.len() < found.len() {
-        // Each process's store holds the cluster aggregates of its own epochs, and the bandit
-        // restarts from process 0's alone: the Quad loop across processes runs from a fresh
-        // start only (README, "Several processes and machines").
+    let global_state = if spec.select.strategy.runs_bandit() {
+        Some(format!("select.strategy {:?}", spec.select.strategy))
+    } else {
+        spec.cluster.enabled.then(|| "cluster.enabled".to_string())
+    };
+    if let (true, Some(what)) = (place.count > 1 && plan.len() < found.len(), global_state) {
+        // The admit stage records its decisions in process 0's store, so dedup and the budget
+        // resume across processes; the clusterer and the bandit do not yet: each process's
+        // store holds their state as of its own epochs (README, "Several processes").
         anyhow::bail!(
-            "select.strategy {:?} on {} processes: this process's store has committed shards, \
-             and the Quad loop does not resume across processes yet; start the job afresh \
-             (`quad run --reset`) or run it on one process with -w workers",
-            spec.select.strategy,
+            "{what} on {} processes: this process's store has committed shards, and \
+             clustering and the Quad loop do not resume across processes yet; start the job \
+             afresh (`quad run --reset`) or run it on one process with -w workers",
             place.count
         );
     }

@@ -96,6 +96,9 @@ const PENDING: TableDefinition<(u32, u64, u64, u64), (u32, u64, f64)> =
 /// kept during ingest): (priority, epoch, row) -> row group.
 const FIT_SAMPLE: TableDefinition<(u64, u64, u64), u32> = TableDefinition::new("fit_sample");
 const CLUSTERER_KEY: &str = "state";
+/// A job of several processes: epoch -> tokens `random` or `dsir` selected in it, for every
+/// epoch the admit stage decided (`StateStore::record_admitted`; process 0's store only).
+const ADMITTED: TableDefinition<u64, u64> = TableDefinition::new("admitted");
 
 /// Member flags (bit set), for the bandit.
 pub mod member_flags {
@@ -491,6 +494,7 @@ impl StateStore {
             txn.open_table(FIT_SAMPLE).map_err(|e| store.err(e))?;
             txn.open_table(SKETCHES).map_err(|e| store.err(e))?;
             txn.open_table(SEMANTIC_VECTORS).map_err(|e| store.err(e))?;
+            txn.open_table(ADMITTED).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -669,15 +673,8 @@ impl StateStore {
             shards
                 .insert(commit.record.shard.as_str(), json.as_str())
                 .map_err(|e| self.err(e))?;
-            let value = layout::id_value(self.narrow("epoch", commit.epoch)?);
-            let mut keyed: Vec<([u8; 12], [u8; 4])> = commit
-                .accepted
-                .iter()
-                .map(|(id, _)| (layout::id_key(id_key(id)), value))
-                .collect();
-            keyed.sort_unstable_by_key(|(key, _)| *key);
-            keyed.dedup_by_key(|(key, _)| *key);
-            IDS.insert_sorted(&txn, &keyed).map_err(|e| self.err(e))?;
+            let accepted = commit.accepted.iter().map(|(id, _)| id_key(id));
+            self.write_ids(&txn, commit.epoch, accepted)?;
             let mut rejects = txn.open_table(REJECTS).map_err(|e| self.err(e))?;
             for reject in &commit.rejects {
                 let json = serde_json::to_string(reject).map_err(|e| self.err(e))?;
@@ -713,6 +710,64 @@ impl StateStore {
             }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// A job of several processes: what the admit stage (process 0's first worker) decided for
+    /// an epoch, written to process 0's store before the verdicts leave it, so before the
+    /// epoch's owner can commit it: the ids accepted, the text-dedup keys and sketches, and
+    /// the tokens selected. The owners' stores hold only their own epochs; this is what a
+    /// restarted admit stage reads for every process's. An epoch decided again after a
+    /// restart decides the same (a decision looks only at earlier epochs' entries), so what it
+    /// writes again is what is there.
+    pub fn record_admitted(
+        &self,
+        epoch: u64,
+        accepted: &[u128],
+        dedup: &DedupCommit,
+        selected_tokens: u64,
+    ) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            self.write_ids(&txn, epoch, accepted.iter().copied())?;
+            self.write_index(
+                &txn,
+                epoch,
+                &[(&TEXTS, &dedup.texts), (&BANDS, &dedup.bands)],
+                (SKETCHES, &dedup.sketches),
+            )?;
+            let mut admitted = txn.open_table(ADMITTED).map_err(|e| self.err(e))?;
+            admitted
+                .insert(epoch, selected_tokens)
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The tokens selected in every epoch the admit stage recorded (`record_admitted`).
+    pub fn admitted_tokens(&self) -> Result<BTreeMap<u64, u64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(ADMITTED).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (epoch, tokens) = entry.map_err(|e| self.err(e))?;
+            out.insert(epoch.value(), tokens.value());
+        }
+        Ok(out)
+    }
+
+    /// The ids an epoch accepted (their keys), as a new run of `IDS`: key -> epoch.
+    fn write_ids(
+        &self,
+        txn: &redb::WriteTransaction,
+        epoch: u64,
+        keys: impl Iterator<Item = u128>,
+    ) -> Result<(), StateError> {
+        let value = layout::id_value(self.narrow("epoch", epoch)?);
+        let mut keyed: Vec<([u8; 12], [u8; 4])> =
+            keys.map(|key| (layout::id_key(key), value)).collect();
+        keyed.sort_unstable_by_key(|(key, _)| *key);
+        keyed.dedup_by_key(|(key, _)| *key);
+        IDS.insert_sorted(txn, &keyed).map_err(|e| self.err(e))
     }
 
     /// An epoch's additions to a dedup index: (key, row) of keys new to each leveled table

@@ -7,97 +7,19 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use common::dedup_pool::*;
 use common::*;
-use rand::{Rng, SeedableRng};
-
-const SHARDS: usize = 6;
-const ORIGINALS: usize = 200;
-const COPIES: usize = 15;
-
-/// (id, text) of every shard; copies take originals of earlier shards or earlier rows.
-fn planted_rows() -> Vec<Vec<(String, String)>> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let mut shards: Vec<Vec<(String, String)>> = Vec::new();
-    for s in 0..SHARDS {
-        let mut rows: Vec<(String, String)> = (0..ORIGINALS)
-            .map(|i| {
-                let len = rng.random_range(80..200);
-                let words: Vec<String> = (0..len)
-                    .map(|_| format!("w{}", rng.random_range(0..3000)))
-                    .collect();
-                (format!("doc-{s}-{i}"), words.join(" "))
-            })
-            .collect();
-        if s > 0 {
-            for c in 0..COPIES {
-                // Alternate between the previous shard (the other worker's with 2 workers) and
-                // this one (an earlier row).
-                let from = if c % 3 == 0 {
-                    s
-                } else {
-                    rng.random_range(0..s)
-                };
-                let (orig_id, text) = if from == s {
-                    rows[rng.random_range(0..ORIGINALS)].clone()
-                } else {
-                    shards[from][rng.random_range(0..ORIGINALS)].clone()
-                };
-                if orig_id.starts_with("doc-") {
-                    let copy = format!("  {}\n", text.to_uppercase().replace(' ', "  "));
-                    rows.push((format!("copy-{s}-{c}-of-{orig_id}"), copy));
-                    let mut words: Vec<String> = text.split(' ').map(str::to_string).collect();
-                    let at = rng.random_range(0..words.len());
-                    words[at] = "changed".into();
-                    rows.push((format!("near-{s}-{c}-of-{orig_id}"), words.join(" ")));
-                }
-            }
-        }
-        shards.push(rows);
-    }
-    shards
-}
-
-fn write_pool(dir: &Path) -> String {
-    let folder = dir.join("pool");
-    std::fs::create_dir_all(&folder).unwrap();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("text", DataType::Utf8, false),
-    ]));
-    for (s, rows) in planted_rows().iter().enumerate() {
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.0))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.1))),
-            ],
-        )
-        .unwrap();
-        write_shard(&folder.join(format!("shard-{s:02}.parquet")), &batch);
-    }
-    format!("{}/*.parquet", folder.display())
-}
 
 /// (reason, matched) of every rejected row, by its id's planted name.
 fn rejects(dir: &Path, name: &str) -> BTreeMap<(u64, u64), (String, Option<String>)> {
-    let store =
-        quad::state::StateStore::open_existing(&dir.join(name).join("_state/quad.redb")).unwrap();
-    store
-        .rejects()
-        .unwrap()
-        .into_iter()
-        .map(|(at, r)| (at, (r.reason, r.matched)))
-        .collect()
+    rejects_at(&dir.join(name).join("_state/quad.redb"))
 }
 
 #[test]
 fn planted_copies_are_rejected_the_same_way_with_one_or_two_workers_and_after_a_kill() {
     let dir = tempfile::tempdir().unwrap();
-    let glob = write_pool(dir.path());
+    let glob = write_pool(dir.path(), &planted_rows());
     let one = write_job(dir.path(), "one", &glob, 3, "ratio = 1.0");
     let out = run(&one, 1);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -63,6 +63,7 @@ pub(super) fn admit_context(shared: &Arc<Shared>) -> AdmitContext {
         dedup: spec.dedup.clone(),
         store: shared.store.clone(),
         dedup_filter_bytes: (spec.runtime.dedup_filter_mib << 20) as usize,
+        records_decisions: shared.place.count > 1,
         stop: &STOP,
         fail: fail_handle(shared),
     }

@@ -149,11 +149,24 @@ impl SpentTokens {
         Ok(SpentTokens { committed, used: 0 })
     }
 
+    /// A job of several processes: the epochs the admit stage recorded in process 0's store
+    /// (`StateStore::record_admitted`), whichever process committed them.
+    pub fn load_admitted(store: &StateStore) -> Result<SpentTokens, StateError> {
+        Ok(SpentTokens {
+            committed: store.admitted_tokens()?,
+            used: 0,
+        })
+    }
+
     /// Counts the committed epochs before `epoch` (epochs are decided in increasing order).
+    /// A record of `epoch` itself is dropped: the epoch is decided again, the same way.
     pub fn begin_epoch(&mut self, epoch: u64) {
-        let passed: Vec<u64> = self.committed.range(..epoch).map(|(&e, _)| e).collect();
+        let passed: Vec<u64> = self.committed.range(..=epoch).map(|(&e, _)| e).collect();
         for e in passed {
-            self.used += self.committed.remove(&e).unwrap_or(0);
+            let tokens = self.committed.remove(&e).unwrap_or(0);
+            if e < epoch {
+                self.used += tokens;
+            }
         }
     }
 
@@ -286,6 +299,9 @@ pub struct Admitter {
     filter: Option<DedupFilter>,
     /// Exact and near-duplicate texts (`[dedup]`).
     texts: TextDedup,
+    /// A job of several processes: each decision is recorded in the store (process 0's) as it
+    /// is made, since the epochs' owners commit them in their own stores.
+    records_decisions: bool,
 }
 
 impl Admitter {
@@ -315,13 +331,24 @@ impl Admitter {
             recent: BTreeMap::new(),
             spent,
             filter,
+            records_decisions: false,
         })
+    }
+
+    /// For a job of several processes: records each epoch's decision in the store before the
+    /// verdicts leave (`StateStore::record_admitted`), and counts the budget spent from those
+    /// records. Nothing decided stays in memory then: the store answers for every epoch.
+    pub fn recording_decisions(mut self) -> Result<Admitter, StateError> {
+        self.spent = SpentTokens::load_admitted(&self.store)?;
+        self.records_decisions = true;
+        Ok(self)
     }
 
     /// Decides one epoch. Epochs must come in increasing order.
     pub fn admit(&mut self, epoch: u64, docs: &mut [DocMeta]) -> Result<Verdicts, StateError> {
         // The budget already spent includes committed epochs before this one.
         self.spent.begin_epoch(epoch);
+        let spent_before = self.spent.used;
         docs.sort_by_key(|d| d.row);
         let mut verdicts = Verdicts {
             epoch,
@@ -416,8 +443,16 @@ impl Admitter {
                 &mut self.spent,
             );
         }
-        self.recent.insert(epoch, accepted);
         verdicts.dedup = self.texts.end(texts);
+        if self.records_decisions {
+            let keys: Vec<u128> = accepted.into_keys().collect();
+            let selected_tokens = self.spent.used - spent_before;
+            self.store
+                .record_admitted(epoch, &keys, &verdicts.dedup, selected_tokens)?;
+            self.texts.forget_decided();
+        } else {
+            self.recent.insert(epoch, accepted);
+        }
         Ok(verdicts)
     }
 }
@@ -560,5 +595,67 @@ mod tests {
                 .collect();
             assert_eq!(firsts, [(0, None), (1, Some(0))], "filter {filter_bytes}");
         }
+    }
+
+    /// Several processes: the admit stage records its decisions in its store, and the
+    /// epochs' owners commit them in theirs, so this store never sees a commit. A restart
+    /// decides again the epochs not committed, and must decide them as the first time.
+    #[test]
+    fn recorded_decisions_are_decided_again_the_same_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(StateStore::open(&dir.path().join("s.redb"), &serde_json::json!({})).unwrap());
+        let config = SelectConfig {
+            strategy: Strategy::Random,
+            ratio: 1.0,
+            max_tokens: Some(25),
+            ..Default::default()
+        };
+        let start = || {
+            Admitter::new(
+                7,
+                config.clone(),
+                DedupConfig::default(),
+                store.clone(),
+                1 << 12,
+            )
+            .unwrap()
+            .recording_decisions()
+            .unwrap()
+        };
+        let epochs = || {
+            vec![
+                vec![doc(0, "a", 10), doc(1, "b", 10)],
+                vec![doc(0, "c", 10), doc(1, "a", 3), doc(2, "d", 4)],
+                vec![doc(0, "b", 2), doc(1, "e", 2), doc(2, "f", 1)],
+            ]
+        };
+        let mut first = start();
+        let decided: Vec<Verdicts> = epochs()
+            .into_iter()
+            .enumerate()
+            .map(|(e, mut docs)| first.admit(e as u64, &mut docs).unwrap())
+            .collect();
+        // 20 tokens in epoch 0; then c (10) would pass the budget of 25 and d (4) fits; then
+        // e (2) would pass it and f (1) fits. a and b are repeated ids.
+        let selected: Vec<&[u64]> = decided.iter().map(|v| v.selected.as_slice()).collect();
+        assert_eq!(selected, [&[0, 1][..], &[2], &[2]]);
+        assert_eq!(decided[1].duplicates[0].first_epoch, 0);
+        assert_eq!(decided[2].duplicates[0].first_epoch, 0);
+        drop(first);
+        // Epoch 0 committed by its owner, epochs 1 and 2 not: both are decided again.
+        let mut again = start();
+        for (e, mut docs) in epochs().into_iter().enumerate().skip(1) {
+            assert_eq!(
+                again.admit(e as u64, &mut docs).unwrap(),
+                decided[e],
+                "epoch {e}"
+            );
+        }
+        drop(again);
+        // Epoch 1 committed too (by another process): its ids and tokens come from the records.
+        let mut later = start();
+        let mut docs = epochs().remove(2);
+        assert_eq!(later.admit(2, &mut docs).unwrap(), decided[2]);
     }
 }

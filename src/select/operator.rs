@@ -23,6 +23,9 @@ pub struct AdmitContext {
     pub store: Arc<StateStore>,
     /// Size of the in-memory filter in front of the store's duplicate-id lookups, in bytes.
     pub dedup_filter_bytes: usize,
+    /// A job of several processes: the admit stage records its decisions in the store
+    /// (`Admitter::recording_decisions`).
+    pub records_decisions: bool,
     /// Set by a stop request: epochs after one that was not read are left for the next run.
     pub stop: &'static AtomicBool,
     pub fail: Fail,
@@ -44,7 +47,14 @@ pub fn admit_operator<'scope>(
                     ctx.dedup.clone(),
                     ctx.store.clone(),
                     ctx.dedup_filter_bytes,
-                ) {
+                )
+                .and_then(|admitter| {
+                    if ctx.records_decisions {
+                        admitter.recording_decisions()
+                    } else {
+                        Ok(admitter)
+                    }
+                }) {
                     Ok(admitter) => Some(admitter),
                     Err(e) => {
                         (ctx.fail)(e.into());

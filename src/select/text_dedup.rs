@@ -149,6 +149,12 @@ impl TextDedup {
         state.commit
     }
 
+    /// Forgets every epoch decided so far: the store holds them already (a job of several
+    /// processes records each decision there as it is made, `StateStore::record_admitted`).
+    pub fn forget_decided(&mut self) {
+        self.recent.clear();
+    }
+
     /// The first kept document with a text hash (`bands` false) or band key, before `here`.
     fn first_of(&self, state: &EpochTexts, bands: bool, key: u64) -> Option<Location> {
         let pick = |f: &InFlight| {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a small slice of the real demo corpus, job specs,
 //! running the `quad` binary, and reading its output back.
 #![allow(dead_code)]
+pub mod dedup_pool;
 pub mod processes;
 pub mod texts;
 

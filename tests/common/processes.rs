@@ -36,7 +36,21 @@ pub fn spawn_process(
     workers: usize,
     timeout_s: u64,
 ) -> Child {
-    quad()
+    process_command(job, hosts, (processes, index), workers, timeout_s)
+        .spawn()
+        .unwrap()
+}
+
+/// The command of process `index` of `processes` (see `spawn_process`), to add to.
+pub fn process_command(
+    job: &Path,
+    hosts: &Path,
+    (processes, index): (usize, usize),
+    workers: usize,
+    timeout_s: u64,
+) -> std::process::Command {
+    let mut command = quad();
+    command
         .args(["run", "--json", "-w", &workers.to_string()])
         .args(["-n", &processes.to_string(), "-p", &index.to_string()])
         .arg("--hostfile")
@@ -44,9 +58,8 @@ pub fn spawn_process(
         .args(["--connect-timeout", &timeout_s.to_string()])
         .arg(job)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(std::process::Stdio::piped());
+    command
 }
 
 /// Runs every process of `job` (`jobs[i]` for process i) and waits for all of them.
