@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use timely::dataflow::operators::generic::operator::empty;
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::{Concat, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
-use crate::bandit::aggregates::cluster_aggregates;
+use crate::bandit::aggregates::{cluster_aggregates, stored_shares};
 use crate::cluster::operator::assign_operator;
 use crate::config::{JobSpec, Strategy};
 use crate::embed::operator::embed_operator;
@@ -111,6 +111,9 @@ struct Shared {
     score_tally: Arc<Mutex<ScoreTally>>,
     /// When ingest had committed everything (set by worker 0).
     ingest_done: Mutex<Option<Instant>>,
+    /// The last epoch of the shards this run found: the same on every process (the plans
+    /// differ after a restart, each leaving out what its store committed).
+    last_epoch: Option<u64>,
     /// Wall time between round commits (the last `ROUND_TIMES_KEPT` rounds of this run).
     round_times: Mutex<RoundTimes>,
     /// Prometheus metrics (served when `runtime.metrics_addr` is set).
@@ -297,19 +300,22 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         tracing::warn!(glob = %spec.source.shards, "no shard matches source.shards");
     }
     let plan = store.register_shards(&found)?;
-    let global_state = if spec.select.strategy.runs_bandit() {
-        Some(format!("select.strategy {:?}", spec.select.strategy))
-    } else {
-        spec.cluster.enabled.then(|| "cluster.enabled".to_string())
-    };
-    if let (true, Some(what)) = (place.count > 1 && plan.len() < found.len(), global_state) {
-        // The admit stage records its decisions in process 0's store, so dedup and the budget
-        // resume across processes; the clusterer and the bandit do not yet: each process's
-        // store holds their state as of its own epochs (README, "Several processes").
+    // The last epoch of the shards found: every process's, whatever its store committed.
+    let found_paths: std::collections::HashSet<&std::path::PathBuf> = found.iter().collect();
+    let last_epoch = store
+        .shard_paths()?
+        .into_iter()
+        .filter(|(_, path)| found_paths.contains(path))
+        .map(|(epoch, _)| epoch)
+        .max();
+    if place.count > 1 && plan.len() < found.len() && spec.select.strategy == Strategy::Semdedup {
+        // The admit and assign stages record their decisions in process 0's store, so dedup,
+        // the budgets, clustering and the Quad loop resume across processes; `semdedup`'s
+        // index of kept vectors is not recorded yet (README, "Several processes").
         anyhow::bail!(
-            "{what} on {} processes: this process's store has committed shards, and \
-             clustering and the Quad loop do not resume across processes yet; start the job \
-             afresh (`quad run --reset`) or run it on one process with -w workers",
+            "select.strategy \"semdedup\" on {} processes: this process's store has committed \
+             shards, and semdedup does not resume across processes yet; start the job afresh \
+             (`quad run --reset`) or run it on one process with -w workers",
             place.count
         );
     }
@@ -369,6 +375,7 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         embed_cost: Arc::new(Mutex::new((0.0, 0))),
         score_tally: Arc::new(Mutex::new(ScoreTally::default())),
         ingest_done: Mutex::new(None),
+        last_epoch,
         round_times: Mutex::new(RoundTimes::default()),
         metrics,
         status,
@@ -462,11 +469,7 @@ fn run_worker(
 
     // The epoch whose end forces the initial fit when fewer documents than the reservoir came:
     // the last shard of a run that is not long-lived (the same after a resume).
-    let fit_epoch = if watch {
-        None
-    } else {
-        plan.last().map(|p| p.epoch)
-    };
+    let fit_epoch = if watch { None } else { shared.last_epoch };
     worker.dataflow::<u64, _, _>(|scope| {
         let docs = input.to_stream(scope);
         let verdicts = admit_operator(docs.clone(), ingest::admit_context(shared));
@@ -482,8 +485,17 @@ fn run_worker(
         };
         let sink = ingest::epoch_sink_context(shared);
         let committed = epoch_sink_operator(verdicts, clusters, sink, &local).probe_with(&probe);
-        let changes = cluster_aggregates(committed);
         if quad_loop {
+            // A resumed run's aggregates start from every store's share of the clusters.
+            let shares = if shared.place.first_local(index) {
+                shared.store.held_changes().unwrap_or_else(|e| {
+                    shared.fail(e.into());
+                    Vec::new()
+                })
+            } else {
+                Vec::new()
+            };
+            let changes = cluster_aggregates(committed.concat(stored_shares(scope, shares)));
             let bandit = if index == 0 {
                 load_bandit(shared).map_err(|e| shared.fail(e)).ok()
             } else {

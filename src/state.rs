@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StateError;
 use crate::source::Reject;
 
+mod processes;
 mod runs;
 
 /// The store's page cache: bounded, so that the job's memory does not grow with the store
@@ -26,7 +27,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "8";
+pub const STORE_LAYOUT: &str = "9";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -108,6 +109,14 @@ pub mod member_flags {
     pub const SCORED: u8 = 2;
     /// Drawn to be scored but could not be (rejected with the reason in the rejects table).
     pub const UNSCORABLE: u8 = 4;
+}
+
+/// A round's part as a store carried it out (`StateStore::apply_round_part`).
+#[derive(Debug, Clone)]
+pub struct AppliedPart {
+    pub part: crate::bandit::RoundPart,
+    /// Members that left the unsampled ones, per cluster.
+    pub left: BTreeMap<u32, u64>,
 }
 
 /// A cluster as the state store holds it.
@@ -495,6 +504,9 @@ impl StateStore {
             txn.open_table(SKETCHES).map_err(|e| store.err(e))?;
             txn.open_table(SEMANTIC_VECTORS).map_err(|e| store.err(e))?;
             txn.open_table(ADMITTED).map_err(|e| store.err(e))?;
+            txn.open_table(processes::HELD).map_err(|e| store.err(e))?;
+            txn.open_table(processes::ASSIGNED)
+                .map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -683,7 +695,7 @@ impl StateStore {
                     .map_err(|e| self.err(e))?;
             }
             if let Some(clusters) = &commit.clusters {
-                self.write_clusters(&txn, clusters)?;
+                self.write_clusters(&txn, commit.epoch, clusters)?;
                 let semantic = &clusters.semantic;
                 self.write_index(
                     &txn,
@@ -804,12 +816,17 @@ impl StateStore {
     fn write_clusters(
         &self,
         txn: &redb::WriteTransaction,
+        epoch: u64,
         commit: &ClusterCommit,
     ) -> Result<(), StateError> {
         let mut sampled = txn.open_table(SAMPLED).map_err(|e| self.err(e))?;
         let mut joined: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut held: BTreeMap<u32, processes::Joined> = BTreeMap::new();
         let mut rows: Vec<([u8; 20], [u8; 8])> = Vec::with_capacity(commit.members.len());
         for m in &commit.members {
+            let share = held.entry(m.cluster).or_default();
+            share.docs += 1;
+            share.tokens += u64::from(m.tokens);
             let (epoch, row) = (self.narrow("epoch", m.epoch)?, self.narrow("row", m.row)?);
             if m.flags != 0 {
                 let value = layout::sampled_value(m.row_group, m.tokens, m.flags);
@@ -860,6 +877,8 @@ impl StateStore {
                 "internal: members joined cluster {cluster}, which the commit does not update"
             )));
         }
+        drop(clusters);
+        self.add_held(txn, epoch, &held, &commit.clusters)?;
         let mut state = txn.open_table(CLUSTERER).map_err(|e| self.err(e))?;
         state
             .insert(CLUSTERER_KEY, commit.state.as_slice())
@@ -1167,14 +1186,14 @@ impl StateStore {
     /// holds every member of the job (one process), so a member it lacks is an error; otherwise
     /// the members of other stores are left to them. Returns the part carried out, or None,
     /// writing nothing, when this store had carried out the round already (a round replayed
-    /// after a restart).
+    /// after a restart). With the part: how many members left the unsampled ones, per cluster.
     pub fn apply_round_part(
         &self,
         worker: u64,
         seed: u64,
         part: &crate::bandit::RoundPart,
         every_member_here: bool,
-    ) -> Result<Option<crate::bandit::RoundPart>, StateError> {
+    ) -> Result<Option<AppliedPart>, StateError> {
         let key = format!("{APPLIED_ROUND_PREFIX}{worker}");
         if let Some(done) = self.run_value::<u64>(&key)? {
             if done >= part.round {
@@ -1187,14 +1206,14 @@ impl StateStore {
         } else {
             self.held_part(&txn, seed, part)?
         };
-        self.write_part(&txn, seed, &part)?;
+        let left = self.write_part(&txn, seed, &part)?;
         {
             let mut run = txn.open_table(RUN).map_err(|e| self.err(e))?;
             run.insert(key.as_str(), part.round.to_string().as_str())
                 .map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))?;
-        Ok(Some(part))
+        Ok(Some(AppliedPart { part, left }))
     }
 
     /// The part of `part` whose members this store holds (unsampled or sampled before).
@@ -1233,7 +1252,7 @@ impl StateStore {
         txn: &redb::WriteTransaction,
         seed: u64,
         part: &crate::bandit::RoundPart,
-    ) -> Result<(), StateError> {
+    ) -> Result<BTreeMap<u32, u64>, StateError> {
         let mut flags: BTreeMap<(u32, u64, u64), u8> = BTreeMap::new();
         for (m, _) in &part.scored {
             *flags
@@ -1272,7 +1291,7 @@ impl StateStore {
                 )
                 .map_err(|e| self.err(e))?;
         }
-        Ok(())
+        Ok(left)
     }
 
     fn decrement_fresh(

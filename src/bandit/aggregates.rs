@@ -18,7 +18,7 @@
 use differential_dataflow::difference::{IsZero, Monoid, Semigroup};
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::vec::{Map, ToStream};
 use timely::dataflow::StreamVec;
 
 use super::ClusterChange;
@@ -51,6 +51,14 @@ impl ClusterDelta {
     pub fn sampled() -> ClusterDelta {
         ClusterDelta {
             unsampled: -1,
+            ..ClusterDelta::default()
+        }
+    }
+
+    /// `n` members that left the unsampled ones (a replayed round carried out late).
+    pub fn left(n: u64) -> ClusterDelta {
+        ClusterDelta {
+            unsampled: -(n as i64),
             ..ClusterDelta::default()
         }
     }
@@ -161,6 +169,28 @@ pub fn cluster_aggregates<'scope>(
         .consolidate()
         .inner
         .map(|(cluster, _time, delta)| delta.into_change(cluster))
+}
+
+/// A store's share of the clusters' aggregates (`StateStore::held_changes`) as updates at time
+/// 0, where a run's aggregates start: each process's first worker sends its store's, and the
+/// collection adds them up (a centroid of a later epoch wins).
+pub fn stored_shares<'scope>(
+    scope: timely::dataflow::Scope<'scope, u64>,
+    shares: Vec<ClusterChange>,
+) -> StreamVec<'scope, u64, ClusterUpdate> {
+    shares
+        .into_iter()
+        .map(|c| {
+            let delta = ClusterDelta {
+                docs: c.docs as i64,
+                tokens: c.tokens as i64,
+                unsampled: c.fresh,
+                centroid: c.centroid,
+                ..ClusterDelta::default()
+            };
+            (c.cluster, 0, delta)
+        })
+        .to_stream(scope)
 }
 
 impl ClusterDelta {

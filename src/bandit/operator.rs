@@ -122,8 +122,9 @@ struct BanditSide {
     /// (time, round) of the round whose scores are awaited.
     in_flight: Option<(u64, u64)>,
     /// (time, round, counts) of an observed round whose changes of the aggregates are
-    /// awaited through `time`, with the counts the bandit expects them to make.
-    returning: Option<(u64, u64, RoundCounts)>,
+    /// awaited through `time`, with the counts the bandit expects them to make (None for a
+    /// replayed round: see `hand_over`).
+    returning: Option<(u64, u64, Option<RoundCounts>)>,
     /// The last round decided before this run, to send again first.
     replay: Option<RoundOutcome>,
     peers: usize,
@@ -188,13 +189,11 @@ pub fn bandit_operator<'scope>(
                 let Some(cap) = side.cap.clone() else {
                     return;
                 };
-                if let Some(outcome) = side.replay.take() {
-                    // Nothing of the round comes back: the stores that carry it out now change
-                    // no aggregate the bandit has not counted.
-                    let counts = side.bandit.round_counts();
-                    let through = *cap.time() + 1;
-                    side.hand_over(cap, &outcome, true, counts, through, output);
-                    activator.activate();
+                if let Some(sent) = side.replay_first(&cap, &mut arrived, changes_frontier, output)
+                {
+                    if sent {
+                        activator.activate();
+                    }
                     return;
                 }
                 if let Some((time, round)) = side.in_flight {
@@ -212,7 +211,8 @@ pub fn bandit_operator<'scope>(
                     match side.observe(round, scored) {
                         Ok((outcome, counts)) => {
                             // The selected rows' changes come back at time + 2.
-                            side.hand_over(cap, &outcome, false, counts, time + 2, output);
+                            let (counts, through) = (Some(counts), time + 2);
+                            side.hand_over(cap, &outcome, false, counts, through, output);
                             activator.activate();
                             return;
                         }
@@ -230,7 +230,7 @@ pub fn bandit_operator<'scope>(
                     }
                     let later = stash.split_off(&(through + 1));
                     let back = std::mem::replace(&mut stash, later);
-                    if let Err(e) = side.take_back(round, back, &expected) {
+                    if let Err(e) = side.take_back(round, back, expected.as_ref()) {
                         (ctx.fail)(e);
                         side.cap = None;
                         return;
@@ -242,9 +242,10 @@ pub fn bandit_operator<'scope>(
                     }
                 }
                 // Plan the next round once ingest has committed what it was given (a fixed run),
-                // or at any time in watch mode.
+                // or at any time in watch mode once every store's share of the aggregates is in
+                // (sent at time 0).
                 let ingest_done = changes_frontier.is_empty();
-                if !(ctx.watch || ingest_done) {
+                if !(ctx.watch || ingest_done) || changes_frontier.less_equal(&0) {
                     return;
                 }
                 if (ctx.failed)() || ctx.stop.load(Ordering::SeqCst) {
@@ -281,15 +282,43 @@ pub fn bandit_operator<'scope>(
 }
 
 impl BanditSide {
+    /// After a restart, before anything else: once every store's share of the aggregates is
+    /// in (sent at time 0, so the changes' frontier is past 0), applies them and sends the
+    /// last decision again. The bandit counted that round before the restart; what comes back
+    /// is the members that leave the unsampled ones of the stores that carry it out only now.
+    /// None when there is nothing to replay; otherwise whether it was sent.
+    fn replay_first(
+        &mut self,
+        cap: &Capability<u64>,
+        arrived: &mut Vec<ClusterChange>,
+        frontier: &MutableAntichain<u64>,
+        output: &mut OutputBuilderSession<'_, u64, CapacityContainerBuilder<Vec<BanditMsg>>>,
+    ) -> Option<bool> {
+        self.replay.as_ref()?;
+        if frontier.less_equal(&0) {
+            return Some(false);
+        }
+        for change in arrived.drain(..) {
+            if let Err(e) = self.bandit.apply(&change) {
+                (self.ctx.fail)(e.into());
+            }
+        }
+        let outcome = self.replay.take()?;
+        let through = *cap.time() + 1;
+        self.hand_over(cap.clone(), &outcome, true, None, through, output);
+        Some(true)
+    }
+
     /// Sends a decided round to every round sink at `cap`'s time, and waits for its changes of
     /// the aggregates through `through` (`take_back` checks them against `counts`) before
-    /// planning again, from there.
+    /// planning again, from there. A replayed round has no counts to check: the aggregates
+    /// started from the stores as they were, some with the round carried out and some not.
     fn hand_over(
         &mut self,
         cap: Capability<u64>,
         outcome: &RoundOutcome,
         replay: bool,
-        counts: RoundCounts,
+        counts: Option<RoundCounts>,
         through: u64,
         output: &mut OutputBuilderSession<'_, u64, CapacityContainerBuilder<Vec<BanditMsg>>>,
     ) {
@@ -351,7 +380,7 @@ impl BanditSide {
         &mut self,
         round: u64,
         back: BTreeMap<u64, (Scored, Vec<ClusterChange>)>,
-        expected: &RoundCounts,
+        expected: Option<&RoundCounts>,
     ) -> Result<()> {
         for (_, (_, taken)) in back {
             for change in &taken {
@@ -360,6 +389,9 @@ impl BanditSide {
                     .with_context(|| format!("bandit round {round}: the loop's aggregates"))?;
             }
         }
+        let Some(expected) = expected else {
+            return Ok(());
+        };
         let got = self.bandit.round_counts();
         anyhow::ensure!(
             &got == expected,

@@ -2,6 +2,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -28,6 +29,11 @@ pub struct AssignContext {
     /// The epoch whose end forces the initial fit when fewer documents than the fit window
     /// came (the last shard of a run that is not long-lived).
     pub fit_epoch: Option<u64>,
+    /// A job of several processes: the state after each epoch is recorded in the store
+    /// (process 0's), where a restart finds the state before any epoch it reads again,
+    /// whichever process committed the epochs in between; records of this many recent epochs
+    /// are kept (`StateStore::record_assigned`).
+    pub record_states: Option<u64>,
     /// The `semdedup` strategy's settings (None for other strategies).
     pub semdedup: Option<SemDedupSettings>,
     pub fail: Fail,
@@ -56,7 +62,12 @@ pub fn assign_operator<'scope>(
         "Assign",
         move |_capability, _info| {
             let dim = ctx.dim;
-            let stored = ctx.store.clusterer_state();
+            // One process: the state after the store's last committed epoch, which is every
+            // epoch before the first one read again (epochs commit in order).
+            let stored = match ctx.record_states {
+                None => ctx.store.clusterer_state(),
+                Some(_) => Ok(None),
+            };
             let mut assigner = match stored
                 .map_err(anyhow::Error::from)
                 .and_then(|bytes| Ok(Assigner::restore(bytes.as_deref(), dim)?))
@@ -67,6 +78,8 @@ pub fn assign_operator<'scope>(
                     None
                 }
             };
+            // Several processes: the epoch whose recorded state the assigner holds.
+            let mut state_epoch: Option<u64> = None;
             let mut semdedup = match ctx
                 .semdedup
                 .clone()
@@ -112,6 +125,12 @@ pub fn assign_operator<'scope>(
                     let Some((cap, verdicts)) = decided.remove(&epoch) else {
                         continue;
                     };
+                    let resumed =
+                        continue_from_record(&ctx, epoch, &mut assigner, &mut state_epoch);
+                    if let Err(e) = resumed {
+                        (ctx.fail)(e.context(format!("clustering epoch {epoch}")));
+                        continue;
+                    }
                     let Some(assigner) = assigner.as_mut() else {
                         continue;
                     };
@@ -157,6 +176,11 @@ pub fn assign_operator<'scope>(
                     match result {
                         Ok(mut commit) => {
                             commit.seed = ctx.seed;
+                            let recorded = record_state(&ctx, epoch, &commit, &mut state_epoch);
+                            if let Err(e) = recorded {
+                                (ctx.fail)(e);
+                                continue;
+                            }
                             let semantic = semantic.map(|(verdicts, added)| {
                                 commit.semantic = added;
                                 verdicts
@@ -175,4 +199,51 @@ pub fn assign_operator<'scope>(
             }
         },
     )
+}
+
+/// Several processes (nothing otherwise): makes `assigner` the state after every epoch before
+/// `epoch`, from the latest record before it when the assigner holds another (after a restart,
+/// the epochs in between may have committed on other processes; their records are the states
+/// this stage had made, and assigning is deterministic, so continuing from them decides as
+/// before).
+fn continue_from_record(
+    ctx: &AssignContext,
+    epoch: u64,
+    assigner: &mut Option<Assigner>,
+    state_epoch: &mut Option<u64>,
+) -> anyhow::Result<()> {
+    if ctx.record_states.is_none() {
+        return Ok(());
+    }
+    let latest = ctx.store.assigned_before(epoch)?;
+    if latest == *state_epoch && assigner.is_some() {
+        return Ok(());
+    }
+    let bytes = match latest {
+        Some(at) => Some(ctx.store.assigned_state(at)?.ok_or_else(|| {
+            anyhow::anyhow!("internal: the assign record of epoch {at} vanished")
+        })?),
+        None => None,
+    };
+    *assigner = Some(Assigner::restore(bytes.as_deref(), ctx.dim)?);
+    *state_epoch = latest;
+    Ok(())
+}
+
+/// Several processes: records the state after `epoch` in the store before the epoch's
+/// clusters leave the stage (`AssignContext::record_states`).
+fn record_state(
+    ctx: &AssignContext,
+    epoch: u64,
+    commit: &ClusterCommit,
+    state_epoch: &mut Option<u64>,
+) -> anyhow::Result<()> {
+    let Some(keep) = ctx.record_states else {
+        return Ok(());
+    };
+    ctx.store
+        .record_assigned(epoch, &commit.state, epoch.saturating_sub(keep))
+        .with_context(|| format!("recording the clusters of epoch {epoch}"))?;
+    *state_epoch = Some(epoch);
+    Ok(())
 }

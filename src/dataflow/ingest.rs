@@ -88,6 +88,9 @@ pub(super) fn assign_context(shared: &Arc<Shared>, fit_epoch: Option<u64>) -> As
         seed: spec.seed,
         dim: shared.clustering.unwrap_or(0),
         fit_epoch,
+        // Records behind the last `max_epochs_in_flight` epochs are never read again: a
+        // worker sends an epoch only once those before them committed everywhere.
+        record_states: (shared.place.count > 1).then(|| spec.runtime.max_epochs_in_flight + 2),
         semdedup: (spec.select.strategy == crate::config::Strategy::Semdedup).then_some(
             SemDedupSettings {
                 seed: spec.seed,

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::{fail_handle, failed_handle, Shared, STOP};
 use crate::bandit::operator::BanditContext;
-use crate::bandit::{Bandit, ClusterChange, RoundOutcome};
+use crate::bandit::{Bandit, RoundOutcome};
 use crate::config::Strategy;
 use crate::cost::Costs;
 use crate::influence::loss::LossScorer;
@@ -155,8 +155,9 @@ fn round_sink_context(
     }
 }
 
-/// The bandit where the last committed round left it (or new), with every cluster's
-/// aggregates as the store holds them now (epochs committed after the last round included).
+/// The bandit where the last committed round left it (or new), its clusters' aggregates
+/// emptied: they come in the dataflow, starting from every store's share (epochs committed
+/// after the last round included).
 pub(super) fn load_bandit(shared: &Shared) -> Result<Bandit> {
     let spec = &shared.spec;
     let mut bandit = match shared.store.bandit()? {
@@ -164,13 +165,9 @@ pub(super) fn load_bandit(shared: &Shared) -> Result<Bandit> {
         None => Bandit::new(spec.seed, spec.select.strategy, spec.bandit.clone())?
             .with_band(spec.select.perplexity_band),
     };
-    let clusters: Vec<ClusterChange> = shared
-        .store
-        .clusters()?
-        .into_iter()
-        .map(|info| info.as_change())
-        .collect();
-    bandit.reset_aggregates(&clusters)?;
+    // The aggregates come in the dataflow: every store's share at time 0 (`stored_shares`),
+    // then what this run's epochs and rounds change.
+    bandit.reset_aggregates(&[])?;
     Ok(bandit)
 }
 

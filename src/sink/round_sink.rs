@@ -55,8 +55,10 @@ pub type OnFile = Arc<dyn Fn(&str, usize) + Send + Sync>;
 /// took (kept in the store until then, so a killed job loses none and repeats none).
 ///
 /// Sends each selected member's change of its cluster's aggregates (selected, with its tokens;
-/// out of the unsampled members when it was taken unscored) when its round's part arrives; a
-/// round replayed after a restart changes none (the bandit counted them before).
+/// out of the unsampled members when it was taken unscored) when its round's part arrives. Of
+/// a round replayed after a restart (the bandit counted it before), only what a store carries
+/// out now: the members that leave its unsampled ones, which the stores' shares that started
+/// the aggregates did not count.
 pub fn round_sink_operator<'scope>(
     messages: StreamVec<'scope, u64, BanditMsg>,
     ctx: RoundSinkContext,
@@ -100,13 +102,9 @@ pub fn round_sink_operator<'scope>(
                                 continue;
                             }
                             let here = ctx.every_member_here;
-                            let part =
+                            let applied =
                                 match ctx.store.apply_round_part(index, ctx.seed, &part, here) {
-                                    Ok(Some(part)) => {
-                                        entry.push((part.round, part.selected.len()));
-                                        part
-                                    }
-                                    Ok(None) => part,
+                                    Ok(applied) => applied,
                                     Err(e) => {
                                         (ctx.fail)(anyhow::Error::from(e).context(format!(
                                             "carrying out round {} in the store",
@@ -115,11 +113,23 @@ pub fn round_sink_operator<'scope>(
                                         continue;
                                     }
                                 };
+                            if let Some(applied) = &applied {
+                                entry.push((part.round, applied.part.selected.len()));
+                            }
                             if !replay {
+                                let part = applied.map_or(part, |a| a.part);
                                 for (m, influence) in &part.selected {
                                     let unscored = influence.is_none();
                                     let delta = ClusterDelta::selected(m.tokens, unscored);
                                     session.give((m.cluster, time, delta));
+                                }
+                            } else if let Some(applied) = applied {
+                                // The bandit counted the round before the restart, and its
+                                // aggregates started from the stores as they were: this
+                                // store carries the round out only now, so the members that
+                                // leave its unsampled ones are news to them.
+                                for (&cluster, &n) in &applied.left {
+                                    session.give((cluster, time, ClusterDelta::left(n)));
                                 }
                             }
                         }
