@@ -12,6 +12,13 @@
 //! round's scoring (the tiny model's CPU time, the same work at every size), peak RSS (the
 //! process's VmHWM), state-store bytes per document and output files, as a Markdown table.
 //! Scratch data goes to `target/scale-bench` (QUAD_SCALE_DIR); the pools are kept and reused.
+//!
+//!     QUAD_SCALE_SIZES=1000000 QUAD_SCALE_LAYOUTS=1x2,2x1 cargo bench --bench scale
+//!
+//! runs each pool as each layout of P processes x W workers (timely's cluster mode over
+//! 127.0.0.1, a hostfile of free ports; default 1x2) and adds the bytes the loopback interface
+//! carried (`/proc/net/dev`, `lo`, transmitted) during ingest, a document, and after it, a round:
+//! what going through the network layer costs (issue 13). Nothing else may use `lo` meanwhile.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -56,8 +63,13 @@ fn main() -> Result<()> {
     if !reference.exists() {
         write_docs(&reference, 0, 40, 7)?;
     }
-    println!("| pool | ingest docs/s | rounds | median time per round | of it scoring | peak RSS | store bytes/doc | output files |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let layouts: Vec<Layout> = std::env::var("QUAD_SCALE_LAYOUTS")
+        .unwrap_or_else(|_| format!("1x{WORKERS}"))
+        .split(',')
+        .map(Layout::parse)
+        .collect::<Result<_>>()?;
+    println!("| pool | layout | ingest docs/s | rounds | median time per round | of it scoring | peak RSS | store bytes/doc | output files | lo bytes/doc in ingest | lo bytes/round |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &sizes {
         let pool = root.join(format!("pool-{n}-s{SHARD_DOCS}"));
         if !pool.join("done").exists() {
@@ -69,8 +81,10 @@ fn main() -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
-        let row = run_pool(&root, &pool, n, &model, &reference)?;
-        println!("{row}");
+        for layout in &layouts {
+            let row = run_pool(&root, &pool, n, *layout, &model, &reference)?;
+            println!("{row}");
+        }
     }
     Ok(())
 }
@@ -179,12 +193,86 @@ fn write_docs(path: &Path, start: usize, count: usize, seed: u64) -> Result<()> 
     Ok(())
 }
 
-/// Runs the job over one pool from a fresh state and returns its table row.
-fn run_pool(root: &Path, pool: &Path, n: usize, model: &Path, reference: &Path) -> Result<String> {
-    let out = root.join(format!("out-{n}"));
+/// P processes x W workers a process.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    processes: usize,
+    workers: usize,
+}
+
+impl Layout {
+    fn parse(text: &str) -> Result<Self> {
+        let number = |s: Option<&str>| s.and_then(|s| s.trim().parse::<usize>().ok());
+        let mut parts = text.split('x');
+        match (number(parts.next()), number(parts.next()), parts.next()) {
+            (Some(processes), Some(workers), None) if processes > 0 && workers > 0 => {
+                Ok(Layout { processes, workers })
+            }
+            _ => anyhow::bail!("QUAD_SCALE_LAYOUTS: {text:?} is not PxW, e.g. 2x1"),
+        }
+    }
+}
+
+/// Runs the job over one pool from a fresh state as `layout` and returns its table row.
+fn run_pool(
+    root: &Path,
+    pool: &Path,
+    n: usize,
+    layout: Layout,
+    model: &Path,
+    reference: &Path,
+) -> Result<String> {
+    let out = root.join(format!("out-{n}-{}x{}", layout.processes, layout.workers));
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
+    let job = write_job(root, pool, n, model, reference, &out)?;
+    let run = run_layout(&job, layout)?;
+    let first = &run.summaries[0];
+    let sum = |key: &str| -> f64 { run.summaries.iter().filter_map(|s| s[key].as_f64()).sum() };
+    let docs = sum("documents");
+    // The slowest process ends ingest for the job.
+    let ingest = run
+        .summaries
+        .iter()
+        .filter_map(|s| s["ingest_seconds"].as_f64())
+        .fold(0.0, f64::max);
+    let rounds = first["rounds"].as_u64().unwrap_or(0);
+    let ingest_bytes = run.lo_bytes_until(ingest);
+    let round_bytes = run.lo_bytes_total() - ingest_bytes;
+    let mut store_bytes = 0.0;
+    for p in 0..layout.processes {
+        let store = if layout.processes == 1 {
+            out.join("_state/quad.redb")
+        } else {
+            out.join(format!("p{p}/_state/quad.redb"))
+        };
+        store_bytes += std::fs::metadata(store)?.len() as f64;
+    }
+    Ok(format!(
+        "| {n} | {}x{} | {:.0} | {} | {:.1} ms | {:.1} ms | {:.0} MB | {:.0} | {} | {:.0} | {:.0} |",
+        layout.processes,
+        layout.workers,
+        docs / ingest,
+        rounds,
+        1e3 * first["round_seconds_median"].as_f64().unwrap_or(f64::NAN),
+        1e3 * first["score_seconds_median"].as_f64().unwrap_or(f64::NAN),
+        run.peak_kib as f64 / 1024.0,
+        store_bytes / docs.max(1.0),
+        sum("files_written"),
+        ingest_bytes as f64 / docs.max(1.0),
+        round_bytes as f64 / (rounds.max(1) as f64),
+    ))
+}
+
+fn write_job(
+    root: &Path,
+    pool: &Path,
+    n: usize,
+    model: &Path,
+    reference: &Path,
+    out: &Path,
+) -> Result<PathBuf> {
     let job = root.join(format!("scale-{n}.toml"));
     std::fs::write(
         &job,
@@ -234,50 +322,128 @@ min_file_rows = 1000
             out = out.display(),
         ),
     )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quad"))
-        .args(["run", "--json", "-w", &WORKERS.to_string()])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    let status = loop {
-        if let Ok(status) = std::fs::read_to_string(&status_path) {
-            if let Some(kib) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak_kib = peak_kib.max(kib);
+    Ok(job)
+}
+
+/// What the processes of one run printed and used.
+struct LayoutRun {
+    /// Each process's JSON summary, process 0 first.
+    summaries: Vec<serde_json::Value>,
+    /// The sum of the processes' peak RSS.
+    peak_kib: u64,
+    /// (seconds since the start, bytes `lo` transmitted since the start), sampled.
+    lo_bytes: Vec<(f64, u64)>,
+}
+
+impl LayoutRun {
+    fn lo_bytes_until(&self, seconds: f64) -> u64 {
+        self.lo_bytes
+            .iter()
+            .take_while(|(t, _)| *t <= seconds)
+            .last()
+            .map_or(0, |(_, b)| *b)
+    }
+
+    fn lo_bytes_total(&self) -> u64 {
+        self.lo_bytes.last().map_or(0, |(_, b)| *b)
+    }
+}
+
+/// Bytes the loopback interface has transmitted since boot.
+fn lo_transmitted() -> Result<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev")?;
+    let line = dev
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .context("/proc/net/dev has no lo")?;
+    // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit bytes.
+    Ok(line
+        .split_whitespace()
+        .nth(8)
+        .context("/proc/net/dev: short lo line")?
+        .parse()?)
+}
+
+/// A hostfile of `n` free ports on 127.0.0.1 (bound together by the kernel, then released).
+fn hostfile(root: &Path, n: usize) -> Result<PathBuf> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut text = String::new();
+    for l in &listeners {
+        text.push_str(&format!("{}\n", l.local_addr()?));
+    }
+    let path = root.join("hostfile");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Starts the layout's processes of `job`, samples their peak RSS and `lo` while they run.
+fn run_layout(job: &Path, layout: Layout) -> Result<LayoutRun> {
+    let hosts = hostfile(job.parent().context("job folder")?, layout.processes)?;
+    let lo_start = lo_transmitted()?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for p in 0..layout.processes {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_quad"));
+        command
+            .args(["run", "--json", "-w", &layout.workers.to_string()])
+            .arg(job);
+        if layout.processes > 1 {
+            command
+                .args(["-n", &layout.processes.to_string(), "-p", &p.to_string()])
+                .arg("--hostfile")
+                .arg(&hosts);
+        }
+        children.push(
+            command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+    }
+    let mut peaks = vec![0u64; children.len()];
+    let mut lo_bytes = Vec::new();
+    let mut statuses = vec![None; children.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (i, child) in children.iter_mut().enumerate() {
+            if statuses[i].is_some() {
+                continue;
             }
+            if let Some(kib) = peak_rss_kib(child.id()) {
+                peaks[i] = peaks[i].max(kib);
+            }
+            statuses[i] = child.try_wait()?;
         }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
+        lo_bytes.push((
+            started.elapsed().as_secs_f64(),
+            lo_transmitted()? - lo_start,
+        ));
         std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut stdout)?;
-    anyhow::ensure!(
-        status.success(),
-        "quad run failed on the {n}-document pool: {status}"
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("the run's JSON summary: {stdout}"))?;
-    let docs = summary["documents"].as_f64().unwrap_or(0.0);
-    let ingest = summary["ingest_seconds"].as_f64().unwrap_or(f64::NAN);
-    let round = summary["round_seconds_median"].as_f64().unwrap_or(f64::NAN);
-    let scoring = summary["score_seconds_median"].as_f64().unwrap_or(f64::NAN);
-    let store_bytes = std::fs::metadata(out.join("_state/quad.redb"))?.len() as f64;
-    Ok(format!(
-        "| {n} | {:.0} | {} | {:.1} ms | {:.1} ms | {:.0} MB | {:.0} | {} |",
-        docs / ingest,
-        summary["rounds"].as_u64().unwrap_or(0),
-        1e3 * round,
-        1e3 * scoring,
-        peak_kib as f64 / 1024.0,
-        store_bytes / docs.max(1.0),
-        summary["files_written"].as_u64().unwrap_or(0),
-    ))
+    }
+    let mut summaries = Vec::new();
+    for (p, (child, status)) in children.iter_mut().zip(statuses).enumerate() {
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut stdout)?;
+        let status = status.expect("waited");
+        anyhow::ensure!(status.success(), "process {p} of {job:?} failed: {status}");
+        summaries.push(
+            serde_json::from_str(stdout.trim())
+                .with_context(|| format!("process {p}'s JSON summary: {stdout}"))?,
+        );
+    }
+    Ok(LayoutRun {
+        summaries,
+        peak_kib: peaks.iter().sum(),
+        lo_bytes,
+    })
+}
+
+/// The process's peak resident set (VmHWM), while it runs.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

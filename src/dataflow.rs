@@ -171,6 +171,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let spec = spec.for_process(place.index, place.count);
     if let Some(p) = &options.processes {
         crate::model::set_local_process(p.local_index());
+        processes::note_lost_peers();
     }
     let deadline = options
         .processes
@@ -191,9 +192,17 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
         Ok::<(), String>(())
     })?;
     let mut refused = None;
-    for result in guards.join() {
+    // Timely joins its communication threads as the guards go, and panics when one failed
+    // (a peer's connection dropped): that becomes the error naming the peer.
+    let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join())).map_err(
+        |panic| {
+            let what = processes::panic_text(panic.as_ref());
+            processes::worker_failure(options.processes.as_ref(), what)
+        },
+    )?;
+    for result in joined {
         match result {
-            Err(e) => anyhow::bail!("worker failed: {e}"),
+            Err(e) => return Err(processes::worker_failure(options.processes.as_ref(), e)),
             Ok(Err(e)) => refused = refused.or(Some(e)),
             Ok(Ok(())) => {}
         }
@@ -308,17 +317,6 @@ fn start_process(spec: &JobSpec, options: &RunOptions) -> Result<Started> {
         .filter(|(_, path)| found_paths.contains(path))
         .map(|(epoch, _)| epoch)
         .max();
-    if place.count > 1 && plan.len() < found.len() && spec.select.strategy == Strategy::Semdedup {
-        // The admit and assign stages record their decisions in process 0's store, so dedup,
-        // the budgets, clustering and the Quad loop resume across processes; `semdedup`'s
-        // index of kept vectors is not recorded yet (README, "Several processes").
-        anyhow::bail!(
-            "select.strategy \"semdedup\" on {} processes: this process's store has committed \
-             shards, and semdedup does not resume across processes yet; start the job afresh \
-             (`quad run --reset`) or run it on one process with -w workers",
-            place.count
-        );
-    }
     let clustering = if spec.cluster.enabled {
         Some(
             spec.embed

@@ -134,20 +134,6 @@ pub struct ClusterInfo {
     pub fresh: u64,
 }
 
-impl ClusterInfo {
-    /// The cluster as one change of the bandit's aggregates (how a resumed job starts them).
-    pub fn as_change(&self) -> crate::bandit::ClusterChange {
-        crate::bandit::ClusterChange {
-            cluster: self.cluster,
-            centroid: Some((0, self.centroid.clone())),
-            docs: self.size,
-            tokens: self.tokens,
-            fresh: self.fresh as i64,
-            ..Default::default()
-        }
-    }
-}
-
 /// A document's membership: where to fetch it again (the shard of `epoch`, row group, row),
 /// never its text nor its id (both are in the shard, at that row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -505,6 +491,8 @@ impl StateStore {
             txn.open_table(SEMANTIC_VECTORS).map_err(|e| store.err(e))?;
             txn.open_table(ADMITTED).map_err(|e| store.err(e))?;
             txn.open_table(processes::HELD).map_err(|e| store.err(e))?;
+            txn.open_table(processes::SEMANTIC_SELECTED)
+                .map_err(|e| store.err(e))?;
             txn.open_table(processes::ASSIGNED)
                 .map_err(|e| store.err(e))?;
         }
@@ -757,8 +745,16 @@ impl StateStore {
 
     /// The tokens selected in every epoch the admit stage recorded (`record_admitted`).
     pub fn admitted_tokens(&self) -> Result<BTreeMap<u64, u64>, StateError> {
+        self.tokens_by_epoch(ADMITTED)
+    }
+
+    /// A table of epoch -> tokens, whole.
+    fn tokens_by_epoch(
+        &self,
+        definition: TableDefinition<u64, u64>,
+    ) -> Result<BTreeMap<u64, u64>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(ADMITTED).map_err(|e| self.err(e))?;
+        let table = txn.open_table(definition).map_err(|e| self.err(e))?;
         let mut out = BTreeMap::new();
         for entry in table.iter().map_err(|e| self.err(e))? {
             let (epoch, tokens) = entry.map_err(|e| self.err(e))?;

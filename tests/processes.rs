@@ -265,18 +265,7 @@ fn kill_one_of_two_midway(dir: &Path, job: &Path, sink: &Path) {
     }
     second.kill().unwrap(); // SIGKILL
     second.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = first.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            first.kill().unwrap();
-            panic!("process 0 still runs a minute after its peer was killed");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(!status.success(), "process 0 finished without its peer");
+    survivor_stops_by_itself(&mut first);
     assert!(
         files(0) + files(1) < dedup_pool::SHARDS,
         "the kill came too late"
@@ -415,7 +404,7 @@ fn the_quad_loop_selects_the_same_rows_across_processes_and_workers() {
 /// once a file it closes at round 2 or later is on disk, before that file's commit (the round's
 /// part is in its store, the decision in process 0's). Process 0 must stop by itself.
 fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
-    let (hosts, _) = hostfile(dir, 2);
+    let (hosts, addresses) = hostfile(dir, 2);
     let log = |i: usize| std::fs::File::create(dir.join(format!("crash-{i}.log"))).unwrap();
     let spawn = |index: usize, crash: bool| {
         let mut command = process_command(job, &hosts, (2, index), 1, 60);
@@ -430,6 +419,17 @@ fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
         !second.wait().unwrap().success(),
         "the crash hook did not fire"
     );
+    survivor_stops_by_itself(&mut first);
+    let err = std::fs::read_to_string(dir.join("crash-2.log")).unwrap();
+    let named = format!("lost the connection to process 1 at {}", addresses[1]);
+    assert!(
+        err.contains(&named),
+        "process 0 does not name its peer: {err}"
+    );
+}
+
+/// Waits for process 0 to stop after its peer died: it must notice within a minute and fail.
+fn survivor_stops_by_itself(first: &mut std::process::Child) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let status = loop {
         if let Some(status) = first.try_wait().unwrap() {
@@ -437,7 +437,7 @@ fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
         }
         if std::time::Instant::now() > deadline {
             first.kill().unwrap();
-            panic!("process 0 still runs a minute after its peer crashed");
+            panic!("process 0 still runs a minute after its peer died");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };

@@ -214,3 +214,56 @@ fn semdedup_selects_the_same_rows_on_two_processes() {
         "1 and 2 processes select the same rows"
     );
 }
+
+/// A pool that grows between two runs on two processes: the second run's `semdedup` (process
+/// 0) must know the documents the first run kept in process 1's shards, whose copies come in
+/// the new shards. The rows and rejects equal one process's run over the whole pool.
+#[test]
+fn semdedup_on_two_processes_continues_over_a_grown_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (glob, copies) = write_pool(dir.path());
+    // Shard 1 is process 1's; some of its documents have copies in shards 2 and 3.
+    let shard_1_ids: BTreeSet<String> = read_parquet(&dir.path().join("pool/shard-1.parquet"))
+        .iter()
+        .flat_map(|batch| text_column(batch, "id"))
+        .collect();
+    let across = copies
+        .iter()
+        .filter(|(copy, original)| !copy.starts_with("copy-1-") && shard_1_ids.contains(*original))
+        .count();
+    assert!(across >= 2, "{across} copies of shard 1 in later shards");
+    let out = run(&job(dir.path(), "whole", &glob), 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut whole_rejects = rejects_in(&dir.path().join("whole/_state/quad.redb"));
+    whole_rejects.sort();
+
+    let growing = dir.path().join("growing");
+    std::fs::create_dir_all(&growing).unwrap();
+    let add = |s: usize| {
+        let name = format!("shard-{s}.parquet");
+        std::fs::copy(dir.path().join("pool").join(&name), growing.join(&name)).unwrap();
+    };
+    let grown = job(
+        dir.path(),
+        "grown",
+        &format!("{}/*.parquet", growing.display()),
+    );
+    for shards in [0..2, 2..4] {
+        shards.for_each(add);
+        for (i, out) in run_processes(&[&grown, &grown], dir.path(), 1)
+            .iter()
+            .enumerate()
+        {
+            assert!(out.status.success(), "process {i}: {}", stderr(out));
+        }
+    }
+    let mut grown_rejects: Vec<_> = (0..2)
+        .flat_map(|i| rejects_in(&dir.path().join(format!("grown/p{i}/_state/quad.redb"))))
+        .collect();
+    grown_rejects.sort();
+    assert_eq!(grown_rejects, whole_rejects);
+    assert!(
+        selected_rows(&dir.path().join("whole")) == selected_rows(&dir.path().join("grown")),
+        "the grown pool on two processes selects what one process does over the whole pool"
+    );
+}

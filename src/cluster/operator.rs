@@ -83,7 +83,7 @@ pub fn assign_operator<'scope>(
             let mut semdedup = match ctx
                 .semdedup
                 .clone()
-                .map(|s| SemDedup::new(s, dim, ctx.store.clone()))
+                .map(|s| SemDedup::new(s, dim, ctx.store.clone(), ctx.record_states.is_some()))
             {
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {

@@ -117,15 +117,24 @@ pub struct SemDedup {
     recent: BTreeMap<u64, InFlight>,
     /// Tokens selected so far, for `select.max_tokens`.
     spent: SpentTokens,
+    /// A job of several processes: each epoch's decision is recorded in the store (process
+    /// 0's) as it is made, since the epoch's owner commits it in its own store.
+    records_decisions: bool,
 }
 
 impl SemDedup {
+    /// `records_decisions` on several processes: see the field.
     pub fn new(
         settings: SemDedupSettings,
         dim: usize,
         store: Arc<StateStore>,
+        records_decisions: bool,
     ) -> Result<SemDedup, StateError> {
-        let spent = SpentTokens::load(&store)?;
+        let spent = if records_decisions {
+            SpentTokens::recorded(store.semantic_selected_tokens()?)
+        } else {
+            SpentTokens::load(&store)?
+        };
         let salt = mix(settings.seed ^ PLANE_SALT);
         let planes = (0..(BANDS * BITS * dim) as u64)
             .map(|i| if mix(salt ^ i) & 1 == 0 { 1.0 } else { -1.0 })
@@ -137,6 +146,7 @@ impl SemDedup {
             store,
             recent: BTreeMap::new(),
             spent,
+            records_decisions,
         })
     }
 
@@ -158,7 +168,8 @@ impl SemDedup {
     }
 
     /// Decides one epoch: `docs` (the epoch's documents that passed dedup) and their unit
-    /// vectors, row-major. Returns the verdicts and what the epoch adds to the index.
+    /// vectors, row-major. Returns the verdicts and what the epoch adds to the index, for its
+    /// owner to commit (nothing when the decision is recorded here, on several processes).
     pub fn decide_epoch(
         &mut self,
         epoch: u64,
@@ -166,6 +177,7 @@ impl SemDedup {
         vectors: &[f32],
     ) -> Result<(SemanticVerdicts, SemanticCommit), StateError> {
         self.spent.begin_epoch(epoch);
+        let spent_before = self.spent.used();
         let decided: Vec<u64> = self.recent.keys().copied().collect();
         for e in decided {
             if self.store.epoch_committed(e)? {
@@ -217,6 +229,13 @@ impl SemDedup {
             ) {
                 verdicts.selected.push(doc.row);
             }
+        }
+        if self.records_decisions {
+            let selected = self.spent.used() - spent_before;
+            self.store.record_semantic(epoch, &state.commit, selected)?;
+            // The store answers for every epoch decided so far from now on.
+            self.recent.clear();
+            return Ok((verdicts, SemanticCommit::default()));
         }
         Ok((verdicts, state.commit))
     }
@@ -325,7 +344,7 @@ mod tests {
             ratio: 1.0,
             max_tokens: None,
         };
-        let mut sd = SemDedup::new(settings, 8, store).unwrap();
+        let mut sd = SemDedup::new(settings, 8, store, false).unwrap();
         let doc = |row: u64, id: &str| DocMeta {
             row,
             row_group: 0,

@@ -57,6 +57,66 @@ impl Processes {
     }
 }
 
+/// The first peer whose connection failed in this process, as (peer index, what failed),
+/// noted by `note_lost_peers`'s panic hook.
+static LOST_PEER: std::sync::Mutex<Option<(usize, String)>> = std::sync::Mutex::new(None);
+
+/// Notes which peer's connection failed: timely's communication threads, named
+/// `timely:send-I` and `timely:recv-I` for peer I, panic when that peer's connection drops
+/// (it stopped, or the network between them failed), and the workers then stop with a panic
+/// that names no peer. Keeps the panic hook that was installed before.
+pub fn note_lost_peers() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let peer = thread.name().and_then(|name| {
+            name.strip_prefix("timely:recv-")
+                .or_else(|| name.strip_prefix("timely:send-"))
+                .and_then(|i| i.parse::<usize>().ok())
+        });
+        let what = panic_text(info.payload());
+        let mut lost = LOST_PEER.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(peer) = peer {
+            if lost.is_none() {
+                tracing::error!(peer, "the connection to process {peer} failed: {what}");
+                *lost = Some((peer, what));
+            }
+            return;
+        }
+        // What follows a lost connection in timely (its queues poisoned, its threads joined)
+        // says nothing more: the error names the peer.
+        if lost.is_some() && (what.contains("poisoned") || what.ends_with("thread panic")) {
+            return;
+        }
+        drop(lost);
+        previous(info);
+    }));
+}
+
+/// A panic's message.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Why a worker of this process failed, naming the peer whose connection failed first, if one
+/// did.
+pub fn worker_failure(processes: Option<&Processes>, failure: String) -> anyhow::Error {
+    let lost = LOST_PEER.lock().ok().and_then(|l| l.clone());
+    match (processes, lost) {
+        (Some(p), Some((peer, what))) => anyhow::anyhow!(
+            "process {} of {}: lost the connection to process {peer} at {} ({what}): it              stopped or cannot be reached. Start every process of the job again: the job              resumes from what every process committed",
+            p.index,
+            p.count(),
+            p.addresses.get(peer).map_or("?", String::as_str),
+        ),
+        _ => anyhow::anyhow!("worker failed: {failure}"),
+    }
+}
+
 /// The `host:port` lines of a hostfile (timely's format; blank lines and `#` comments skipped).
 pub fn read_hostfile(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)

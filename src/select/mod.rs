@@ -149,13 +149,19 @@ impl SpentTokens {
         Ok(SpentTokens { committed, used: 0 })
     }
 
-    /// A job of several processes: the epochs the admit stage recorded in process 0's store
-    /// (`StateStore::record_admitted`), whichever process committed them.
-    pub fn load_admitted(store: &StateStore) -> Result<SpentTokens, StateError> {
-        Ok(SpentTokens {
-            committed: store.admitted_tokens()?,
+    /// A job of several processes: the tokens selected in each epoch a stage recorded in
+    /// process 0's store as it decided (`StateStore::admitted_tokens`,
+    /// `StateStore::semantic_selected_tokens`), whichever process committed them.
+    pub fn recorded(by_epoch: BTreeMap<u64, u64>) -> SpentTokens {
+        SpentTokens {
+            committed: by_epoch,
             used: 0,
-        })
+        }
+    }
+
+    /// Tokens selected before the epoch being decided, and in it so far.
+    pub fn used(&self) -> u64 {
+        self.used
     }
 
     /// Counts the committed epochs before `epoch` (epochs are decided in increasing order).
@@ -339,7 +345,7 @@ impl Admitter {
     /// verdicts leave (`StateStore::record_admitted`), and counts the budget spent from those
     /// records. Nothing decided stays in memory then: the store answers for every epoch.
     pub fn recording_decisions(mut self) -> Result<Admitter, StateError> {
-        self.spent = SpentTokens::load_admitted(&self.store)?;
+        self.spent = SpentTokens::recorded(self.store.admitted_tokens()?);
         self.records_decisions = true;
         Ok(self)
     }

@@ -1,6 +1,6 @@
 //! What a job of several processes keeps so that clustering and the Quad loop resume after a
 //! kill (issue 13): each store's own share of the clusters' aggregates, and, in process 0's
-//! store, the assign stage's state after each recent epoch.
+//! store, the assign stage's state after each recent epoch and `semdedup`'s decisions.
 //!
 //! Each process commits the epochs it owns in its own store, with the assign stage's state
 //! after that epoch and the clusters' global sizes as the assign stage saw them then. After a
@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{ClusterInfo, StateError, StateStore, CLUSTERS};
+use super::{
+    ClusterInfo, SemanticCommit, StateError, StateStore, CLUSTERS, SEMANTIC_BANDS, SEMANTIC_VECTORS,
+};
 use crate::bandit::ClusterChange;
 
 /// This store's share of each cluster: cluster -> (members it holds, their tokens, the epoch
@@ -21,6 +23,11 @@ pub(super) const HELD: TableDefinition<u32, (u64, u64, u64)> = TableDefinition::
 /// Process 0's store: epoch -> the assign stage's state after it (`Assigner::snapshot`), for
 /// the recent epochs only (`record_assigned` prunes).
 pub(super) const ASSIGNED: TableDefinition<u64, &[u8]> = TableDefinition::new("assigned");
+
+/// Process 0's store: epoch -> tokens `semdedup` selected in it, for every epoch it decided
+/// (`record_semantic`).
+pub(super) const SEMANTIC_SELECTED: TableDefinition<u64, u64> =
+    TableDefinition::new("semantic_selected");
 
 /// What an epoch's commit adds to a cluster this store holds: members and their tokens.
 #[derive(Debug, Default, Clone, Copy)]
@@ -148,6 +155,41 @@ impl StateStore {
             .get(epoch)
             .map_err(|e| self.err(e))?
             .map(|v| v.value().to_vec()))
+    }
+}
+
+impl StateStore {
+    /// A job of several processes: what `semdedup` (the assign stage, process 0's first
+    /// worker) decided for an epoch, written to process 0's store before the decision leaves
+    /// it: the band keys and vectors the epoch adds to its index, and the tokens it selected.
+    /// The owners' stores hold only their own epochs; this is what a restarted `semdedup`
+    /// reads for every process's. An epoch decided again after a restart decides the same (a
+    /// decision looks only at earlier epochs' entries), so what it writes again is what is there.
+    pub fn record_semantic(
+        &self,
+        epoch: u64,
+        added: &SemanticCommit,
+        selected_tokens: u64,
+    ) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            self.write_index(
+                &txn,
+                epoch,
+                &[(&SEMANTIC_BANDS, &added.bands)],
+                (SEMANTIC_VECTORS, &added.vectors),
+            )?;
+            let mut selected = txn.open_table(SEMANTIC_SELECTED).map_err(|e| self.err(e))?;
+            selected
+                .insert(epoch, selected_tokens)
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The tokens `semdedup` selected in every epoch it recorded (`record_semantic`).
+    pub fn semantic_selected_tokens(&self) -> Result<BTreeMap<u64, u64>, StateError> {
+        self.tokens_by_epoch(SEMANTIC_SELECTED)
     }
 }
 

@@ -153,10 +153,23 @@ pub fn bandit_from_store(store: &quad::state::StateStore, seed: u64, cfg: &Bandi
         .clusters()
         .unwrap()
         .into_iter()
-        .map(|c| c.as_change())
+        .map(|c| one_change(&c))
         .collect();
     b.reset_aggregates(&changes).unwrap();
     b
+}
+
+/// A cluster of a one-process store as one change of the aggregates: its whole size, tokens
+/// and fresh members, with its centroid.
+fn one_change(c: &quad::state::ClusterInfo) -> quad::bandit::ClusterChange {
+    quad::bandit::ClusterChange {
+        cluster: c.cluster,
+        centroid: Some((0, c.centroid.clone())),
+        docs: c.size,
+        tokens: c.tokens,
+        fresh: c.fresh as i64,
+        ..Default::default()
+    }
 }
 
 /// One round driven through the store: plan, draw from the store, score, observe, commit.
