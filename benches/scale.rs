@@ -427,8 +427,12 @@ fn run_layout(job: &Path, layout: Layout) -> Result<LayoutRun> {
         std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut stdout)?;
         let status = status.expect("waited");
         anyhow::ensure!(status.success(), "process {p} of {job:?} failed: {status}");
+        // Timely prints its connection progress to stdout before the summary.
+        let json = stdout
+            .find("\n{")
+            .map_or(stdout.as_str(), |at| &stdout[at + 1..]);
         summaries.push(
-            serde_json::from_str(stdout.trim())
+            serde_json::from_str(json.trim())
                 .with_context(|| format!("process {p}'s JSON summary: {stdout}"))?,
         );
     }

@@ -398,6 +398,24 @@ fn the_quad_loop_selects_the_same_rows_across_processes_and_workers() {
         single
     );
     assert!(rounds(dir.path().join("loop-n2w2/p1/_state/quad.redb")).is_empty());
+    // Scoring is spread: each process scored the samples of its clusters, together as many as
+    // one process did.
+    let scored = |path: PathBuf| {
+        quad::state::StateStore::open_existing(&path)
+            .unwrap()
+            .run_value::<quad::cost::Costs>(quad::report::COSTS_KEY)
+            .unwrap()
+            .unwrap()
+            .docs_scored
+    };
+    let each: Vec<u64> = (0..2)
+        .map(|i| scored(dir.path().join(format!("loop-n2w2/p{i}/_state/quad.redb"))))
+        .collect();
+    assert!(each.iter().all(|&n| n > 0), "{each:?}");
+    assert_eq!(
+        each.iter().sum::<u64>(),
+        scored(dir.path().join("loop-n1w1/_state/quad.redb"))
+    );
 }
 
 /// Runs the loop job on two processes of one worker, process 1 with the crash hook: it aborts

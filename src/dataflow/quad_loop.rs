@@ -8,7 +8,9 @@
 //!                                               │
 //!     draw (worker cluster % peers): the first of all candidates, texts fetched by location
 //!                                               │
-//!               score (worker 0: the process's influence model) ─▶ feedback (+1) ─▶ bandit
+//!     score (the first worker of process cluster % processes: its model, on its GPU)
+//!                                               │
+//!                                  feedback (+1) ─▶ bandit
 //!   bandit ─▶ decided round ─▶ round sink (each process's first worker): its store's part
 //!                              carried out, selected rows into files of min_file_rows
 //!
@@ -16,9 +18,10 @@
 //! worker of each process sends its store's candidates (each store holds the members of the
 //! shards its process read) to the cluster's owner, which takes the first of them all in the
 //! draw order (a function of the seed, the round and the cluster's unsampled members, whatever
-//! the number of workers and processes), fetches the texts and sends them to the scorer. The
-//! scorer scores in a fixed order (so batches, and hence floating-point results, do not depend
-//! on the worker count) and sends the pulls and scores into the feedback edge, where they
+//! the number of workers and processes), fetches the texts and sends them to the cluster's
+//! scorer. A scorer batches each cluster's sample on its own in member order (so batches, and
+//! hence floating-point results, do not depend on the number of workers or processes) and
+//! sends the pulls and scores into the feedback edge, where they
 //! arrive at t+1. The bandit observes them, commits the round's decision in its store, sends
 //! it to every process (whose first worker carries out the part that concerns the members its
 //! store holds, once, and writes their selected rows), and plans round r+1 at

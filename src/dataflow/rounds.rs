@@ -95,8 +95,9 @@ fn membership_context(
     }
 }
 
-/// The score operator's context: the scorer factory (worker 0 builds the model once, at the
-/// first round that scores, fitted on the pool's sample that every store sent).
+/// The score operator's context: the scorer factory (each process's first worker builds the
+/// model once, on the process's device, at the first round it scores, fitted on the pool's
+/// sample that every store sent).
 fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     let scorer_shared = shared.clone();
     let scorer: ScorerFactory = Arc::new(move |sample| {
@@ -120,6 +121,8 @@ fn score_context(shared: &Arc<Shared>) -> ScoreContext {
     ScoreContext {
         scorer,
         fit_pool_docs: shared.spec.influence.fit_pool_docs,
+        processes: shared.place.count as u64,
+        workers: shared.place.workers as u64,
         fail: fail_handle(shared),
     }
 }

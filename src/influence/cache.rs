@@ -117,7 +117,9 @@ pub fn save(
         serde_json::to_string(&layouts).unwrap_or_default(),
     );
     meta.insert("tokens".to_string(), factors.tokens.to_string());
-    let temp = path.with_extension("safetensors.tmp");
+    // One temporary file a process: the processes of a job fit the same factors and may
+    // write the cache at once; each renames a whole file.
+    let temp = path.with_extension(format!("safetensors.{}.tmp", std::process::id()));
     safetensors::serialize_to_file(
         tensors.iter().map(|(n, b)| (n.as_str(), b)),
         &Some(meta),

@@ -105,16 +105,22 @@ impl LossScorer {
 
 impl DocScorer for LossScorer {
     /// The negated mean loss: the lowest loss scores highest.
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>> {
+    fn score(&mut self, groups: &[Vec<&str>]) -> Result<Vec<Vec<Result<f64, String>>>> {
         let started = std::time::Instant::now();
-        let losses = self.losses(texts)?;
+        let losses = groups
+            .iter()
+            .map(|texts| self.losses(texts))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(tally) = &self.tally {
             let mut tally = tally.lock().expect("score tally");
             let seconds = started.elapsed().as_secs_f64();
             tally.seconds.push(seconds);
             tally.busy_seconds += seconds;
         }
-        Ok(losses.into_iter().map(|l| l.map(|v| -v)).collect())
+        Ok(losses
+            .into_iter()
+            .map(|group| group.into_iter().map(|l| l.map(|v| -v)).collect())
+            .collect())
     }
 }
 

@@ -1,6 +1,8 @@
 //! The influence stage in the Quad loop, the score operator: each round's drawn samples scored
-//! on worker 0 (the process's influence model) in a fixed order, the scores sent into the
-//! feedback edge; and what scoring cost.
+//! by the influence model of the cluster's process (the first worker of process
+//! `cluster % processes`, on that process's GPU), each cluster's sample batched on its own in
+//! member order (so batches, and hence floating-point results, do not depend on how many
+//! processes score), the scores sent into the feedback edge; and what scoring cost.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
@@ -8,6 +10,7 @@ use anyhow::{Context, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
@@ -21,7 +24,9 @@ use crate::progress::Durations;
 /// Scores documents by their texts; the influence scorer implements it. A document that cannot
 /// be scored (too short to predict a token, a score that is not finite) gets the reason.
 pub trait DocScorer {
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>>;
+    /// Scores groups of texts, each group batched on its own (a group is one cluster's sample),
+    /// in one call: one call a round.
+    fn score(&mut self, groups: &[Vec<&str>]) -> Result<Vec<Vec<Result<f64, String>>>>;
 }
 
 /// Builds the scorer on the worker that scores (models are not shared across threads), fitted
@@ -34,73 +39,94 @@ pub struct ScoreContext {
     pub scorer: ScorerFactory,
     /// `influence.fit_pool_docs`: how many of the pool's sample the scorer is fitted on.
     pub fit_pool_docs: usize,
+    /// The job's processes: each process's first worker scores the clusters
+    /// `cluster % processes` names it for.
+    pub processes: u64,
+    /// Workers a process.
+    pub workers: u64,
     pub fail: Fail,
 }
 
-/// Scores each round's drawn samples on worker 0 (the process's model), in a fixed order, and
-/// sends the pulls with their scores into the feedback edge.
+/// Scores each round's drawn samples on the first worker of the cluster's process (that
+/// process's model), in a fixed order, and sends the pulls with their scores into the feedback
+/// edge. Every scorer gets every tick (each round's, and the pool's sample to fit on), so each
+/// answers every round, with what it scored or nothing.
 pub fn score_operator<'scope>(
     fetched: StreamVec<'scope, u64, Fetched>,
     ctx: ScoreContext,
 ) -> StreamVec<'scope, u64, Scored> {
-    fetched.unary_frontier::<CapacityContainerBuilder<Vec<Scored>>, _, _, _>(
-        Exchange::new(|_: &Fetched| 0),
-        "Score",
-        move |_capability, _info| {
-            let mut scorer: Option<Box<dyn DocScorer>> = None;
-            // The pool's sample for fitting, merged from every store's (each process keeps the
-            // sample of the shards it read): the first `fit_pool_docs` by priority over all.
-            let mut fit_sample: BTreeSet<(u64, DocLoc)> = BTreeSet::new();
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DrawnTexts>)> = BTreeMap::new();
-            move |(input, frontier), output| {
-                input.for_each_stamp(|cap, data| {
-                    let Some(cap) = cap.retain_least(output.output_index()) else {
-                        return;
-                    };
-                    let entry = stash
-                        .entry(*cap.time())
-                        .or_insert_with(|| (cap.clone(), Vec::new()));
-                    for container in data {
-                        for msg in container.drain(..) {
-                            match msg {
-                                Fetched::Drawn { pull, texts, .. } => entry.1.push((pull, texts)),
-                                Fetched::Tick {
-                                    fit_sample: part, ..
-                                } => {
-                                    fit_sample.extend(part);
-                                    while fit_sample.len() > ctx.fit_pool_docs {
-                                        fit_sample.pop_last();
+    let (processes, workers) = (ctx.processes.max(1), ctx.workers);
+    let route = move |msg: Fetched| -> Vec<(u64, Fetched)> {
+        match &msg {
+            Fetched::Drawn { pull, .. } => {
+                vec![(u64::from(pull.cluster) % processes * workers, msg)]
+            }
+            Fetched::Tick { .. } => (0..processes).map(|p| (p * workers, msg.clone())).collect(),
+        }
+    };
+    fetched
+        .flat_map(route)
+        .unary_frontier::<CapacityContainerBuilder<Vec<Scored>>, _, _, _>(
+            Exchange::new(|(to, _): &(u64, Fetched)| *to),
+            "Score",
+            move |_capability, _info| {
+                let mut scorer: Option<Box<dyn DocScorer>> = None;
+                // The pool's sample for fitting, merged from every store's (each process keeps the
+                // sample of the shards it read): the first `fit_pool_docs` by priority over all.
+                let mut fit_sample: BTreeSet<(u64, DocLoc)> = BTreeSet::new();
+                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<DrawnTexts>)> = BTreeMap::new();
+                move |(input, frontier), output| {
+                    input.for_each_stamp(|cap, data| {
+                        let Some(cap) = cap.retain_least(output.output_index()) else {
+                            return;
+                        };
+                        let entry = stash
+                            .entry(*cap.time())
+                            .or_insert_with(|| (cap.clone(), Vec::new()));
+                        for container in data {
+                            for (_, msg) in container.drain(..) {
+                                match msg {
+                                    Fetched::Drawn { pull, texts, .. } => {
+                                        entry.1.push((pull, texts))
+                                    }
+                                    Fetched::Tick {
+                                        fit_sample: part, ..
+                                    } => {
+                                        fit_sample.extend(part);
+                                        while fit_sample.len() > ctx.fit_pool_docs {
+                                            fit_sample.pop_last();
+                                        }
                                     }
                                 }
                             }
                         }
-                    }
-                });
-                while let Some((&time, _)) = stash.first_key_value() {
-                    if frontier.less_equal(&time) {
-                        break;
-                    }
-                    let (cap, mut drawn) = stash.remove(&time).expect("first key");
-                    drawn.sort_by_key(|(pull, _)| pull.cluster);
-                    match score_round(&ctx, &mut scorer, &fit_sample, &drawn) {
-                        Ok((scores, unscorable)) => output.session(&cap).give(Scored {
-                            pulls: drawn.into_iter().map(|(pull, _)| pull).collect(),
-                            scores,
-                            unscorable,
-                        }),
-                        Err(e) => (ctx.fail)(e),
+                    });
+                    while let Some((&time, _)) = stash.first_key_value() {
+                        if frontier.less_equal(&time) {
+                            break;
+                        }
+                        let (cap, mut drawn) = stash.remove(&time).expect("first key");
+                        drawn.sort_by_key(|(pull, _)| pull.cluster);
+                        match score_round(&ctx, &mut scorer, &fit_sample, &drawn) {
+                            Ok((scores, unscorable)) => output.session(&cap).give(Scored {
+                                pulls: drawn.into_iter().map(|(pull, _)| pull).collect(),
+                                scores,
+                                unscorable,
+                            }),
+                            Err(e) => (ctx.fail)(e),
+                        }
                     }
                 }
-            }
-        },
-    )
+            },
+        )
 }
 
 /// A drawn pull with the texts of its members (or why a text is missing).
 type DrawnTexts = (Pull, Vec<Result<String, String>>);
 
-/// The scores of a round's scored members, scored in member order (the same batches whatever
-/// the number of workers); a member that cannot be scored gets NaN, and its reason.
+/// The scores of a round's scored members, each pull's members scored as one group in member
+/// order (the same batches whatever the number of workers and processes); a member that cannot
+/// be scored gets NaN, and its reason.
 #[allow(clippy::type_complexity)]
 fn score_round(
     ctx: &ScoreContext,
@@ -108,23 +134,29 @@ fn score_round(
     fit_sample: &BTreeSet<(u64, DocLoc)>,
     drawn: &[DrawnTexts],
 ) -> Result<(Vec<(MemberRef, f64)>, Vec<(MemberRef, String)>)> {
-    let mut docs: Vec<(MemberRef, &Result<String, String>)> = drawn
-        .iter()
-        .filter(|(pull, _)| pull.score)
-        .flat_map(|(pull, texts)| pull.members.iter().copied().zip(texts.iter()))
-        .collect();
-    docs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut unscorable: Vec<(MemberRef, String)> = docs
-        .iter()
-        .filter_map(|(m, text)| text.as_ref().err().map(|reason| (*m, reason.clone())))
-        .collect();
-    let readable: Vec<(MemberRef, &str)> = docs
-        .iter()
-        .filter_map(|(m, text)| text.as_ref().ok().map(|t| (*m, t.as_str())))
-        .collect();
-    let mut scores: Vec<(MemberRef, f64)> =
-        unscorable.iter().map(|(m, _)| (*m, f64::NAN)).collect();
-    if readable.is_empty() {
+    let mut scores: Vec<(MemberRef, f64)> = Vec::new();
+    let mut unscorable: Vec<(MemberRef, String)> = Vec::new();
+    // Per pull: its readable members and their texts, in member order.
+    let mut groups: Vec<Vec<(MemberRef, &str)>> = Vec::new();
+    for (pull, texts) in drawn.iter().filter(|(pull, _)| pull.score) {
+        let mut docs: Vec<(MemberRef, &Result<String, String>)> =
+            pull.members.iter().copied().zip(texts.iter()).collect();
+        docs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut readable = Vec::with_capacity(docs.len());
+        for (m, text) in docs {
+            match text {
+                Ok(text) => readable.push((m, text.as_str())),
+                Err(reason) => {
+                    scores.push((m, f64::NAN));
+                    unscorable.push((m, reason.clone()));
+                }
+            }
+        }
+        if !readable.is_empty() {
+            groups.push(readable);
+        }
+    }
+    if groups.is_empty() {
         return Ok((scores, unscorable));
     }
     if scorer.is_none() {
@@ -132,21 +164,23 @@ fn score_round(
         *scorer = Some((ctx.scorer)(sample).context("loading the influence scorer")?);
     }
     let scorer = scorer.as_mut().expect("just set");
-    let texts: Vec<&str> = readable.iter().map(|(_, t)| *t).collect();
+    let texts: Vec<Vec<&str>> = groups
+        .iter()
+        .map(|g| g.iter().map(|(_, t)| *t).collect())
+        .collect();
     let started = std::time::Instant::now();
     let values = scorer.score(&texts)?;
     tracing::debug!(
-        documents = texts.len(),
+        documents = texts.iter().map(Vec::len).sum::<usize>(),
+        groups = texts.len(),
         seconds = started.elapsed().as_secs_f64(),
         "scored"
     );
     anyhow::ensure!(
-        values.len() == readable.len(),
-        "the scorer returned {} scores for {} documents",
-        values.len(),
-        readable.len()
+        values.len() == groups.len() && values.iter().zip(&groups).all(|(v, g)| v.len() == g.len()),
+        "the scorer returned other counts of scores than of documents"
     );
-    for ((m, _), value) in readable.iter().zip(values) {
+    for ((m, _), value) in groups.iter().flatten().zip(values.into_iter().flatten()) {
         match value {
             Ok(v) => scores.push((*m, v)),
             Err(reason) => {
@@ -216,19 +250,27 @@ impl TalliedScorer {
 }
 
 impl DocScorer for TalliedScorer {
-    fn score(&mut self, texts: &[&str]) -> Result<Vec<Result<f64, String>>> {
+    fn score(&mut self, groups: &[Vec<&str>]) -> Result<Vec<Vec<Result<f64, String>>>> {
         let started = std::time::Instant::now();
-        let scores = self.scorer.score(texts)?;
+        let scored = groups
+            .iter()
+            .map(|texts| self.scorer.score(texts))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut tally = self.tally.lock().expect("score tally");
         let seconds = started.elapsed().as_secs_f64();
         tally.seconds.push(seconds);
         tally.busy_seconds += seconds;
-        for s in &scores {
+        for s in scored.iter().flatten() {
             tally.count_document(s.tokens, self.window);
         }
-        Ok(scores
+        Ok(scored
             .into_iter()
-            .map(|s| s.influence.map_err(|reason| reason.to_string()))
+            .map(|group| {
+                group
+                    .into_iter()
+                    .map(|s| s.influence.map_err(|reason| reason.to_string()))
+                    .collect()
+            })
             .collect())
     }
 }
