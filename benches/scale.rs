@@ -17,8 +17,9 @@
 //!
 //! runs each pool as each layout of P processes x W workers (timely's cluster mode over
 //! 127.0.0.1, a hostfile of free ports; default 1x2) and adds the bytes the loopback interface
-//! carried (`/proc/net/dev`, `lo`, transmitted) during ingest, a document, and after it, a round:
-//! what going through the network layer costs (issue 13). Nothing else may use `lo` meanwhile.
+//! carried (`/proc/net/dev`, `lo`, transmitted) until round 0's commit, a document, and after
+//! it, a round: what going through the network layer costs (issue 13). Nothing else may use
+//! `lo` meanwhile.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -68,7 +69,7 @@ fn main() -> Result<()> {
         .split(',')
         .map(Layout::parse)
         .collect::<Result<_>>()?;
-    println!("| pool | layout | ingest docs/s | rounds | median time per round | of it scoring | peak RSS | store bytes/doc | output files | lo bytes/doc in ingest | lo bytes/round |");
+    println!("| pool | layout | ingest docs/s | rounds | median time per round | of it scoring | peak RSS | store bytes/doc | output files | lo bytes/doc until round 0 | lo bytes/round |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &sizes {
         let pool = root.join(format!("pool-{n}-s{SHARD_DOCS}"));
@@ -227,7 +228,12 @@ fn run_pool(
         std::fs::remove_dir_all(&out)?;
     }
     let job = write_job(root, pool, n, model, reference, &out)?;
-    let run = run_layout(&job, layout)?;
+    let status = if layout.processes == 1 {
+        out.join("_state/status.json")
+    } else {
+        out.join("p0/_state/status.json")
+    };
+    let run = run_layout(&job, layout, &status)?;
     let first = &run.summaries[0];
     let sum = |key: &str| -> f64 { run.summaries.iter().filter_map(|s| s[key].as_f64()).sum() };
     let docs = sum("documents");
@@ -238,8 +244,7 @@ fn run_pool(
         .filter_map(|s| s["ingest_seconds"].as_f64())
         .fold(0.0, f64::max);
     let rounds = first["rounds"].as_u64().unwrap_or(0);
-    let ingest_bytes = run.lo_bytes_until(ingest);
-    let round_bytes = run.lo_bytes_total() - ingest_bytes;
+    let (ingest_bytes, round_bytes) = run.lo_bytes_split();
     let mut store_bytes = 0.0;
     for p in 0..layout.processes {
         let store = if layout.processes == 1 {
@@ -260,8 +265,8 @@ fn run_pool(
         run.peak_kib as f64 / 1024.0,
         store_bytes / docs.max(1.0),
         sum("files_written"),
-        ingest_bytes as f64 / docs.max(1.0),
-        round_bytes as f64 / (rounds.max(1) as f64),
+        ingest_bytes / docs.max(1.0),
+        round_bytes,
     ))
 }
 
@@ -331,22 +336,33 @@ struct LayoutRun {
     summaries: Vec<serde_json::Value>,
     /// The sum of the processes' peak RSS.
     peak_kib: u64,
-    /// (seconds since the start, bytes `lo` transmitted since the start), sampled.
-    lo_bytes: Vec<(f64, u64)>,
+    /// (bytes `lo` transmitted since the start, rounds process 0 had committed), sampled.
+    lo_bytes: Vec<(u64, u64)>,
 }
 
 impl LayoutRun {
-    fn lo_bytes_until(&self, seconds: f64) -> u64 {
-        self.lo_bytes
-            .iter()
-            .take_while(|(t, _)| *t <= seconds)
-            .last()
-            .map_or(0, |(_, b)| *b)
+    /// Bytes `lo` carried until round 0 was committed (ingest, and the loop's start: the
+    /// aggregates, the pool's sample for the factors, round 0), and a round on average from
+    /// round 0's commit to the last round's.
+    fn lo_bytes_split(&self) -> (f64, f64) {
+        let first = self.lo_bytes.iter().find(|(_, r)| *r >= 1);
+        let last = self.lo_bytes.iter().max_by_key(|(_, r)| *r);
+        match (first, last) {
+            (Some(&(b0, r0)), Some(&(b1, r1))) if r1 > r0 => {
+                (b0 as f64, (b1 - b0) as f64 / (r1 - r0) as f64)
+            }
+            _ => (self.lo_bytes.last().map_or(0, |s| s.0) as f64, f64::NAN),
+        }
     }
+}
 
-    fn lo_bytes_total(&self) -> u64 {
-        self.lo_bytes.last().map_or(0, |(_, b)| *b)
-    }
+/// The rounds a job's published status counts (`status.json`), 0 before there is one.
+fn rounds_committed(status: &Path) -> u64 {
+    std::fs::read(status)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|v| v["rounds"].as_u64())
+        .unwrap_or(0)
 }
 
 /// Bytes the loopback interface has transmitted since boot.
@@ -378,11 +394,11 @@ fn hostfile(root: &Path, n: usize) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts the layout's processes of `job`, samples their peak RSS and `lo` while they run.
-fn run_layout(job: &Path, layout: Layout) -> Result<LayoutRun> {
+/// Starts the layout's processes of `job`, samples their peak RSS, `lo` and process 0's
+/// rounds (its `status` file) while they run.
+fn run_layout(job: &Path, layout: Layout, status: &Path) -> Result<LayoutRun> {
     let hosts = hostfile(job.parent().context("job folder")?, layout.processes)?;
     let lo_start = lo_transmitted()?;
-    let started = Instant::now();
     let mut children = Vec::new();
     for p in 0..layout.processes {
         let mut command = Command::new(env!("CARGO_BIN_EXE_quad"));
@@ -415,10 +431,7 @@ fn run_layout(job: &Path, layout: Layout) -> Result<LayoutRun> {
             }
             statuses[i] = child.try_wait()?;
         }
-        lo_bytes.push((
-            started.elapsed().as_secs_f64(),
-            lo_transmitted()? - lo_start,
-        ));
+        lo_bytes.push((lo_transmitted()? - lo_start, rounds_committed(status)));
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut summaries = Vec::new();

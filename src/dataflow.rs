@@ -171,6 +171,7 @@ pub fn run_job(spec: &JobSpec, options: &RunOptions) -> Result<Summary> {
     let spec = spec.for_process(place.index, place.count);
     if let Some(p) = &options.processes {
         crate::model::set_local_process(p.local_index());
+        crate::model::share_cpu_threads(p.local_count());
         processes::note_lost_peers();
     }
     let deadline = options

@@ -418,9 +418,12 @@ fn the_quad_loop_selects_the_same_rows_across_processes_and_workers() {
     );
 }
 
-/// Runs the loop job on two processes of one worker, process 1 with the crash hook: it aborts
-/// once a file it closes at round 2 or later is on disk, before that file's commit (the round's
-/// part is in its store, the decision in process 0's). Process 0 must stop by itself.
+/// SIGKILL's number (9 on every Unix).
+const SIGKILL: i32 = 9;
+
+/// Runs the loop job on two processes of one worker, process 1 with the crash hook: it SIGKILLs
+/// itself once a file it closes at round 2 or later is on disk, before that file's commit (the
+/// round's part is in its store, the decision in process 0's). Process 0 must stop by itself.
 fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
     let (hosts, addresses) = hostfile(dir, 2);
     let log = |i: usize| std::fs::File::create(dir.join(format!("crash-{i}.log"))).unwrap();
@@ -433,9 +436,11 @@ fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
         command.spawn().unwrap()
     };
     let (mut first, mut second) = (spawn(0, false), spawn(1, true));
-    assert!(
-        !second.wait().unwrap().success(),
-        "the crash hook did not fire"
+    let killed = second.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed),
+        Some(SIGKILL),
+        "the crash hook did not fire: {killed:?}"
     );
     survivor_stops_by_itself(&mut first);
     let err = std::fs::read_to_string(dir.join("crash-2.log")).unwrap();

@@ -189,7 +189,7 @@ fn small_files(job: PathBuf) -> PathBuf {
     job
 }
 
-/// Runs the job on 2 workers with the crash hook: it aborts once a file closed at round 2 or
+/// Runs the job on 2 workers with the crash hook: it SIGKILLs itself once a file closed at round 2 or
 /// later is on disk, before that file's commit.
 fn crash_after_round_2(job: &Path) {
     let out = quad()

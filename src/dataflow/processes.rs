@@ -37,12 +37,18 @@ impl Processes {
     /// This process's index among those of its host (the hostfile's earlier lines with the
     /// same host): which of the machine's GPUs it uses.
     pub fn local_index(&self) -> usize {
-        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
-        let mine = host(&self.addresses[self.index]);
+        let mine = host_of(&self.addresses[self.index]);
         self.addresses[..self.index]
             .iter()
-            .filter(|a| host(a) == mine)
+            .filter(|a| host_of(a) == mine)
             .count()
+    }
+
+    /// How many of the job's processes run on this process's host (the hostfile's lines with
+    /// its host): they share its cores.
+    pub fn local_count(&self) -> usize {
+        let mine = host_of(&self.addresses[self.index]);
+        self.addresses.iter().filter(|a| host_of(a) == mine).count()
     }
 
     /// The peers' addresses, each with its process index, for error messages.
@@ -55,6 +61,11 @@ impl Processes {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The host of a `host:port`.
+fn host_of(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(host, _)| host)
 }
 
 /// The first peer whose connection failed in this process, as (peer index, what failed),
@@ -390,20 +401,20 @@ mod tests {
     }
 
     #[test]
-    fn the_local_index_counts_earlier_processes_of_the_same_host() {
+    fn the_local_index_and_count_are_the_processes_of_the_same_host() {
         let addresses: Vec<String> = ["a:1", "b:1", "a:2", "b:2", "a:3"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let local = |index| {
-            Processes {
-                index,
-                addresses: addresses.clone(),
-                connect_timeout: Duration::from_secs(1),
-            }
-            .local_index()
+        let place = |index| Processes {
+            index,
+            addresses: addresses.clone(),
+            connect_timeout: Duration::from_secs(1),
         };
+        let local = |index| place(index).local_index();
         assert_eq!((0..5).map(local).collect::<Vec<_>>(), [0, 0, 1, 1, 2]);
+        let count = |index| place(index).local_count();
+        assert_eq!((0..5).map(count).collect::<Vec<_>>(), [3, 2, 3, 2, 3]);
     }
 
     #[test]

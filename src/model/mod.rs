@@ -42,6 +42,16 @@ pub fn set_local_process(index: usize) {
     LOCAL_PROCESS.store(index, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Processes of one job on one machine share its cores: each gives libtorch's CPU kernels its
+/// share (the machine's cores divided by the job's processes there), so that processes scoring
+/// or embedding at once on the CPU do not each run a thread on every core.
+pub fn share_cpu_threads(local_processes: usize) {
+    if local_processes > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads((cores / local_processes).max(1) as i32);
+    }
+}
+
 /// The device `"auto"` means: the GPU of this process's local index (modulo the GPUs there
 /// are), so that processes of one machine use one GPU each; the CPU without CUDA.
 pub fn auto_device() -> Device {

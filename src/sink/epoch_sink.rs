@@ -334,7 +334,7 @@ fn commit_epoch(
             if let (Some(file), Some(crash)) = (&file, ctx.crash_after_rename) {
                 if crash == epoch {
                     tracing::error!(file, "test hook: crashing after rename, before commit");
-                    std::process::abort();
+                    super::die_as_if_killed();
                 }
             }
             let tokens_of: HashMap<u64, u32> =

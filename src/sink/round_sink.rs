@@ -210,7 +210,7 @@ fn close_file(
             file = name,
             "test hook: crashing after the file's rename, before its commit"
         );
-        std::process::abort();
+        super::die_as_if_killed();
     }
     ctx.store
         .commit_output_file(&name, round, &rows, &tokens_by_source)
