@@ -421,17 +421,17 @@ fn the_quad_loop_selects_the_same_rows_across_processes_and_workers() {
 /// SIGKILL's number (9 on every Unix).
 const SIGKILL: i32 = 9;
 
-/// Runs the loop job on two processes of one worker, process 1 with the crash hook: it SIGKILLs
-/// itself once a file it closes at round 2 or later is on disk, before that file's commit (the
-/// round's part is in its store, the decision in process 0's). Process 0 must stop by itself.
-fn crash_process_1_in_the_loop(dir: &Path, job: &Path) {
+/// Runs a job on two processes of one worker, process 1 with a crash hook (`hook`: the
+/// variable and its value), with which it SIGKILLs itself at an exact point (after a file's
+/// rename, before its commit). Process 0 must stop by itself, naming its lost peer.
+fn crash_process_1(dir: &Path, job: &Path, (variable, value): (&str, &str)) {
     let (hosts, addresses) = hostfile(dir, 2);
     let log = |i: usize| std::fs::File::create(dir.join(format!("crash-{i}.log"))).unwrap();
     let spawn = |index: usize, crash: bool| {
         let mut command = process_command(job, &hosts, (2, index), 1, 60);
         command.stdout(log(index)).stderr(log(index + 2));
         if crash {
-            command.env("QUAD_TEST_CRASH_AFTER_ROUND", "2");
+            command.env(variable, value);
         }
         command.spawn().unwrap()
     };
@@ -501,7 +501,9 @@ fn the_quad_loop_killed_midway_on_two_processes_resumes_to_one_process_s_rows() 
     assert!(expected.len() >= 50, "{} rows", expected.len());
 
     let job = job_named("again");
-    crash_process_1_in_the_loop(dir.path(), &job);
+    // Process 1 dies once a file it closes at round 2 or later is on disk: the round's part is
+    // in its store, the decision in process 0's.
+    crash_process_1(dir.path(), &job, ("QUAD_TEST_CRASH_AFTER_ROUND", "2"));
     let outs = run_processes(&[&job, &job], dir.path(), 1);
     for (i, out) in outs.iter().enumerate() {
         assert!(out.status.success(), "process {i}: {}", stderr(out));
@@ -514,6 +516,49 @@ fn the_quad_loop_killed_midway_on_two_processes_resumes_to_one_process_s_rows() 
     }
     assert!(
         selected_rows(&dir.path().join("again")) == expected,
+        "the restarted processes selected other rows than one process"
+    );
+}
+
+/// Clustering on two processes, process 1 killed in the middle of ingest (after its second
+/// shard's file is renamed, before its commit), both started again: the assign stage continues
+/// each epoch read again from the state recorded before it in process 0's store, so the
+/// clusters and the rows are one uninterrupted process's.
+#[test]
+fn clustering_on_two_processes_killed_mid_ingest_resumes_to_one_process_s_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let select = "ratio = 0.2\n[embed]\ncolumn = \"embedding\"\ndim = 16\n[cluster]\n\
+                  enabled = true\nk = 8\nk_max = 12\nreservoir = 600\nnew_cluster_floor = 0.3";
+    let one = write_job(dir.path(), "straight", &planted_glob(), 9, select);
+    let out = run(&one, 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = (
+        selected_rows(&dir.path().join("straight")),
+        members(&dir.path().join("straight"), 1),
+    );
+    let job = write_job(dir.path(), "again", &planted_glob(), 9, select);
+    crash_process_1(dir.path(), &job, ("QUAD_TEST_CRASH_AFTER_RENAME", "3"));
+    let outs = run_processes(&[&job, &job], dir.path(), 1);
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.status.success(), "process {i}: {}", stderr(out));
+    }
+    assert!(
+        process_summary(&outs[1])["shards_already_done"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "process 1 had committed no shard before it died"
+    );
+    let again = (
+        selected_rows(&dir.path().join("again")),
+        members(&dir.path().join("again"), 2),
+    );
+    assert!(
+        again.1 == expected.1,
+        "the restarted processes clustered otherwise than one process"
+    );
+    assert!(
+        again.0 == expected.0,
         "the restarted processes selected other rows than one process"
     );
 }
