@@ -27,7 +27,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "9";
+pub const STORE_LAYOUT: &str = "10";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");

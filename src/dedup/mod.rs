@@ -123,12 +123,23 @@ pub struct Fingerprint {
 /// The text as it is compared: NFKC, lower case, whitespace runs as one space, trimmed.
 pub fn normalise(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    normalise_words(text, &mut out, |_| ());
+    normalise_into(text, &mut out);
     out
 }
 
-/// `normalise` into `out` (cleared first), calling `word` with each word of the result as it
-/// is written, so that near dedup hashes the words without a second pass over the text.
+/// `normalise` into `out` (cleared first).
+fn normalise_into(text: &str, out: &mut String) {
+    if text.is_ascii() {
+        out.clear();
+        normalise_ascii(text.as_bytes(), out, None::<&mut fn(usize, usize)>);
+    } else {
+        normalise_words(text, out, |_, _| ());
+    }
+}
+
+/// `normalise` into `out` (cleared first), calling `word` with where each word of the result
+/// starts and ends in `out` as it is written, so that near dedup finds the words without a
+/// second pass over the text.
 ///
 /// Computed a piece at a time between ASCII whitespace, which is a normalisation boundary
 /// (a starter that composes with nothing, so nothing reorders or composes across it): the
@@ -136,10 +147,10 @@ pub fn normalise(text: &str) -> String {
 /// machinery, and so are the other pieces that NFKC's quick check says it leaves unchanged
 /// (curly quotes, dashes, accented letters already composed). The result is that of the
 /// whole text normalised.
-pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(&str)) {
+pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(usize, usize)) {
     out.clear();
     if text.is_ascii() {
-        normalise_ascii(text.as_bytes(), out, &mut word);
+        normalise_ascii(text.as_bytes(), out, Some(&mut word));
         return;
     }
     let bytes = text.as_bytes();
@@ -162,7 +173,7 @@ pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(&str))
             let from = begin_word(out);
             out.push_str(piece);
             out[from..].make_ascii_lowercase();
-            word(&out[from..]);
+            word(from, out.len());
         } else if is_nfkc_quick(piece.chars()) == IsNormalized::Yes && !piece.contains('Σ') {
             // Lower case a character at a time, as `str::to_lowercase` does but for the
             // final sigma, whose context rule the slow path keeps.
@@ -173,36 +184,72 @@ pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(&str))
             for w in folded.split_whitespace() {
                 let from = begin_word(out);
                 out.push_str(w);
-                word(&out[from..]);
+                word(from, out.len());
             }
         }
     }
 }
 
 /// `normalise_words` of a text that is ASCII throughout (most of web text), which NFKC leaves
-/// as it is: one pass that lowercases the bytes as it copies them, with no work per piece.
-fn normalise_ascii(bytes: &[u8], out: &mut String, word: &mut impl FnMut(&str)) {
+/// as it is, in passes without a branch a byte: a copy that lowercases and turns each
+/// whitespace byte into a space (it vectorises), then a compaction that drops a space after a
+/// space, then (when `word` is given) the words between the spaces.
+fn normalise_ascii<F: FnMut(usize, usize)>(bytes: &[u8], out: &mut String, word: Option<&mut F>) {
     let mut buf = std::mem::take(out).into_bytes();
-    buf.reserve(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if is_ascii_space(bytes[at]) {
-            at += 1;
-            continue;
+    buf.clear();
+    buf.extend(bytes.iter().map(|&b| {
+        let upper = b.wrapping_sub(b'A') < 26;
+        // Tab, line feed, vertical tab, form feed, carriage return: 9 to 13.
+        let space = b.wrapping_sub(b'\t') < 5 || b == b' ';
+        if space {
+            b' '
+        } else {
+            b | (u8::from(upper) << 5)
         }
-        if !buf.is_empty() {
-            buf.push(b' ');
-        }
-        let from = buf.len();
-        while at < bytes.len() && !is_ascii_space(bytes[at]) {
-            buf.push(bytes[at].to_ascii_lowercase());
-            at += 1;
-        }
-        // SAFETY: every byte written is ASCII, which is UTF-8.
-        word(unsafe { std::str::from_utf8_unchecked(&buf[from..]) });
+    }));
+    // A byte stays unless it is a space after a space (or at the start): the write position
+    // moves on by 0 or 1, so the loop has no branch to mispredict on word lengths.
+    let mut kept = 0;
+    let mut after_space = true;
+    for i in 0..buf.len() {
+        let b = buf[i];
+        let space = b == b' ';
+        buf[kept] = b;
+        kept += usize::from(!(space && after_space));
+        after_space = space;
     }
-    // SAFETY: as above.
+    if after_space && kept > 0 {
+        kept -= 1;
+    }
+    buf.truncate(kept);
+    if let Some(word) = word {
+        ascii_words(&buf, word);
+    }
+    // SAFETY: every byte written is ASCII, which is UTF-8.
     *out = unsafe { String::from_utf8_unchecked(buf) };
+}
+
+/// Calls `word` with where each word of a normalised ASCII text (words separated by one space)
+/// starts and ends, finding the spaces 64 bytes at a time as a bit mask: a branch a word, not
+/// a byte.
+fn ascii_words(text: &[u8], word: &mut impl FnMut(usize, usize)) {
+    if text.is_empty() {
+        return;
+    }
+    let mut start = 0;
+    for (c, chunk) in text.chunks(64).enumerate() {
+        let mut spaces = chunk
+            .iter()
+            .enumerate()
+            .fold(0u64, |mask, (i, &b)| mask | (u64::from(b == b' ') << i));
+        while spaces != 0 {
+            let end = c * 64 + spaces.trailing_zeros() as usize;
+            word(start, end);
+            start = end + 1;
+            spaces &= spaces - 1;
+        }
+    }
+    word(start, text.len());
 }
 
 /// Separates the next word from the last one; where the next word starts in `out`.
@@ -218,13 +265,13 @@ fn begin_word(out: &mut String) -> usize {
 fn lowercase_words(
     chars: impl Iterator<Item = char>,
     out: &mut String,
-    word: &mut impl FnMut(&str),
+    word: &mut impl FnMut(usize, usize),
 ) {
     let mut from: Option<usize> = None;
     for c in chars {
         if c.is_whitespace() {
             if let Some(f) = from.take() {
-                word(&out[f..]);
+                word(f, out.len());
             }
             continue;
         }
@@ -234,7 +281,7 @@ fn lowercase_words(
         out.extend(c.to_lowercase());
     }
     if let Some(f) = from {
-        word(&out[f..]);
+        word(f, out.len());
     }
 }
 
@@ -254,36 +301,46 @@ fn splitmix(state: &mut u64) -> u64 {
     crate::hash::mix(*state)
 }
 
+/// The high 32 bits of a 64-bit value (splitmix's best-mixed bits).
+fn top_half(x: u64) -> u32 {
+    (x >> 32) as u32
+}
+
 /// The multiplier of `shingle_hashes`' polynomial: odd, so that a word's weight is never 0.
 const SHINGLE_BASE: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// The hash of each window of `width` consecutive word hashes: mix(sum_j w_j B^(width-1-j))
-/// (mod 2^64), a polynomial in the words, so order matters, rolled from one window to the
-/// next at a multiply-add or two a word instead of hashing every window's bytes again.
-/// `mix` spreads the sum over all bits for the multiply-shift functions.
-fn shingle_hashes(words: &[u64], width: usize) -> Vec<u64> {
+/// The hash of each window of `width` consecutive word hashes: the top 32 bits of
+/// mix(sum_j w_j B^(width-1-j)) (mod 2^64), a polynomial in the words, so order matters, rolled
+/// from one window to the next at a multiply-add or two a word instead of hashing every
+/// window's bytes again. `mix` spreads the sum over all bits, so the 32 bits kept are uniform.
+fn shingle_hashes(words: &[u64], width: usize, hashes: &mut Vec<u32>) {
     // B^(width-1): the weight of the word that leaves the window.
     let leaving = (1..width).fold(1u64, |p, _| p.wrapping_mul(SHINGLE_BASE));
     let mut sum = words[..width - 1]
         .iter()
         .fold(0u64, |h, &w| h.wrapping_mul(SHINGLE_BASE).wrapping_add(w));
-    let mut hashes = Vec::with_capacity(words.len() + 1 - width);
+    hashes.clear();
+    hashes.reserve(words.len() + 1 - width);
     for (i, &w) in words.iter().enumerate().skip(width - 1) {
         sum = sum.wrapping_mul(SHINGLE_BASE).wrapping_add(w);
-        hashes.push(crate::hash::mix(sum));
+        hashes.push(top_half(crate::hash::mix(sum)));
         // Drop the window's first word before the next one comes in.
         sum = sum.wrapping_sub(words[i + 1 - width].wrapping_mul(leaving));
     }
-    hashes
 }
 
-/// The MinHash functions: h_i(x) = (a_i x + b_i) >> 32 on 64-bit shingle hashes, a_i odd
-/// (multiply-shift, Dietzfelbinger et al.): one multiply-add a shingle and function.
+/// The MinHash functions: h_i(x) = a_i x + b_i (mod 2^32) on 32-bit shingle hashes, a_i odd,
+/// so each h_i is a permutation of the 32-bit values: the shingle hashes are uniform, so each
+/// function's minimum falls on any shingle of a document with the same probability, and the
+/// functions differ by a random affine map, which scatters one function's small values over
+/// the whole range of another (`the_estimates_of_many_pairs_have_the_binomial_spread` checks
+/// that the 112 agree like independent draws). 32-bit lanes: eight functions an AVX2
+/// instruction, and a multiply, an add and an unsigned minimum a shingle and function.
 pub struct MinHasher {
     /// The a_i, then the b_i, padded with functions nobody reads to a whole number of
     /// `FUNCTIONS_A_PASS`: apart, so that the inner loop reads two plain arrays and vectorises.
-    multipliers: Vec<u64>,
-    offsets: Vec<u64>,
+    multipliers: Vec<u32>,
+    offsets: Vec<u32>,
     /// The functions asked for (the signature's length).
     hashes: usize,
     /// `block_minima` for this CPU, chosen once.
@@ -294,65 +351,78 @@ pub struct MinHasher {
 }
 
 /// Hash functions computed in one pass over a document's shingles: their multipliers, offsets
-/// and minima stay in registers (two 512-bit registers each on AVX-512) while the pass reads
-/// the shingle hashes, so a shingle costs the arithmetic and no loads or stores of minima.
+/// and minima stay in registers (two 256-bit registers each) while the pass reads the
+/// shingle hashes, so a shingle costs the arithmetic and no loads or stores of minima.
 const FUNCTIONS_A_PASS: usize = 16;
 
 /// The minimum of each hash function over `shingles`, `FUNCTIONS_A_PASS` functions a pass.
-/// Inlined into each instruction-set version below.
-#[inline(always)]
-fn block_minima(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], shingles: &[u64]) {
+/// Portable: CPUs without AVX2 (and the definition `block_minima_avx2` is checked against).
+fn block_minima(minima: &mut [u32], multipliers: &[u32], offsets: &[u32], shingles: &[u32]) {
     let passes = multipliers
         .chunks_exact(FUNCTIONS_A_PASS)
         .zip(offsets.chunks_exact(FUNCTIONS_A_PASS));
     for (pass, (a, b)) in passes.enumerate() {
-        let a: [u64; FUNCTIONS_A_PASS] = a.try_into().expect("whole passes");
-        let b: [u64; FUNCTIONS_A_PASS] = b.try_into().expect("whole passes");
-        // The values are below 2^32, so their minimum as signed 64-bit integers is theirs:
-        // AVX2 compares 64-bit lanes signed only, and an unsigned minimum costs two more
-        // instructions a vector (a third of the loop) to flip the sign bits.
-        let mut lowest = [i64::MAX; FUNCTIONS_A_PASS];
+        let a: [u32; FUNCTIONS_A_PASS] = a.try_into().expect("whole passes");
+        let b: [u32; FUNCTIONS_A_PASS] = b.try_into().expect("whole passes");
+        let mut lowest = [u32::MAX; FUNCTIONS_A_PASS];
         for &x in shingles {
             for i in 0..FUNCTIONS_A_PASS {
-                let value = a[i].wrapping_mul(x).wrapping_add(b[i]) >> 32;
-                lowest[i] = lowest[i].min(value as i64);
+                lowest[i] = lowest[i].min(a[i].wrapping_mul(x).wrapping_add(b[i]));
             }
         }
         let first = pass * FUNCTIONS_A_PASS;
-        for (min, low) in minima[first..].iter_mut().zip(lowest) {
-            *min = low as u32;
+        minima[first..first + FUNCTIONS_A_PASS].copy_from_slice(&lowest);
+    }
+}
+
+/// `block_minima` on AVX2: a pass's 16 multipliers, offsets and minima in six 256-bit
+/// registers, a shingle broadcast to all lanes, then a multiply, an add and an unsigned minimum
+/// for each eight functions (written out: compiled from the portable loop, the minima spilled
+/// to the stack). The same arithmetic, so the signature does not depend on the CPU
+/// (`the_avx2_kernel_equals_the_portable_one`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn block_minima_avx2(minima: &mut [u32], multipliers: &[u32], offsets: &[u32], x: &[u32]) {
+    use std::arch::x86_64::*;
+    let passes = multipliers
+        .chunks_exact(FUNCTIONS_A_PASS)
+        .zip(offsets.chunks_exact(FUNCTIONS_A_PASS))
+        .zip(minima.chunks_exact_mut(FUNCTIONS_A_PASS));
+    for ((a, b), lowest) in passes {
+        let (a, b): (&[u32; 16], &[u32; 16]) = (a.try_into().unwrap(), b.try_into().unwrap());
+        // SAFETY: unaligned loads of lanes 0-7 and 8-15 of the 16-lane arrays.
+        let [a0, a1, b0, b1] = unsafe {
+            [
+                _mm256_loadu_si256(a.as_ptr().cast()),
+                _mm256_loadu_si256(a.as_ptr().add(8).cast()),
+                _mm256_loadu_si256(b.as_ptr().cast()),
+                _mm256_loadu_si256(b.as_ptr().add(8).cast()),
+            ]
+        };
+        let mut low0 = _mm256_set1_epi32(-1);
+        let mut low1 = low0;
+        for &shingle in x {
+            let s = _mm256_set1_epi32(shingle as i32);
+            low0 = _mm256_min_epu32(low0, _mm256_add_epi32(_mm256_mullo_epi32(a0, s), b0));
+            low1 = _mm256_min_epu32(low1, _mm256_add_epi32(_mm256_mullo_epi32(a1, s), b1));
+        }
+        let out: &mut [u32; FUNCTIONS_A_PASS] = lowest.try_into().expect("a whole pass");
+        // SAFETY: unaligned stores of 8 lanes each into the 16 of `out`.
+        unsafe {
+            _mm256_storeu_si256(out.as_mut_ptr().cast(), low0);
+            _mm256_storeu_si256(out.as_mut_ptr().add(8).cast(), low1);
         }
     }
 }
 
-/// `block_minima` compiled for AVX-512 (eight 64-bit multiplies an instruction), which the
-/// portable build cannot assume. The same arithmetic: the signature does not depend on the
-/// CPU.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn block_minima_avx512(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: &[u64]) {
-    block_minima(minima, multipliers, offsets, x)
-}
-
-/// `block_minima` compiled for AVX2 (four lanes; the 64-bit multiply in 32-bit pieces).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn block_minima_avx2(minima: &mut [u32], multipliers: &[u64], offsets: &[u64], x: &[u64]) {
-    block_minima(minima, multipliers, offsets, x)
-}
-
-type MinimaKernel = fn(&mut [u32], &[u64], &[u64], &[u64]);
+type MinimaKernel = fn(&mut [u32], &[u32], &[u32], &[u32]);
 
 /// The widest `block_minima` this CPU runs.
 fn minima_kernel() -> MinimaKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the features `block_minima_avx512` is compiled for were just detected.
-            return |m, a, b, x| unsafe { block_minima_avx512(m, a, b, x) };
-        }
         if is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, for AVX2.
+            // SAFETY: the feature `block_minima_avx2` is compiled for was just detected.
             return |m, a, b, x| unsafe { block_minima_avx2(m, a, b, x) };
         }
     }
@@ -367,7 +437,12 @@ impl MinHasher {
         // The padding's functions come after the real ones, so these are the same whatever
         // the padding.
         let (multipliers, offsets) = (0..padded)
-            .map(|_| (splitmix(&mut state) | 1, splitmix(&mut state)))
+            .map(|_| {
+                (
+                    top_half(splitmix(&mut state)) | 1,
+                    top_half(splitmix(&mut state)),
+                )
+            })
             .unzip();
         MinHasher {
             multipliers,
@@ -395,14 +470,27 @@ impl MinHasher {
 
     /// `signature` from the hashes (`word_hash`) of the normalised text's words.
     pub fn signature_of_words(&self, words: &[u64]) -> Vec<u32> {
+        let mut scratch = Scratch::default();
+        self.signature_into(words, &mut scratch);
+        scratch.minima
+    }
+
+    /// `signature_of_words` into `scratch.minima`, with `scratch`'s buffers reused.
+    fn signature_into(&self, words: &[u64], scratch: &mut Scratch) {
         // The empty text is one empty word, as `signature` splits it.
         let empty = [word_hash(b"")];
         let words = if words.is_empty() { &empty[..] } else { words };
-        let shingles = shingle_hashes(words, self.ngram.min(words.len()).max(1));
-        let mut minima = vec![u32::MAX; self.multipliers.len()];
-        (self.minima)(&mut minima, &self.multipliers, &self.offsets, &shingles);
-        minima.truncate(self.hashes);
-        minima
+        let width = self.ngram.min(words.len()).max(1);
+        shingle_hashes(words, width, &mut scratch.shingles);
+        scratch.minima.clear();
+        scratch.minima.resize(self.multipliers.len(), u32::MAX);
+        (self.minima)(
+            &mut scratch.minima,
+            &self.multipliers,
+            &self.offsets,
+            &scratch.shingles,
+        );
+        scratch.minima.truncate(self.hashes);
     }
 
     /// One key a band: its `rows` minima hashed, the band's number in the top byte (so keys
@@ -423,34 +511,100 @@ impl MinHasher {
     }
 
     /// A document's fingerprint under `config` (near parts only when near dedup is on): one
-    /// pass normalises the text and hashes its words.
-    pub fn fingerprint(&self, config: &DedupConfig, text: &str) -> Fingerprint {
-        let mut normalised = String::with_capacity(text.len());
-        let mut words = Vec::new();
+    /// pass normalises the text and hashes its words. `scratch` holds the buffers between
+    /// documents, so that a document costs no allocation but its fingerprint's.
+    pub fn fingerprint(
+        &self,
+        config: &DedupConfig,
+        text: &str,
+        scratch: &mut Scratch,
+    ) -> Fingerprint {
+        let Scratch {
+            normalised,
+            words,
+            spans,
+            ..
+        } = scratch;
         if config.near {
-            normalise_words(text, &mut normalised, |w| {
-                words.push(word_hash(w.as_bytes()))
-            });
+            spans.clear();
+            normalise_words(text, normalised, |start, end| spans.push((start, end)));
+            // Eight bytes after the last word, so that each word's first eight bytes can be
+            // read at once (`padded_word_hash`); NUL is UTF-8 and cut off again below.
+            let length = normalised.len();
+            normalised.push_str("\0\0\0\0\0\0\0\0");
+            let bytes = normalised.as_bytes();
+            words.clear();
+            words.extend(
+                spans
+                    .iter()
+                    .map(|&(start, end)| padded_word_hash(bytes, start, end)),
+            );
+            normalised.truncate(length);
         } else {
-            normalise_words(text, &mut normalised, |_| ());
+            normalise_into(text, normalised);
         }
         let mut fingerprint = Fingerprint {
-            text: text_hash(&normalised),
+            text: text_hash(normalised),
             ..Default::default()
         };
         if config.near {
-            let signature = self.signature_of_words(&words);
-            fingerprint.bands = self.band_keys(&signature);
-            fingerprint.sketch = sketch(&signature);
+            let words = std::mem::take(&mut scratch.words);
+            self.signature_into(&words, scratch);
+            scratch.words = words;
+            fingerprint.bands = self.band_keys(&scratch.minima);
+            fingerprint.sketch = sketch(&scratch.minima);
         }
         fingerprint
     }
 }
 
-/// A normalised word's hash, what shingles are made of.
-pub fn word_hash(word: &[u8]) -> u64 {
-    xxh3_64(word)
+/// The buffers a fingerprint is computed in, kept from one document to the next.
+#[derive(Default)]
+pub struct Scratch {
+    normalised: String,
+    /// Where each word starts and ends in `normalised`.
+    spans: Vec<(usize, usize)>,
+    words: Vec<u64>,
+    shingles: Vec<u32>,
+    minima: Vec<u32>,
 }
+
+/// A normalised word's hash, what shingles are made of: its bytes in groups of 8 (at least
+/// one group, the last one padded with zeros), each xored into the state and mixed, the state
+/// starting from the length. A word of up to 8 bytes (most words) is one `mix` of a value
+/// that determines it, and `mix` is a bijection, so two such words never share a hash; longer
+/// ones collide with the odds of 64-bit hashes.
+pub fn word_hash(word: &[u8]) -> u64 {
+    let mut state = (word.len() as u64).wrapping_mul(WORD_LENGTH_WEIGHT);
+    let mut groups = word.chunks(8).peekable();
+    if groups.peek().is_none() {
+        return crate::hash::mix(state);
+    }
+    for group in groups {
+        let mut padded = [0u8; 8];
+        padded[..group.len()].copy_from_slice(group);
+        state = crate::hash::mix(state ^ u64::from_le_bytes(padded));
+    }
+    state
+}
+
+/// `word_hash(&bytes[start..end])` where at least 8 bytes of `bytes` follow `start`: a word of
+/// up to 8 bytes is read as one 8-byte load and masked, with no copy and no branch on its
+/// length (most words; the longer ones take `word_hash`).
+fn padded_word_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
+    let length = end - start;
+    if length > 8 {
+        return word_hash(&bytes[start..end]);
+    }
+    let group: [u8; 8] = bytes[start..start + 8].try_into().expect("8 bytes");
+    // The word's `length` low bytes (none when it is empty).
+    let mask = ((1u128 << (8 * length)) - 1) as u64;
+    let state = (length as u64).wrapping_mul(WORD_LENGTH_WEIGHT);
+    crate::hash::mix(state ^ (u64::from_le_bytes(group) & mask))
+}
+
+/// Spreads a word's length over the high bits, which a short word's bytes leave at zero.
+const WORD_LENGTH_WEIGHT: u64 = 0xff51_afd7_ed55_8ccd;
 
 /// The low byte of each minimum (b-bit MinHash with b = 8).
 pub fn sketch(signature: &[u32]) -> Vec<u8> {

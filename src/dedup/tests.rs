@@ -34,6 +34,8 @@ fn fingerprints_equal_normalising_then_hashing_the_words() {
     let config = DedupConfig::default();
     let hasher = MinHasher::new(&config);
     let long = words(0..40, "W\u{e9}").join("\u{a0}");
+    // One scratch for all, as a shard's documents share one: nothing of a longer text stays.
+    let mut scratch = Scratch::default();
     for text in [
         "",
         "   ",
@@ -42,10 +44,12 @@ fn fingerprints_equal_normalising_then_hashing_the_words() {
         "\u{201c}Quoted\u{201d} \u{dc}N\u{ef}C\u{d6}D\u{c9} ogham\u{1680}Space \u{fb01}ne \u{ff21}\u{ff22}",
         "\u{3a3}\u{39f}\u{3a3} final sigma x\u{3a3}y and no\u{a0}break",
         long.as_str(),
+        "Two Words",
+        "",
     ] {
         let normalised = normalise(text);
         let signature = signature_by_definition(&config, &normalised);
-        let fingerprint = hasher.fingerprint(&config, text);
+        let fingerprint = hasher.fingerprint(&config, text, &mut scratch);
         assert_eq!(fingerprint.text, text_hash(&normalised), "{text:?}");
         assert_eq!(fingerprint.bands, hasher.band_keys(&signature), "{text:?}");
         assert_eq!(fingerprint.sketch, sketch(&signature), "{text:?}");
@@ -134,18 +138,20 @@ fn the_estimate_follows_the_jaccard_similarity_of_the_shingles() {
 fn fingerprints_depend_on_the_seed_and_skip_near_parts_when_off() {
     let text = "A text of some words, enough for a shingle or two.";
     let on = DedupConfig::default();
-    let fp = MinHasher::new(&on).fingerprint(&on, text);
+    let fp = MinHasher::new(&on).fingerprint(&on, text, &mut Scratch::default());
     assert_eq!((fp.bands.len(), fp.sketch.len()), (14, 112));
     let off = DedupConfig {
         near: false,
         ..on.clone()
     };
-    let exact_only = MinHasher::new(&off).fingerprint(&off, text);
+    let exact_only = MinHasher::new(&off).fingerprint(&off, text, &mut Scratch::default());
     assert_eq!(exact_only.text, fp.text);
     assert!(exact_only.bands.is_empty() && exact_only.sketch.is_empty());
     let seeded = DedupConfig { seed: 1, ..on };
     assert_ne!(
-        MinHasher::new(&seeded).fingerprint(&seeded, text).bands,
+        MinHasher::new(&seeded)
+            .fingerprint(&seeded, text, &mut Scratch::default())
+            .bands,
         fp.bands
     );
     // A text shorter than a shingle is one shingle, not none.
@@ -175,36 +181,87 @@ fn settings_are_checked() {
     }
 }
 
+/// A word's hash by its definition: mix(... mix(mix(len K ^ g1) ^ g2) ... ^ gn), the groups g
+/// of 8 little-endian bytes, the last one padded with zeros, one group of zeros for the empty
+/// word.
+fn word_hash_by_definition(word: &[u8]) -> u64 {
+    let mut padded = word.to_vec();
+    padded.resize(word.len().div_ceil(8).max(1) * 8, 0);
+    padded
+        .chunks(8)
+        .map(|g| u64::from_le_bytes(g.try_into().unwrap()))
+        .fold(
+            (word.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd),
+            |state, g| crate::hash::mix(state ^ g),
+        )
+}
+
+#[test]
+fn short_words_never_share_a_hash() {
+    // Every word of up to 2 bytes, and words of 3 to 8 bytes that differ in one byte or in
+    // trailing zeros (the padding): all distinct, as the bijection argument says; each equals
+    // the definition, and the padded read of each equals the plain one.
+    let mut seen = std::collections::HashSet::new();
+    let mut words: Vec<Vec<u8>> = vec![vec![]];
+    words.extend((0..=255u8).map(|a| vec![a]));
+    words.extend((0..=255u8).flat_map(|a| (0..=255u8).map(move |b| vec![a, b])));
+    for len in 3..=8 {
+        words.push(vec![0; len]);
+        words.push((1..=len as u8).collect());
+    }
+    let long = [
+        &b"internationalisation"[..],
+        b"12345678",
+        b"123456789",
+        b"1234567812345678",
+    ];
+    for w in &words {
+        assert!(seen.insert(word_hash(w)), "{w:?}");
+    }
+    for w in words.iter().map(Vec::as_slice).chain(long) {
+        assert_eq!(word_hash(w), word_hash_by_definition(w), "{w:?}");
+        // Other bytes after the word, as in a normalised text.
+        let mut text = w.to_vec();
+        text.extend(b" next words");
+        assert_eq!(padded_word_hash(&text, 0, w.len()), word_hash(w), "{w:?}");
+    }
+}
+
 /// The signature by its definition, one function and one shingle at a time: the functions'
 /// parameters from the seed's splitmix64 stream (a odd, then b), each shingle's polynomial in
-/// its words' hashes computed on its own rather than rolled.
+/// its words' hashes computed on its own rather than rolled, h(x) = a x + b in 32-bit
+/// arithmetic.
 fn signature_by_definition(config: &DedupConfig, normalised: &str) -> Vec<u32> {
     let mut state = config.seed;
     let mut next = || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         crate::hash::mix(state)
     };
-    let functions: Vec<(u64, u64)> = (0..config.hashes()).map(|_| (next() | 1, next())).collect();
+    // The top 32 bits of each.
+    let mut next32 = || (next() >> 32) as u32;
+    let functions: Vec<(u32, u32)> = (0..config.hashes())
+        .map(|_| (next32() | 1, next32()))
+        .collect();
     let words: Vec<u64> = normalised
         .split(' ')
-        .map(|w| xxh3_64(w.as_bytes()))
+        .map(|w| word_hash_by_definition(w.as_bytes()))
         .collect();
     let width = config.ngram.min(words.len()).max(1);
     // Each window's polynomial sum_j w_j B^(width-1-j), evaluated on its own.
-    let shingles: Vec<u64> = words
+    let shingles: Vec<u32> = words
         .windows(width)
         .map(|window| {
             let sum = window.iter().enumerate().fold(0u64, |sum, (j, &w)| {
                 let power = (0..width - 1 - j).fold(1u64, |p, _| p.wrapping_mul(SHINGLE_BASE));
                 sum.wrapping_add(w.wrapping_mul(power))
             });
-            crate::hash::mix(sum)
+            (crate::hash::mix(sum) >> 32) as u32
         })
         .collect();
     functions
         .iter()
         .map(|&(a, b)| {
-            let hash = |x: u64| (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
+            let hash = |x: u32| a.wrapping_mul(x).wrapping_add(b);
             shingles.iter().map(|&x| hash(x)).min().unwrap()
         })
         .collect()
@@ -248,5 +305,63 @@ fn ascii_texts_normalise_as_the_definition_says() {
         "ASCII Words beside caf\u{e9} and \u{ff21}\u{ff22}C Full-Width",
     ] {
         assert_eq!(normalise(text), whole(text), "{text:?}");
+    }
+}
+
+#[test]
+fn the_estimates_of_many_pairs_have_the_binomial_spread() {
+    // 400 pairs of documents of 200 distinct words, the second shifted by 40 words: 196
+    // shingles each, 156 shared, Jaccard s = 156/236, counted here from the windows
+    // themselves. If the 112 functions agreed like independent draws, the fraction of equal
+    // minima of a pair would have mean s and variance s(1-s)/112; functions that move
+    // together (a poor family) widen the spread, a biased one moves the mean.
+    let config = DedupConfig::default();
+    let hasher = MinHasher::new(&config);
+    let (n, shift, width) = (200, 40, config.ngram);
+    let shingles = |range: std::ops::Range<usize>| -> std::collections::HashSet<usize> {
+        range.clone().take(range.len() + 1 - width).collect()
+    };
+    let (a, b) = (shingles(0..n), shingles(shift..shift + n));
+    let s = a.intersection(&b).count() as f64 / a.union(&b).count() as f64;
+    let fractions: Vec<f64> = (0..400)
+        .map(|pair| {
+            let tag = format!("p{pair}w");
+            let first = hasher.signature(&words(0..n, &tag).join(" "));
+            let second = hasher.signature(&words(shift..shift + n, &tag).join(" "));
+            let equal = first.iter().zip(&second).filter(|(x, y)| x == y).count();
+            equal as f64 / first.len() as f64
+        })
+        .collect();
+    let count = fractions.len() as f64;
+    let mean = fractions.iter().sum::<f64>() / count;
+    let variance = fractions.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / (count - 1.0);
+    let binomial = s * (1.0 - s) / 112.0;
+    // The mean's standard error is sqrt(binomial / 400) = 0.0022; the sample variance's
+    // relative standard error is sqrt(2 / 399) = 7%.
+    assert!((mean - s).abs() < 0.01, "mean {mean} against s = {s}");
+    let ratio = variance / binomial;
+    assert!(
+        (0.75..1.3).contains(&ratio),
+        "variance {ratio} x the binomial's"
+    );
+}
+
+#[test]
+fn the_avx2_kernel_equals_the_portable_one() {
+    // The kernel this CPU runs against the portable loop, on random functions and shingles
+    // (values near 0 and 2^32 included, where a signed minimum would differ).
+    let mut state = 3u64;
+    let mut next = || (splitmix(&mut state) >> 32) as u32;
+    let functions = 4 * FUNCTIONS_A_PASS;
+    let multipliers: Vec<u32> = (0..functions).map(|_| next() | 1).collect();
+    let offsets: Vec<u32> = (0..functions).map(|_| next()).collect();
+    for count in [1, 7, 300] {
+        let mut shingles: Vec<u32> = (0..count).map(|_| next()).collect();
+        shingles[0] = 0;
+        let mut portable = vec![0; functions];
+        block_minima(&mut portable, &multipliers, &offsets, &shingles);
+        let mut chosen = vec![0; functions];
+        minima_kernel()(&mut chosen, &multipliers, &offsets, &shingles);
+        assert_eq!(chosen, portable, "{count} shingles");
     }
 }

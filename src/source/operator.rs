@@ -9,7 +9,7 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use super::{DocMeta, EmbeddingColumn, ShardData, SourceConfig};
-use crate::dedup::{DedupConfig, MinHasher};
+use crate::dedup::{DedupConfig, MinHasher, Scratch};
 use crate::dsir::DsirWeights;
 use crate::tokens::TokenCounter;
 
@@ -51,9 +51,10 @@ fn annotated(data: &ShardData, text_column: &str, features: TextFeatures<'_>) ->
         return docs;
     }
     let hasher = dedup.enabled().then(|| MinHasher::new(dedup));
+    let mut scratch = Scratch::default();
     for (doc, text) in docs.iter_mut().zip(data.doc_texts(text_column)) {
         if let Some(hasher) = &hasher {
-            doc.fingerprint = Some(hasher.fingerprint(dedup, text));
+            doc.fingerprint = Some(hasher.fingerprint(dedup, text, &mut scratch));
         }
         doc.dsir_log_weight = features.dsir.map(|w| w.log_weight(text));
     }

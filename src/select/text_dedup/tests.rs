@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::super::{Admitter, DuplicateKind, SelectConfig, Verdicts};
 use crate::bandit::Strategy;
-use crate::dedup::{normalise, DedupConfig, MinHasher};
+use crate::dedup::{normalise, DedupConfig, MinHasher, Scratch};
 use crate::source::DocMeta;
 use crate::state::{EpochCommit, StateStore};
 
@@ -40,7 +40,7 @@ fn docs(texts: &[(String, String)], config: &DedupConfig) -> Vec<DocMeta> {
             row_group: 0,
             id: id.clone(),
             tokens: 1,
-            fingerprint: Some(hasher.fingerprint(config, text)),
+            fingerprint: Some(hasher.fingerprint(config, text, &mut Scratch::default())),
             dsir_log_weight: None,
         })
         .collect()
