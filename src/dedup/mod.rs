@@ -496,15 +496,11 @@ impl MinHasher {
     /// One key a band: its `rows` minima hashed, the band's number in the top byte (so keys
     /// of different bands never meet).
     pub fn band_keys(&self, signature: &[u32]) -> Vec<u64> {
-        // One buffer for every band's bytes: a document has a dozen bands.
-        let mut bytes = Vec::with_capacity(4 * self.rows);
         signature
             .chunks(self.rows)
             .enumerate()
             .map(|(band, minima)| {
-                bytes.clear();
-                bytes.extend(minima.iter().flat_map(|m| m.to_le_bytes()));
-                let hash = xxh3_64_with_seed(&bytes, self.seed ^ band as u64);
+                let hash = xxh3_64_with_seed(&little_endian(minima), self.seed ^ band as u64);
                 ((band as u64) << 56) | (hash >> 8)
             })
             .collect()
@@ -567,6 +563,20 @@ pub struct Scratch {
     words: Vec<u64>,
     shingles: Vec<u32>,
     minima: Vec<u32>,
+}
+
+/// The bytes of `values`, each little-endian: on a little-endian CPU the values' own memory
+/// (no copy for each band of each document), elsewhere a copy.
+fn little_endian(values: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: four initialised bytes a u32, read as bytes within the slice's own memory
+        // (u8 has no alignment to keep); on this CPU they are the little-endian bytes.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        })
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
 }
 
 /// A normalised word's hash, what shingles are made of: its bytes in groups of 8 (at least
