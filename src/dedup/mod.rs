@@ -130,7 +130,6 @@ pub fn normalise(text: &str) -> String {
 /// `normalise` into `out` (cleared first).
 fn normalise_into(text: &str, out: &mut String) {
     if text.is_ascii() {
-        out.clear();
         normalise_ascii(text.as_bytes(), out, None::<&mut fn(usize, usize)>);
     } else {
         normalise_words(text, out, |_, _| ());
@@ -199,9 +198,7 @@ fn normalise_ascii<F: FnMut(usize, usize)>(bytes: &[u8], out: &mut String, word:
     buf.clear();
     buf.extend(bytes.iter().map(|&b| {
         let upper = b.wrapping_sub(b'A') < 26;
-        // Tab, line feed, vertical tab, form feed, carriage return: 9 to 13.
-        let space = b.wrapping_sub(b'\t') < 5 || b == b' ';
-        if space {
+        if is_ascii_space(b) {
             b' '
         } else {
             b | (u8::from(upper) << 5)
@@ -285,9 +282,11 @@ fn lowercase_words(
     }
 }
 
-/// Unicode whitespace among the ASCII bytes (`is_ascii_whitespace` leaves out the vertical tab).
+/// Unicode whitespace among the ASCII bytes (`is_ascii_whitespace` leaves out the vertical
+/// tab): tab, line feed, vertical tab, form feed, carriage return (9 to 13) and the space, as
+/// two compares so that the ASCII pass vectorises.
 fn is_ascii_space(b: u8) -> bool {
-    b.is_ascii_whitespace() || b == 0x0b
+    b.wrapping_sub(b'\t') < 5 || b == b' '
 }
 
 /// The exact-duplicate key of a normalised text.
@@ -470,27 +469,22 @@ impl MinHasher {
 
     /// `signature` from the hashes (`word_hash`) of the normalised text's words.
     pub fn signature_of_words(&self, words: &[u64]) -> Vec<u32> {
-        let mut scratch = Scratch::default();
-        self.signature_into(words, &mut scratch);
-        scratch.minima
+        let mut minima = Vec::new();
+        self.signature_into(words, &mut Vec::new(), &mut minima);
+        minima
     }
 
-    /// `signature_of_words` into `scratch.minima`, with `scratch`'s buffers reused.
-    fn signature_into(&self, words: &[u64], scratch: &mut Scratch) {
+    /// `signature_of_words` into `minima`, the shingle hashes in `shingles` (both reused).
+    fn signature_into(&self, words: &[u64], shingles: &mut Vec<u32>, minima: &mut Vec<u32>) {
         // The empty text is one empty word, as `signature` splits it.
         let empty = [word_hash(b"")];
         let words = if words.is_empty() { &empty[..] } else { words };
         let width = self.ngram.min(words.len()).max(1);
-        shingle_hashes(words, width, &mut scratch.shingles);
-        scratch.minima.clear();
-        scratch.minima.resize(self.multipliers.len(), u32::MAX);
-        (self.minima)(
-            &mut scratch.minima,
-            &self.multipliers,
-            &self.offsets,
-            &scratch.shingles,
-        );
-        scratch.minima.truncate(self.hashes);
+        shingle_hashes(words, width, shingles);
+        minima.clear();
+        minima.resize(self.multipliers.len(), u32::MAX);
+        (self.minima)(minima, &self.multipliers, &self.offsets, shingles);
+        minima.truncate(self.hashes);
     }
 
     /// One key a band: its `rows` minima hashed, the band's number in the top byte (so keys
@@ -517,9 +511,10 @@ impl MinHasher {
     ) -> Fingerprint {
         let Scratch {
             normalised,
-            words,
             spans,
-            ..
+            words,
+            shingles,
+            minima,
         } = scratch;
         if config.near {
             spans.clear();
@@ -544,11 +539,9 @@ impl MinHasher {
             ..Default::default()
         };
         if config.near {
-            let words = std::mem::take(&mut scratch.words);
-            self.signature_into(&words, scratch);
-            scratch.words = words;
-            fingerprint.bands = self.band_keys(&scratch.minima);
-            fingerprint.sketch = sketch(&scratch.minima);
+            self.signature_into(words, shingles, minima);
+            fingerprint.bands = self.band_keys(minima);
+            fingerprint.sketch = sketch(minima);
         }
         fingerprint
     }
@@ -586,11 +579,11 @@ fn little_endian(values: &[u32]) -> std::borrow::Cow<'_, [u8]> {
 /// ones collide with the odds of 64-bit hashes.
 pub fn word_hash(word: &[u8]) -> u64 {
     let mut state = (word.len() as u64).wrapping_mul(WORD_LENGTH_WEIGHT);
-    let mut groups = word.chunks(8).peekable();
-    if groups.peek().is_none() {
+    if word.is_empty() {
+        // One group of zeros.
         return crate::hash::mix(state);
     }
-    for group in groups {
+    for group in word.chunks(8) {
         let mut padded = [0u8; 8];
         padded[..group.len()].copy_from_slice(group);
         state = crate::hash::mix(state ^ u64::from_le_bytes(padded));
