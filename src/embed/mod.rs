@@ -518,8 +518,11 @@ impl SentenceEncoder {
 
         // Weights.
         let weights = weights_file(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Bert::new(vs.root(), &cfg, act);
+        let (mut vs, model) = crate::model::unseeded_draw(|| {
+            let vs = nn::VarStore::new(device);
+            let model = Bert::new(vs.root(), &cfg, act);
+            (vs, model)
+        });
         let tensors = Tensor::read_safetensors(&weights)
             .with_context(|| format!("cannot read {}", weights.display()))?;
         let tensors: HashMap<String, Tensor> = tensors

@@ -22,15 +22,29 @@ pub use llama::{BlockKind, Llama, TrackedLinear};
 /// otherwise interleave and take each other's numbers, and a seed would not fix the result.
 static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs `draw` with libtorch's global generator seeded with `seed` and no other seeded draw
-/// in between: the same seed gives the same numbers whatever other threads do.
+/// Runs `draw` with libtorch's global generator seeded with `seed` and no other draw in
+/// between: the same seed gives the same numbers whatever other threads do, as long as every
+/// draw holds the generator (`unseeded_draw` for those whose numbers nobody keeps).
 pub fn seeded_draw<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
-    // A draw that panicked left nothing to protect: the next one seeds afresh.
-    let _held = TORCH_GENERATOR
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _held = hold_generator();
     tch::manual_seed(seed as i64);
     draw()
+}
+
+/// Runs `draw`, which takes numbers from libtorch's global generator that it does not keep
+/// (a model built with default initialisation, then overwritten by a checkpoint's weights),
+/// holding the generator so that it cannot take them from the middle of a seeded draw in
+/// another thread (which then built other weights for the same seed).
+pub fn unseeded_draw<T>(draw: impl FnOnce() -> T) -> T {
+    let _held = hold_generator();
+    draw()
+}
+
+fn hold_generator() -> std::sync::MutexGuard<'static, ()> {
+    // A draw that panicked left nothing to protect: the next one seeds afresh.
+    TORCH_GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// This process's index among the job's processes on its machine (`quad run -n`), which
@@ -147,8 +161,11 @@ impl CausalLm {
         kind: Kind,
         path: &Path,
     ) -> Result<CausalLm, ModelError> {
-        let mut vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), &cfg);
+        let (mut vs, model) = unseeded_draw(|| {
+            let vs = nn::VarStore::new(device);
+            let model = Llama::new(&vs.root(), &cfg);
+            (vs, model)
+        });
         vs.set_kind(kind);
         let mut take = |name: &str| {
             tensors
