@@ -150,41 +150,67 @@ pub fn normalise_words(text: &str, out: &mut String, mut word: impl FnMut(usize,
     out.clear();
     if text.is_ascii() {
         normalise_ascii(text.as_bytes(), out, Some(&mut word));
-        return;
+    } else {
+        normalise_mixed(text, out, &mut word);
     }
-    let bytes = text.as_bytes();
-    let mut at = 0;
-    while at < bytes.len() {
-        if is_ascii_space(bytes[at]) {
-            at += 1;
-            continue;
+}
+
+/// `normalise_words` of a text with some non-ASCII bytes: in web text a few pieces among
+/// hundreds (a dash, a curly quote, a mojibake sequence). The text's whitespace runs are
+/// collapsed as for an ASCII text, without a branch a byte; then the pieces are taken a word
+/// at a time, the ASCII ones lowercased in bulk and the others normalised one by one.
+fn normalise_mixed(text: &str, out: &mut String, word: &mut impl FnMut(usize, usize)) {
+    // Only ASCII whitespace becomes a space and only spaces are dropped, so what stays is the
+    // text's pieces, whole, between single spaces: UTF-8 still.
+    let mut pieces: Vec<u8> = text
+        .as_bytes()
+        .iter()
+        .map(|&b| if is_ascii_space(b) { b' ' } else { b })
+        .collect();
+    let kept = drop_repeated_spaces(&mut pieces);
+    pieces.truncate(kept);
+    debug_assert!(std::str::from_utf8(&pieces).is_ok());
+    // SAFETY: `text` is UTF-8, and replacing or removing ASCII bytes keeps UTF-8 UTF-8.
+    let pieces = unsafe { String::from_utf8_unchecked(pieces) };
+    // The ASCII pieces since the last other one, `pieces[run..]`, are copied in one go when
+    // the next other piece (or the end) comes; their words go to `out` from `base` on.
+    let mut run = 0;
+    let mut base = 0;
+    let flush = |out: &mut String, from: usize, to: usize| {
+        if from < to {
+            let at = begin_word(out);
+            out.push_str(&pieces[from..to]);
+            out[at..].make_ascii_lowercase();
         }
-        let start = at;
-        let mut ascii = true;
-        while at < bytes.len() && !is_ascii_space(bytes[at]) {
-            ascii &= bytes[at].is_ascii();
-            at += 1;
-        }
-        // An ASCII byte is never part of a longer character, so `start` and `at` are
-        // character boundaries.
-        let piece = &text[start..at];
+    };
+    spaced_words(pieces.as_bytes(), &mut |start, end, ascii| {
         if ascii {
+            word(base + start - run, base + end - run);
+            return;
+        }
+        // The stretch before this piece ends with the space before it.
+        flush(out, run, start.saturating_sub(1).max(run));
+        normalise_piece(&pieces[start..end], out, word);
+        run = end + 1;
+        base = out.len() + usize::from(!out.is_empty());
+    });
+    flush(out, run.min(pieces.len()), pieces.len());
+}
+
+/// Normalises into `out` one piece between ASCII whitespace that is not ASCII, calling `word`
+/// with each word it gives (none, one, or several where it holds other whitespace).
+fn normalise_piece(piece: &str, out: &mut String, word: &mut impl FnMut(usize, usize)) {
+    if is_nfkc_quick(piece.chars()) == IsNormalized::Yes && !piece.contains('Σ') {
+        // Lower case a character at a time, as `str::to_lowercase` does but for the final
+        // sigma, whose context rule the slow path keeps.
+        lowercase_words(piece.chars(), out, word);
+    } else {
+        let folded = piece.nfkc().collect::<String>().to_lowercase();
+        // NFKC may make whitespace (a no-break space becomes a space): split again.
+        for w in folded.split_whitespace() {
             let from = begin_word(out);
-            out.push_str(piece);
-            out[from..].make_ascii_lowercase();
+            out.push_str(w);
             word(from, out.len());
-        } else if is_nfkc_quick(piece.chars()) == IsNormalized::Yes && !piece.contains('Σ') {
-            // Lower case a character at a time, as `str::to_lowercase` does but for the
-            // final sigma, whose context rule the slow path keeps.
-            lowercase_words(piece.chars(), out, &mut word);
-        } else {
-            let folded = piece.nfkc().collect::<String>().to_lowercase();
-            // NFKC may make whitespace (a no-break space becomes a space): split again.
-            for w in folded.split_whitespace() {
-                let from = begin_word(out);
-                out.push_str(w);
-                word(from, out.len());
-            }
         }
     }
 }
@@ -204,20 +230,7 @@ fn normalise_ascii<F: FnMut(usize, usize)>(bytes: &[u8], out: &mut String, word:
             b | (u8::from(upper) << 5)
         }
     }));
-    // A byte stays unless it is a space after a space (or at the start): the write position
-    // moves on by 0 or 1, so the loop has no branch to mispredict on word lengths.
-    let mut kept = 0;
-    let mut after_space = true;
-    for i in 0..buf.len() {
-        let b = buf[i];
-        let space = b == b' ';
-        buf[kept] = b;
-        kept += usize::from(!(space && after_space));
-        after_space = space;
-    }
-    if after_space && kept > 0 {
-        kept -= 1;
-    }
+    let kept = drop_repeated_spaces(&mut buf);
     buf.truncate(kept);
     if let Some(word) = word {
         ascii_words(&buf, word);
@@ -226,27 +239,125 @@ fn normalise_ascii<F: FnMut(usize, usize)>(bytes: &[u8], out: &mut String, word:
     *out = unsafe { String::from_utf8_unchecked(buf) };
 }
 
+/// Moves the bytes of `text` that are not a space after a space (or a space at the start or
+/// the end) to its front, in order; how many there are. 64 bytes at a time: a block whose
+/// spaces are all single (most of a text) moves whole, and one with a run of spaces moves the
+/// stretches between the dropped spaces, found from the bit mask.
+fn drop_repeated_spaces(text: &mut [u8]) -> usize {
+    let mut kept = 0;
+    // Whether the byte before the block is a space (a leading space is dropped too).
+    let mut after_space = true;
+    for start in (0..text.len()).step_by(64) {
+        let length = (text.len() - start).min(64);
+        let spaces = space_mask(&text[start..start + length]);
+        let dropped = spaces & ((spaces << 1) | u64::from(after_space));
+        after_space = spaces >> (length - 1) & 1 == 1;
+        let mut keep = !dropped & (u64::MAX >> (64 - length));
+        if keep == u64::MAX >> (64 - length) {
+            if kept != start {
+                text.copy_within(start..start + length, kept);
+            }
+            kept += length;
+            continue;
+        }
+        while keep != 0 {
+            let from = keep.trailing_zeros() as usize;
+            let run = (keep >> from).trailing_ones() as usize;
+            text.copy_within(start + from..start + from + run, kept);
+            kept += run;
+            // Clears the lowest run of ones: adding its lowest bit carries through it.
+            keep &= keep.wrapping_add(keep & keep.wrapping_neg());
+        }
+    }
+    if after_space && kept > 0 {
+        kept -= 1;
+    }
+    kept
+}
+
+/// Bit i set where `block[i]` (at most 64 bytes) is a space.
+fn space_mask(block: &[u8]) -> u64 {
+    byte_masks(block).0
+}
+
+/// Bit i of the first set where `block[i]` (at most 64 bytes) is a space, of the second where it
+/// is not ASCII.
+fn byte_masks(block: &[u8]) -> (u64, u64) {
+    if let Ok(whole) = <&[u8; 64]>::try_from(block) {
+        return byte_masks_64(whole);
+    }
+    let mut padded = [0u8; 64];
+    padded[..block.len()].copy_from_slice(block);
+    byte_masks_64(&padded)
+}
+
+/// `byte_masks` of 64 bytes: four 16-byte compares and their sign bits on x86-64 (SSE2 is part
+/// of it), a byte at a time elsewhere.
+#[inline(always)]
+fn byte_masks_64(block: &[u8; 64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of every x86-64 CPU; unaligned loads of bytes 16q..16q+16 of
+        // the 64.
+        unsafe {
+            let space = _mm_set1_epi8(b' ' as i8);
+            let (mut spaces, mut other) = (0u64, 0u64);
+            for quarter in 0..4 {
+                let bytes = _mm_loadu_si128(block.as_ptr().add(16 * quarter).cast());
+                let hits = _mm_movemask_epi8(_mm_cmpeq_epi8(bytes, space)) as u16;
+                spaces |= u64::from(hits) << (16 * quarter);
+                // The sign bit of each byte: set on the bytes of non-ASCII characters.
+                other |= u64::from(_mm_movemask_epi8(bytes) as u16) << (16 * quarter);
+            }
+            (spaces, other)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        block
+            .iter()
+            .enumerate()
+            .fold((0u64, 0u64), |(spaces, other), (i, &b)| {
+                (
+                    spaces | (u64::from(b == b' ') << i),
+                    other | (u64::from(!b.is_ascii()) << i),
+                )
+            })
+    }
+}
+
 /// Calls `word` with where each word of a normalised ASCII text (words separated by one space)
-/// starts and ends, finding the spaces 64 bytes at a time as a bit mask: a branch a word, not
-/// a byte.
+/// starts and ends.
 fn ascii_words(text: &[u8], word: &mut impl FnMut(usize, usize)) {
+    spaced_words(text, &mut |start, end, _| word(start, end));
+}
+
+/// Calls `word` with where each word of `text` (words separated by one space, none at either
+/// end) starts and ends and whether it is ASCII, finding the spaces and the non-ASCII bytes 64
+/// bytes at a time as bit masks: a branch a word, not a byte. Nothing for the empty text.
+fn spaced_words(text: &[u8], word: &mut impl FnMut(usize, usize, bool)) {
     if text.is_empty() {
         return;
     }
     let mut start = 0;
-    for (c, chunk) in text.chunks(64).enumerate() {
-        let mut spaces = chunk
-            .iter()
-            .enumerate()
-            .fold(0u64, |mask, (i, &b)| mask | (u64::from(b == b' ') << i));
+    // Whether the word's bytes in earlier blocks hold a non-ASCII byte.
+    let mut other_before = false;
+    for (c, block) in text.chunks(64).enumerate() {
+        let (mut spaces, other) = byte_masks(block);
+        // The bits of the block from the word's start on.
+        let mut from = 0u32;
         while spaces != 0 {
-            let end = c * 64 + spaces.trailing_zeros() as usize;
-            word(start, end);
-            start = end + 1;
+            let at = spaces.trailing_zeros();
+            let within = (u64::MAX << from) & !(u64::MAX << at);
+            let end = c * 64 + at as usize;
+            word(start, end, !other_before && other & within == 0);
+            (start, from, other_before) = (end + 1, at + 1, false);
             spaces &= spaces - 1;
         }
+        other_before |= other.checked_shr(from).unwrap_or(0) != 0;
     }
-    word(start, text.len());
+    word(start, text.len(), !other_before);
 }
 
 /// Separates the next word from the last one; where the next word starts in `out`.
@@ -593,7 +704,9 @@ pub fn word_hash(word: &[u8]) -> u64 {
 
 /// `word_hash(&bytes[start..end])` where at least 8 bytes of `bytes` follow `start`: a word of
 /// up to 8 bytes is read as one 8-byte load and masked, with no copy and no branch on its
-/// length (most words; the longer ones take `word_hash`).
+/// length (most words; the longer ones take `word_hash`). Inlined into the loop over a
+/// document's words, where a call a word cost as much as the hash.
+#[inline(always)]
 fn padded_word_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
     let length = end - start;
     if length > 8 {
@@ -601,7 +714,7 @@ fn padded_word_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
     }
     let group: [u8; 8] = bytes[start..start + 8].try_into().expect("8 bytes");
     // The word's `length` low bytes (none when it is empty).
-    let mask = ((1u128 << (8 * length)) - 1) as u64;
+    let mask = u64::MAX.checked_shr(64 - 8 * length as u32).unwrap_or(0);
     let state = (length as u64).wrapping_mul(WORD_LENGTH_WEIGHT);
     crate::hash::mix(state ^ (u64::from_le_bytes(group) & mask))
 }

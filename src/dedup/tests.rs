@@ -365,3 +365,78 @@ fn the_avx2_kernel_equals_the_portable_one() {
         assert_eq!(chosen, portable, "{count} shingles");
     }
 }
+
+#[test]
+fn texts_of_any_spacing_normalise_as_the_definition_says() {
+    // Runs of whitespace at every offset of the 64-byte blocks the passes work in (at block
+    // edges, spanning blocks, whole blocks of spaces, at the start and the end), in ASCII texts
+    // and in texts with a few other pieces among the ASCII ones: composed and decomposed
+    // letters, a capital ASCII letter before a mark that composes only with its small letter
+    // (J and a caron), a sigma, pieces NFKC turns into whitespace or splits.
+    let mut state = 0x5eed_u64;
+    let mut next = |below: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % below
+    };
+    let ascii = [
+        " ", "  ", "\t", "\n\n", " \r\n ", "\x0b", "Word", "a", "MiXeD", "x1",
+    ];
+    let other = [
+        "caf\u{e9}",
+        "Cafe\u{301}",
+        "J\u{30c}",
+        "\u{2014}",
+        "\u{201c}Quoted\u{201d}",
+        "\u{3a3}\u{39f}\u{3a3}",
+        "x\u{3a3}",
+        "\u{3000}",
+        "no\u{a0}break",
+        "\u{fb01}ne",
+        "\u{ff21}\u{ff22}",
+        "\u{4e2d}\u{6587}",
+        "\u{e2}\u{20ac}\u{2122}",
+    ];
+    for round in 0..4_000 {
+        let mut text = String::new();
+        let length = next(300) as usize;
+        while text.len() < length {
+            let piece = if round % 2 == 1 && next(8) == 0 {
+                other[next(other.len() as u64) as usize]
+            } else {
+                ascii[next(ascii.len() as u64) as usize]
+            };
+            let repeat = if piece.trim().is_empty() {
+                next(70) + 1
+            } else {
+                1
+            };
+            (0..repeat).for_each(|_| text.push_str(piece));
+        }
+        let expected = whole(&text);
+        assert_eq!(normalise(&text), expected, "{text:?}");
+        let mut spans = Vec::new();
+        let mut out = String::new();
+        normalise_words(&text, &mut out, |start, end| spans.push((start, end)));
+        assert_eq!(out, expected, "{text:?}");
+        assert_eq!(spans, word_spans(&expected), "{text:?}");
+    }
+}
+
+/// Where each word of a normalised text starts and ends (none in the empty text).
+fn word_spans(normalised: &str) -> Vec<(usize, usize)> {
+    if normalised.is_empty() {
+        return Vec::new();
+    }
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for (i, b) in normalised.bytes().enumerate() {
+        if b == b' ' {
+            spans.push((start, i));
+            start = i + 1;
+        }
+    }
+    spans.push((start, normalised.len()));
+    spans
+}
