@@ -369,10 +369,10 @@ impl Admitter {
         let keys: Vec<u128> = docs.iter().map(|d| crate::state::id_key(&d.id)).collect();
         // Ids the filter cannot rule out may have been accepted in an earlier epoch (committed
         // or in flight); the others are new to the run, so only these are looked up.
-        let maybe_seen: Vec<bool> = keys
-            .iter()
-            .map(|&key| self.filter.as_ref().is_none_or(|f| f.may_contain(key)))
-            .collect();
+        let maybe_seen: Vec<bool> = match &self.filter {
+            Some(filter) => filter.may_contain_all(&keys),
+            None => vec![true; keys.len()],
+        };
         let lookup: Vec<u128> = keys
             .iter()
             .zip(&maybe_seen)
@@ -381,6 +381,9 @@ impl Admitter {
             .collect();
         let mut found = self.store.first_seen_keys(&lookup)?.into_iter();
         let mut accepted: HashMap<u128, u64> = HashMap::with_capacity(docs.len());
+        // The same keys in row order, for the filter once the epoch is decided (the epoch's
+        // own repeats are found in `accepted`).
+        let mut accepted_keys: Vec<u128> = Vec::with_capacity(docs.len());
         let mut texts = self.texts.begin(epoch, docs)?;
         let mut dsir: Vec<DsirCandidate<'_>> = Vec::new();
         for ((doc, &key), &maybe) in docs.iter().zip(&keys).zip(&maybe_seen) {
@@ -420,9 +423,7 @@ impl Admitter {
                 continue;
             }
             accepted.insert(key, doc.row);
-            if let Some(filter) = self.filter.as_mut() {
-                filter.insert(key);
-            }
+            accepted_keys.push(key);
             // `dsir` selects once the epoch's candidates are known; `semdedup` where clusters
             // are assigned; the bandit strategies in the Quad loop, after ingest. Admit only
             // dedups for them.
@@ -448,6 +449,9 @@ impl Admitter {
                 self.config.max_tokens,
                 &mut self.spent,
             );
+        }
+        if let Some(filter) = self.filter.as_mut() {
+            filter.insert_all(&accepted_keys);
         }
         verdicts.dedup = self.texts.end(texts);
         if self.records_decisions {

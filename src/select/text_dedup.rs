@@ -43,6 +43,9 @@ pub struct EpochTexts {
     stored_bands: HashMap<u64, Location>,
     current: InFlight,
     commit: DedupCommit,
+    /// The document being decided: the first kept document of each of its bands (a buffer
+    /// kept from one document to the next).
+    firsts: Vec<Option<Location>>,
 }
 
 pub struct TextDedup {
@@ -76,9 +79,12 @@ fn stored_firsts(
     filter: Option<&DedupFilter>,
     lookup: impl FnOnce(&[u64]) -> Result<Vec<Option<Location>>, StateError>,
 ) -> Result<HashMap<u64, Location>, StateError> {
-    let mut wanted: Vec<u64> = keys
-        .filter(|&key| filter.is_none_or(|f| f.may_contain(u128::from(key))))
-        .collect();
+    let mut wanted: Vec<u64> = keys.collect();
+    if let Some(filter) = filter {
+        let wide: Vec<u128> = wanted.iter().map(|&key| u128::from(key)).collect();
+        let mut maybe = filter.may_contain_all(&wide).into_iter();
+        wanted.retain(|_| maybe.next().expect("one answer a key"));
+    }
     wanted.sort_unstable();
     wanted.dedup();
     let found = lookup(&wanted)?;
@@ -134,17 +140,38 @@ impl TextDedup {
         } else {
             HashMap::default()
         };
+        // Room for every document's keys: most documents are kept, with a new key a band.
+        let bands = if self.config.near {
+            self.config.bands
+        } else {
+            0
+        };
+        let mut current = InFlight::default();
+        current.bands.reserve(docs.len() * bands);
+        let mut commit = DedupCommit::default();
+        commit.bands.reserve(docs.len() * bands);
         Ok(EpochTexts {
             epoch,
             stored_texts,
             stored_bands,
-            current: InFlight::default(),
-            commit: DedupCommit::default(),
+            current,
+            commit,
+            firsts: Vec::with_capacity(bands),
         })
     }
 
-    /// Ends the epoch: what it adds to the store, to commit with it.
+    /// Ends the epoch: what it adds to the store, to commit with it. Its new keys join the
+    /// filters now, in one batch each (the epoch's own keys are found in its maps).
     pub fn end(&mut self, state: EpochTexts) -> DedupCommit {
+        let wide = |firsts: &[(u64, u64)]| -> Vec<u128> {
+            firsts.iter().map(|&(key, _)| u128::from(key)).collect()
+        };
+        if let Some(filter) = self.text_filter.as_mut() {
+            filter.insert_all(&wide(&state.commit.texts));
+        }
+        if let Some(filter) = self.band_filter.as_mut() {
+            filter.insert_all(&wide(&state.commit.bands));
+        }
         self.recent.insert(state.epoch, state.current);
         state.commit
     }
@@ -190,18 +217,19 @@ impl TextDedup {
         self.recent.get(&epoch).and_then(|f| f.kept.get(&row))
     }
 
-    /// The earliest document sharing a band with `fingerprint` whose estimated Jaccard
-    /// similarity reaches the threshold: (location, similarity).
+    /// The earliest of `firsts` (the first kept document of each of a document's bands)
+    /// whose estimated Jaccard similarity to `fingerprint` reaches the threshold: (location,
+    /// similarity).
     fn near_match(
         &self,
         state: &EpochTexts,
         fingerprint: &Fingerprint,
+        firsts: &[Option<Location>],
     ) -> Result<Option<(Location, f64)>, StateError> {
-        let mut candidates: Vec<Location> = fingerprint
-            .bands
-            .iter()
-            .filter_map(|&key| self.first_of(state, true, key))
-            .collect();
+        let mut candidates: Vec<Location> = firsts.iter().flatten().copied().collect();
+        if candidates.is_empty() {
+            return Ok(None);
+        }
         candidates.sort_unstable();
         candidates.dedup();
         let committed: Vec<Location> = candidates
@@ -211,11 +239,13 @@ impl TextDedup {
             .collect();
         let mut stored = self.store.sketches(&committed)?.into_iter();
         for location in candidates {
-            let sketch = match self.in_flight(state, location) {
-                Some((_, sketch)) => sketch.clone(),
-                None => stored.next().flatten().unwrap_or_default(),
+            let similarity = match self.in_flight(state, location) {
+                Some((_, sketch)) => estimated_jaccard(&fingerprint.sketch, sketch),
+                None => estimated_jaccard(
+                    &fingerprint.sketch,
+                    &stored.next().flatten().unwrap_or_default(),
+                ),
             };
-            let similarity = estimated_jaccard(&fingerprint.sketch, &sketch);
             if similarity >= self.config.threshold {
                 return Ok(Some((location, similarity)));
             }
@@ -234,7 +264,7 @@ impl TextDedup {
             return Ok(None);
         };
         let duplicate =
-            |kind, (first_epoch, first_row): Location, similarity, this: &Self| Duplicate {
+            |kind, (first_epoch, first_row): Location, similarity, this: &Self, state| Duplicate {
                 row: doc.row,
                 id: doc.id.clone(),
                 first_epoch,
@@ -251,45 +281,55 @@ impl TextDedup {
             None
         };
         if let Some(first) = first_text {
-            return Ok(Some(duplicate(DuplicateKind::Text, first, None, self)));
+            return Ok(Some(duplicate(
+                DuplicateKind::Text,
+                first,
+                None,
+                self,
+                state,
+            )));
         }
+        // The first kept document of each band, looked up once: near_match compares with
+        // them, and a kept document becomes the first of the bands that have none.
+        let mut firsts = std::mem::take(&mut state.firsts);
+        firsts.clear();
         if self.config.near {
-            if let Some((first, similarity)) = self.near_match(state, fingerprint)? {
-                return Ok(Some(duplicate(
-                    DuplicateKind::Near,
-                    first,
-                    Some(similarity),
-                    self,
-                )));
+            let first_of_band = |&key: &u64| self.first_of(state, true, key);
+            firsts.extend(fingerprint.bands.iter().map(first_of_band));
+            if let Some((first, similarity)) = self.near_match(state, fingerprint, &firsts)? {
+                state.firsts = firsts;
+                let near = duplicate(DuplicateKind::Near, first, Some(similarity), self, state);
+                return Ok(Some(near));
             }
         }
-        self.keep(state, doc, fingerprint);
+        self.keep(state, doc, fingerprint, &firsts);
+        state.firsts = firsts;
         Ok(None)
     }
 
     /// A kept document becomes the first of its text and of every band key no earlier kept
-    /// document has.
-    fn keep(&mut self, state: &mut EpochTexts, doc: &DocMeta, fingerprint: &Fingerprint) {
+    /// document has (`firsts`: the first of each band before it).
+    fn keep(
+        &mut self,
+        state: &mut EpochTexts,
+        doc: &DocMeta,
+        fingerprint: &Fingerprint,
+        firsts: &[Option<Location>],
+    ) {
         let mut pointed_to = false;
         if self.config.exact {
             // No earlier document has this text, or `decide` would have rejected it.
             state.current.texts.insert(fingerprint.text, doc.row);
             state.commit.texts.push((fingerprint.text, doc.row));
-            if let Some(filter) = self.text_filter.as_mut() {
-                filter.insert(u128::from(fingerprint.text));
-            }
             pointed_to = true;
         }
         let mut new_band = false;
-        for &key in &fingerprint.bands {
-            if self.first_of(state, true, key).is_some() {
+        for (&key, first) in fingerprint.bands.iter().zip(firsts) {
+            if first.is_some() {
                 continue;
             }
             state.current.bands.insert(key, doc.row);
             state.commit.bands.push((key, doc.row));
-            if let Some(filter) = self.band_filter.as_mut() {
-                filter.insert(u128::from(key));
-            }
             new_band = true;
         }
         if new_band {
