@@ -565,6 +565,9 @@ fn feed_shards(
             }
             input.advance_to(planned.epoch + 1);
             sent.push(planned.epoch);
+            // Lets the stages after the read (admit, sink) take what has arrived between two
+            // reads, rather than only once `in_flight` epochs wait.
+            worker.step();
             // Backpressure: wait until the epoch `in_flight` places back has committed.
             if sent.len() > in_flight {
                 let back = sent[sent.len() - 1 - in_flight];
