@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StateError;
 use crate::source::Reject;
 
+mod blob_blocks;
 mod processes;
 mod runs;
 
@@ -27,7 +28,7 @@ const STORE_CACHE_BYTES: usize = 128 << 20;
 
 /// The layout of the tables below. A store written with another layout is refused (it would be
 /// misread); bump it with every change to a table's key or value.
-pub const STORE_LAYOUT: &str = "10";
+pub const STORE_LAYOUT: &str = "11";
 const LAYOUT_KEY: &str = "layout";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SHARDS: TableDefinition<&str, &str> = TableDefinition::new("shards");
@@ -53,15 +54,16 @@ const TEXTS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("texts");
 /// first kept document with that band. Leveled, as `IDS`.
 const BANDS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("bands");
 /// Near dedup: the sketch (`dedup::sketch`) of each kept document that the band index points
-/// to, by location. Keyed in epoch order, so a commit appends.
-const SKETCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sketches");
+/// to, in blocks of documents keyed by (epoch, first row) (`blob_blocks`). Keyed in epoch
+/// order, so a commit appends.
+const SKETCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sketch_blocks");
 /// `semdedup`'s band index: a sign-projection band key of a kept document's embedding
 /// (`cluster::semdedup`) -> the location of the first kept document with it. Leveled, as `IDS`.
 const SEMANTIC_BANDS: runs::LeveledTable<8, 8> = runs::LeveledTable::new("semantic_bands");
-/// `semdedup`: the quantised embedding of each kept document the band index points to, by
-/// location. Keyed in epoch order, so a commit appends.
+/// `semdedup`: the quantised embedding of each kept document the band index points to, in
+/// blocks as `SKETCHES`.
 const SEMANTIC_VECTORS: TableDefinition<(u64, u64), &[u8]> =
-    TableDefinition::new("semantic_vectors");
+    TableDefinition::new("semantic_vector_blocks");
 /// The Quad loop: one record per bandit round (JSON `report::RoundRecord`).
 const ROUNDS: TableDefinition<u64, &str> = TableDefinition::new("rounds");
 /// Values of the run as a whole (JSON): the bandit state after the last round, the pool's mix,
@@ -800,13 +802,12 @@ impl StateStore {
             keyed.dedup_by_key(|(key, _)| *key);
             table.insert_sorted(txn, &keyed).map_err(|e| self.err(e))?;
         }
-        let mut table = txn.open_table(blob_table).map_err(|e| self.err(e))?;
+        let mut narrowed = Vec::with_capacity(blobs.len());
         for (row, bytes) in blobs {
-            table
-                .insert((epoch, *row), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
+            narrowed.push((self.narrow("row", *row)?, bytes.as_slice()));
         }
-        Ok(())
+        let mut table = txn.open_table(blob_table).map_err(|e| self.err(e))?;
+        blob_blocks::write(&mut table, epoch, &narrowed).map_err(|e| self.err(e))
     }
 
     fn write_clusters(
@@ -1054,12 +1055,7 @@ impl StateStore {
         let table = txn.open_table(definition).map_err(|e| self.err(e))?;
         locations
             .iter()
-            .map(|&location| {
-                Ok(table
-                    .get(location)
-                    .map_err(|e| self.err(e))?
-                    .map(|v| v.value().to_vec()))
-            })
+            .map(|&location| blob_blocks::read(&table, location).map_err(|e| self.err(e)))
             .collect()
     }
 
