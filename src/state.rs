@@ -792,14 +792,16 @@ impl StateStore {
     ) -> Result<(), StateError> {
         let epoch32 = self.narrow("epoch", epoch)?;
         for &(table, entries) in firsts {
-            let mut keyed = Vec::with_capacity(entries.len());
-            for &(key, row) in entries {
+            // Sorted as integers (big-endian bytes sort the same way, and slower).
+            let mut sorted = entries.clone();
+            sorted.sort_unstable_by_key(|&(key, _)| key);
+            // The admit stage sends only keys new to the store, each once.
+            sorted.dedup_by_key(|(key, _)| *key);
+            let mut keyed = Vec::with_capacity(sorted.len());
+            for (key, row) in sorted {
                 let row = self.narrow("row", row)?;
                 keyed.push((key.to_be_bytes(), layout::location(epoch32, row)));
             }
-            // The admit stage sends only keys new to the store, each once.
-            keyed.sort_unstable_by_key(|(key, _)| *key);
-            keyed.dedup_by_key(|(key, _)| *key);
             table.insert_sorted(txn, &keyed).map_err(|e| self.err(e))?;
         }
         let mut narrowed = Vec::with_capacity(blobs.len());

@@ -630,10 +630,10 @@ impl MinHasher {
         if config.near {
             spans.clear();
             normalise_words(text, normalised, |start, end| spans.push((start, end)));
-            // Eight bytes after the last word, so that each word's first eight bytes can be
-            // read at once (`padded_word_hash`); NUL is UTF-8 and cut off again below.
+            // Sixteen bytes after the last word, so that each word's first sixteen bytes can
+            // be read at once (`padded_word_hash`); NUL is UTF-8 and cut off again below.
             let length = normalised.len();
-            normalised.push_str("\0\0\0\0\0\0\0\0");
+            normalised.push_str(WORD_PADDING);
             let bytes = normalised.as_bytes();
             words.clear();
             words.extend(
@@ -702,22 +702,30 @@ pub fn word_hash(word: &[u8]) -> u64 {
     state
 }
 
-/// `word_hash(&bytes[start..end])` where at least 8 bytes of `bytes` follow `start`: a word of
-/// up to 8 bytes is read as one 8-byte load and masked, with no copy and no branch on its
-/// length (most words; the longer ones take `word_hash`). Inlined into the loop over a
-/// document's words, where a call a word cost as much as the hash.
+/// `word_hash(&bytes[start..end])` where at least 16 bytes of `bytes` follow `start`: a word
+/// of up to 16 bytes (nearly all words) is read as two 8-byte loads, masked, and both mixes
+/// are computed, the second kept only for a word of more than 8 bytes: no branch on the
+/// length to mispredict, and no copy (the longer words take `word_hash`). Inlined into the
+/// loop over a document's words, where a call a word cost as much as the hash.
 #[inline(always)]
 fn padded_word_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
     let length = end - start;
-    if length > 8 {
+    if length > 16 {
         return word_hash(&bytes[start..end]);
     }
-    let group: [u8; 8] = bytes[start..start + 8].try_into().expect("8 bytes");
-    // The word's `length` low bytes (none when it is empty).
-    let mask = u64::MAX.checked_shr(64 - 8 * length as u32).unwrap_or(0);
+    let load = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    // The low `n` bytes of a group (none when n is 0).
+    let low_bytes = |n: usize| u64::MAX.checked_shr(64 - 8 * n.min(8) as u32).unwrap_or(0);
     let state = (length as u64).wrapping_mul(WORD_LENGTH_WEIGHT);
-    crate::hash::mix(state ^ (u64::from_le_bytes(group) & mask))
+    let first = crate::hash::mix(state ^ (load(start) & low_bytes(length)));
+    let second = crate::hash::mix(first ^ (load(start + 8) & low_bytes(length.saturating_sub(8))));
+    // All ones when the word has a second group: a select, not a branch.
+    let long = 0u64.wrapping_sub(u64::from(length > 8));
+    (second & long) | (first & !long)
 }
+
+/// What `padded_word_hash` may read past the last word.
+const WORD_PADDING: &str = "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
 /// Spreads a word's length over the high bits, which a short word's bytes leave at zero.
 const WORD_LENGTH_WEIGHT: u64 = 0xff51_afd7_ed55_8ccd;

@@ -214,16 +214,20 @@ fn short_words_never_share_a_hash() {
         b"12345678",
         b"123456789",
         b"1234567812345678",
+        b"12345678123456781",
     ];
     for w in &words {
         assert!(seen.insert(word_hash(w)), "{w:?}");
     }
     for w in words.iter().map(Vec::as_slice).chain(long) {
         assert_eq!(word_hash(w), word_hash_by_definition(w), "{w:?}");
-        // Other bytes after the word, as in a normalised text.
+        // Other bytes after the word, as in a normalised text, or the padding only.
         let mut text = w.to_vec();
-        text.extend(b" next words");
+        text.extend(b" next words and more");
         assert_eq!(padded_word_hash(&text, 0, w.len()), word_hash(w), "{w:?}");
+        let mut last = w.to_vec();
+        last.extend([0; 16]);
+        assert_eq!(padded_word_hash(&last, 0, w.len()), word_hash(w), "{w:?}");
     }
 }
 

@@ -144,24 +144,21 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
                 .map(|name| txn.open_table(RunDefinition::<K>::new(name)))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut out = txn.open_table(RunDefinition::<K>::new(&target_name))?;
-            // Newest first: the batch, then the runs; a key in two runs keeps the newest.
-            let mut inputs: Vec<Box<dyn Iterator<Item = Result<Entry<K, V>, StorageError>>>> =
-                vec![Box::new(batch.iter().map(|e| Ok(*e)))];
-            for table in &sources {
-                inputs.push(Box::new(entries_of::<K, V>(table.iter()?)));
-            }
-            let mut block: Vec<Entry<K, V>> = Vec::with_capacity(BLOCK_ENTRIES);
-            merge_in_key_order(inputs, |key, value| {
-                block.push((*key, *value));
-                if block.len() == BLOCK_ENTRIES {
-                    out.insert(&block[0].0, pack(&block).as_slice())?;
-                    block.clear();
+            let mut writer = BlockWriter::new(&mut out);
+            if sources.is_empty() {
+                // A run of rank 0 is the batch itself (most commits): no merge.
+                for &(key, value) in batch {
+                    writer.put(&key, &value)?;
                 }
-                Ok(())
-            })?;
-            if !block.is_empty() {
-                out.insert(&block[0].0, pack(&block).as_slice())?;
+            } else {
+                // Newest first: the batch, then the runs; a key in two runs keeps the newest.
+                let mut inputs = vec![Cursor::new(Box::new(std::iter::once(Ok(batch.to_vec()))))?];
+                for table in &sources {
+                    inputs.push(Cursor::new(Box::new(blocks_of::<K, V>(table.iter()?)))?);
+                }
+                merge_in_key_order(inputs, |key, value| writer.put(key, value))?;
             }
+            writer.finish()?;
         }
         for name in &merged {
             txn.delete_table(RunDefinition::<K>::new(name))?;
@@ -190,33 +187,118 @@ impl<const K: usize, const V: usize> LeveledTable<K, V> {
 /// Calls `put` with the union of `inputs` (each sorted by key) in key order; for a key in
 /// several inputs, the value of the first input that holds it.
 fn merge_in_key_order<const K: usize, const V: usize>(
-    mut inputs: Vec<Box<dyn Iterator<Item = Result<Entry<K, V>, StorageError>> + '_>>,
+    mut inputs: Vec<Cursor<'_, K, V>>,
     mut put: impl FnMut(&[u8; K], &[u8; V]) -> Result<(), redb::Error>,
 ) -> Result<(), redb::Error> {
-    let mut heads: Vec<Option<Entry<K, V>>> = inputs
-        .iter_mut()
-        .map(|input| input.next().transpose())
-        .collect::<Result<_, _>>()?;
     loop {
         // At most FAN_IN - 1 inputs a rank plus the batch: a scan beats a heap at this size.
-        let mut least: Option<usize> = None;
-        for (i, head) in heads.iter().enumerate() {
-            if let Some((key, _)) = head {
-                if least.is_none_or(|l| key < &heads[l].as_ref().expect("taken").0) {
-                    least = Some(i);
+        let mut least: Option<(usize, &Entry<K, V>)> = None;
+        for (i, input) in inputs.iter().enumerate() {
+            if let Some(head) = input.head() {
+                if least.is_none_or(|(_, l)| head.0 < l.0) {
+                    least = Some((i, head));
                 }
             }
         }
-        let Some(least) = least else {
+        let Some((_, &(key, value))) = least else {
             return Ok(());
         };
-        let (key, value) = heads[least].expect("taken");
         put(&key, &value)?;
-        for (i, head) in heads.iter_mut().enumerate() {
-            if head.is_some_and(|(k, _)| k == key) {
-                *head = inputs[i].next().transpose()?;
+        for input in &mut inputs {
+            if input.head().is_some_and(|(k, _)| *k == key) {
+                input.advance()?;
             }
         }
+    }
+}
+
+/// A merge's input: its entries in key order, a block at a time (one dynamic call a block,
+/// not an entry).
+struct Cursor<'a, const K: usize, const V: usize> {
+    blocks: BlockSource<'a, K, V>,
+    block: Vec<Entry<K, V>>,
+    at: usize,
+}
+
+type BlockSource<'a, const K: usize, const V: usize> =
+    Box<dyn Iterator<Item = Result<Vec<Entry<K, V>>, StorageError>> + 'a>;
+
+impl<'a, const K: usize, const V: usize> Cursor<'a, K, V> {
+    fn new(blocks: BlockSource<'a, K, V>) -> Result<Self, StorageError> {
+        let mut cursor = Cursor {
+            blocks,
+            block: Vec::new(),
+            at: 0,
+        };
+        cursor.refill()?;
+        Ok(cursor)
+    }
+
+    fn head(&self) -> Option<&Entry<K, V>> {
+        self.block.get(self.at)
+    }
+
+    fn advance(&mut self) -> Result<(), StorageError> {
+        self.at += 1;
+        if self.at == self.block.len() {
+            self.refill()?;
+        }
+        Ok(())
+    }
+
+    /// The next block that has entries (none at the end).
+    fn refill(&mut self) -> Result<(), StorageError> {
+        self.at = 0;
+        self.block.clear();
+        while self.block.is_empty() {
+            match self.blocks.next() {
+                Some(block) => self.block = block?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a run's entries, given in key order, as blocks of `BLOCK_ENTRIES`.
+struct BlockWriter<'r, 'txn, const K: usize, const V: usize> {
+    run: &'r mut WriteRun<'txn, K>,
+    block: Vec<Entry<K, V>>,
+    packed: Vec<u8>,
+}
+
+impl<'r, 'txn, const K: usize, const V: usize> BlockWriter<'r, 'txn, K, V> {
+    fn new(run: &'r mut WriteRun<'txn, K>) -> Self {
+        BlockWriter {
+            run,
+            block: Vec::with_capacity(BLOCK_ENTRIES),
+            packed: Vec::with_capacity(BLOCK_ENTRIES * (K + V)),
+        }
+    }
+
+    fn put(&mut self, key: &[u8; K], value: &[u8; V]) -> Result<(), redb::Error> {
+        self.block.push((*key, *value));
+        if self.block.len() == BLOCK_ENTRIES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), redb::Error> {
+        if let Some(&(first, _)) = self.block.first() {
+            self.packed.clear();
+            for (key, value) in &self.block {
+                self.packed.extend_from_slice(key);
+                self.packed.extend_from_slice(value);
+            }
+            self.run.insert(&first, self.packed.as_slice())?;
+            self.block.clear();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), redb::Error> {
+        self.flush()
     }
 }
 
@@ -241,8 +323,8 @@ fn unpack<const K: usize, const V: usize>(bytes: &[u8]) -> impl Iterator<Item = 
     })
 }
 
-/// The entries of a run's blocks, in key order.
-fn entries_of<'a, const K: usize, const V: usize>(
+/// The blocks of a run, unpacked, in key order.
+fn blocks_of<'a, const K: usize, const V: usize>(
     blocks: impl Iterator<
             Item = Result<
                 (
@@ -252,14 +334,8 @@ fn entries_of<'a, const K: usize, const V: usize>(
                 StorageError,
             >,
         > + 'a,
-) -> impl Iterator<Item = Result<Entry<K, V>, StorageError>> + 'a {
-    blocks.flat_map(|block| {
-        let entries: Vec<Result<Entry<K, V>, StorageError>> = match block {
-            Ok((_, bytes)) => unpack::<K, V>(bytes.value()).map(Ok).collect(),
-            Err(e) => vec![Err(e)],
-        };
-        entries
-    })
+) -> impl Iterator<Item = Result<Vec<Entry<K, V>>, StorageError>> + 'a {
+    blocks.map(|block| block.map(|(_, bytes)| unpack::<K, V>(bytes.value()).collect()))
 }
 
 /// Calls `f` with the block that would hold `key` (the one whose first key is the greatest at
