@@ -286,11 +286,7 @@ impl<'r, 'txn, const K: usize, const V: usize> BlockWriter<'r, 'txn, K, V> {
 
     fn flush(&mut self) -> Result<(), redb::Error> {
         if let Some(&(first, _)) = self.block.first() {
-            self.packed.clear();
-            for (key, value) in &self.block {
-                self.packed.extend_from_slice(key);
-                self.packed.extend_from_slice(value);
-            }
+            pack_into(&self.block, &mut self.packed);
             self.run.insert(&first, self.packed.as_slice())?;
             self.block.clear();
         }
@@ -305,11 +301,17 @@ impl<'r, 'txn, const K: usize, const V: usize> BlockWriter<'r, 'txn, K, V> {
 /// A block's entries, packed key then value.
 fn pack<const K: usize, const V: usize>(block: &[Entry<K, V>]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(block.len() * (K + V));
+    pack_into(block, &mut bytes);
+    bytes
+}
+
+/// `pack` into `bytes` (cleared first), so that a writer reuses one buffer.
+fn pack_into<const K: usize, const V: usize>(block: &[Entry<K, V>], bytes: &mut Vec<u8>) {
+    bytes.clear();
     for (key, value) in block {
         bytes.extend_from_slice(key);
         bytes.extend_from_slice(value);
     }
-    bytes
 }
 
 /// A packed block's entries.
